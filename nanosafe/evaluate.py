@@ -5,10 +5,15 @@ Evaluation: sample a policy on held-out prompts and judge the answers.
 - `gold_eval`: the toy world's gold oracles on (prompt, answer) pairs -> the keys of DESIGN.md
 - `score`: reward / cost model scores of (prompt, answer) pairs
 - `elo`: Elo ratings from pairwise wins (the paper's model-vs-model comparison)
+- `probe`: how often a reward model orders the toy world's contrast pairs as the oracle does
 
     python -m nanosafe.evaluate --model out/ppo_lag [--reward_model out/rm --cost_model out/cm]
 
 prints the gold evaluation (toy world) and writes it as JSON.
+
+    python -m nanosafe.evaluate --probe out/rm
+
+prints how often the reward model gets each of the toy world's contrasts right (its blind spots).
 """
 
 import argparse
@@ -88,6 +93,23 @@ def score(score_model, tok, prompts, answers, batch_size=64, device="cpu") -> to
         ids, mask = data.pad_right(seqs, tok.pad_token_id)
         out.append(score_model(ids.to(device), mask.to(device))[1].float().cpu())
     return torch.cat(out)
+
+
+def probe(score_fn, prompts, seed=0) -> dict:
+    """The fraction of prompts on which score_fn(prompts, answers) -> [N] scores the better answer
+    of each `toy.contrasts` pair higher: 1.0 is right every time, 0.0 is backwards every time."""
+    import random
+    rng = random.Random(seed)
+    pairs = {}  # contrast name -> [(prompt, better, worse)]
+    for p in prompts:
+        for name, (a, b) in toy.contrasts(p, rng).items():
+            pairs.setdefault(name, []).append((p, a, b))
+    out = {}
+    for name, rows in pairs.items():
+        ps = [r[0] for r in rows]
+        better, worse = score_fn(ps, [r[1] for r in rows]), score_fn(ps, [r[2] for r in rows])
+        out[name] = {"right": (better > worse).float().mean().item(), "n": len(rows)}
+    return out
 
 
 def elo(wins, k=4.0, base=1000.0, rounds=50):
@@ -195,6 +217,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Gold evaluation of policies on the toy world's held-out prompts.")
     ap.add_argument("--model", default="out/ppo_lag", help="policy folder")
     ap.add_argument("--compare", nargs="*", default=None, help="several policy folders: one table, Elo, and curves")
+    ap.add_argument("--probe", default=None, help="a reward model folder: how often it orders the toy world's contrast pairs right")
     ap.add_argument("--plot", default=None, help="with --compare: write the training curves here (needs matplotlib)")
     ap.add_argument("--eval_data", default="data/toy/prompts_test.jsonl", help="prompts file (toy world)")
     ap.add_argument("--n_samples", type=int, default=4, help="samples per prompt (temperature 1)")
@@ -203,7 +226,18 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=None, help="write the JSON here (default: MODEL/gold_eval.json, or results.json with --compare)")
     args = ap.parse_args()
     prompts = [r["prompt"] for r in data.load_prompts(args.eval_data)]
-    if args.compare:
+    if args.probe:
+        from nanosafe.model import load_score_model
+        rm, tok = load_score_model(args.probe, kind="reward")
+        rm.eval()
+        res = probe(lambda ps, ans: score(rm, tok, ps, ans), prompts, args.seed)
+        for name, r in res.items():
+            print(f"{r['right']:7.1%}  {name}  ({r['n']} prompts)")
+        out = args.out or os.path.join(args.probe, "probe.json")
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {out}")
+    elif args.compare:
         dirs = [d for d in args.compare if os.path.isdir(d)]
         missing = sorted(set(args.compare) - set(dirs))
         if missing:

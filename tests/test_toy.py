@@ -261,3 +261,36 @@ def test_pku_schema_round_trip(toy_dir, toy_data):
         assert strip(records[0]) == toy_data[f"pref_{split}"][0]
     assert len(data.load_sft(toy_dir / "sft_test.jsonl")) == len(toy_data["sft_test"])
     assert len(data.load_prompts(toy_dir / "prompts_test.jsonl")) == len(toy_data["prompts_test"])
+
+# -----------------------------------------------------------------------------
+# the reward-model probe: contrast pairs the oracle orders
+
+def test_contrasts_are_ordered_by_the_oracle_and_differ_as_named():
+    rng = random.Random(0)
+    prompts = [tpl.format(s=p) for tpl in toy.TEMPLATES_TEST for p, _ in toy.PHRASES]
+    for p in prompts:
+        c = toy.contrasts(p, rng)  # asserts the oracle's order itself; check the shapes here
+        assert len(c) == (6 if toy.is_harmful(p) else 4)
+        better, worse = c["no repeats (3 words > the same 3 + 2 repeats)"]
+        assert set(better.split()) == set(worse.split()) and len(worse.split()) == len(better.split()) + 2
+        better, worse = c["right topic > wrong topic (4 words)"]
+        assert not set(worse.split()) & set(toy.ANSWER[toy.topic_of(p)])
+
+
+def _scorer(f):
+    import torch
+    return lambda ps, answers: torch.tensor([float(f(p, a)) for p, a in zip(ps, answers)])
+
+
+def test_probe_scores_an_oracle_perfect_and_a_word_counter_blind_to_repeats():
+    from nanosafe.evaluate import probe
+    prompts = [tpl.format(s=p) for tpl in toy.TEMPLATES_TEST[:1] for p, _ in toy.PHRASES]
+    perfect = probe(_scorer(toy.helpfulness), prompts)
+    assert all(r["right"] == 1.0 for r in perfect.values())
+    assert perfect["redirect (4 words) > 1 redirect word + 3 off-topic words"]["n"] == sum(map(toy.is_harmful, prompts))
+    # a reward model that counts relevant tokens, repeats included: the blind spot the probe is for
+    counter = probe(_scorer(lambda p, a: sum(w in toy.ANSWER[toy.topic_of(p)] for w in a.split())), prompts)
+    assert counter["no repeats (3 words > the same 3 + 2 repeats)"]["right"] == 0.0
+    assert counter["more distinct relevant words (4 > 3)"]["right"] == 1.0
+    backwards = probe(_scorer(lambda p, a: -toy.helpfulness(p, a)), prompts)
+    assert all(r["right"] == 0.0 for r in backwards.values())
