@@ -41,7 +41,7 @@ from nanosafe.evaluate import gold_evaluate, sample, score
 from nanosafe.generate import generate, response_mask
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange, PIDLagrange
 from nanosafe.model import (CheckpointError, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
-                            num_params, position_ids, recover_checkpoint, save_checkpoint)
+                            num_params, position_ids, read_state, recover_checkpoint, save_checkpoint)
 
 
 @dataclass
@@ -77,7 +77,8 @@ class Config:
     micro_batch_size: int = arg(32, "rollouts per forward/backward; must divide --minibatch_size (gradient accumulation)")
     actor_lr: float = arg(3e-4, "actor learning rate (official: 1e-5 cosine for 7B; constant here)")
     critic_lr: float = arg(5e-4, "critic learning rate (official: 5e-6)")
-    weight_decay: float = arg(0.0, "AdamW weight decay (official: 0.01 actor, 0.0 critic)")
+    weight_decay: float = arg(0.0, "actor AdamW weight decay (official: 0.01)")
+    critic_weight_decay: float = arg(0.01, "critic AdamW weight decay (official: 0.0; 0.01, AdamW's default, is what the README's runs used)")
     grad_clip: float = arg(1.0, "clip each model's gradient norm (official: 1.0)")
     kl_coef: float = arg(0.1, "β: per-token KL penalty against the reference (official: 0.01); split ½/½ into reward and cost streams under ppo_lag")
     clip_range_ratio: float = arg(0.2, "PPO ratio clip ε (official: 0.2)")
@@ -191,9 +192,17 @@ def main(cfg: Config):
     for m in [ref, reward_model, *cost_models]:
         m.eval().requires_grad_(False)
 
-    # ---- the multipliers and their thresholds
+    # ---- the multipliers and their thresholds (a resumed run keeps the d it started with:
+    #      calibrating again on the half-trained actor would quietly move the constraint)
+    state = load_trainer_state(out_dir) if cfg.resume else None
     thresholds, calib = list(cfg.thresholds), []
-    if lagrangian and not thresholds:
+    if state is not None:
+        if thresholds and [float(d) for d in thresholds] != [float(d) for d in state["thresholds"]]:
+            raise config.ConfigError(f"--thresholds {thresholds} differ from the ones {out_dir} was trained with "
+                                     f"({state['thresholds']}); a resumed run keeps its constraint. Drop --thresholds or start a new run.")
+        thresholds = list(state["thresholds"])
+        calib = read_state(out_dir).get("calibration", [])
+    elif lagrangian and not thresholds:
         calib_prompts = [r["prompt"] for r in train_prompts[:256]]
         for k, cm in enumerate(cost_models):
             d, info = calibrate_threshold(actor, tok, cm, calib_prompts, cfg.target_unsafe_rate, cfg.max_new_tokens, rt.device, cfg.seed)
@@ -213,11 +222,11 @@ def main(cfg: Config):
 
     # ---- optimisers; the batch hierarchy
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    critic_opts = {n: torch.optim.AdamW(c.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.95)) for n, c in critics.items()}
+    critic_opts = {n: torch.optim.AdamW(c.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.95), weight_decay=cfg.critic_weight_decay)
+                   for n, c in critics.items()}
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # rollout sampling, per rank
     start_step = 0
-    if cfg.resume:
-        state = load_trainer_state(out_dir)
+    if state is not None:
         actor_opt.load_state_dict(state["actor_opt"])
         for n, o in critic_opts.items():
             o.load_state_dict(state["critic_opts"][n])
@@ -225,7 +234,6 @@ def main(cfg: Config):
             lam.load_state_dict(s)
         for w, s in zip(windows, state["windows"][rt.rank]):
             w.load_state_dict(s)
-        thresholds = state["thresholds"]
         dist.set_rng_state(state["rng"][rt.rank])
         gen.set_state(state["gen"][rt.rank])
         start_step = state["step"]
@@ -256,6 +264,10 @@ def main(cfg: Config):
                    f"| unsafe harmful {res['gold_unsafe_rate_harmful']:.3f} benign {res['gold_unsafe_rate_benign']:.3f} "
                    f"| optimum {res['gold_optimum_helpfulness']:.3f}")
         return res
+
+    def maybe_save(step):
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
+            save(out_dir, actor, critics, tok, meta, step + 1, actor_opt, critic_opts, lambdas, windows, thresholds, gen, rt)
 
     # ---- the loop
     pbar = dist.progress(range(start_step, cfg.max_steps), rt.master, initial=start_step, total=cfg.max_steps, desc=cfg.algo)
@@ -290,6 +302,7 @@ def main(cfg: Config):
                 c.train()
         if guard.bad(R, *C, old_logp, ref_logp):
             print0(f"iteration {step}: non-finite scores or log-probs, skipped ({guard.skipped} so far)")
+            maybe_save(step)  # a skipped last iteration still leaves the final checkpoint
             continue
 
         # 3. per-token rewards and costs with the KL penalty; 4. GAE per stream
@@ -322,6 +335,7 @@ def main(cfg: Config):
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(B, device=rt.device)
             for mb in perm.split(cfg.minibatch_size):
+                micro_losses = []  # every micro-batch's loss is checked: one nan poisons the accumulated gradient
                 for i, mi in enumerate(mb.split(cfg.micro_batch_size)):
                     last = i == n_micro - 1
                     with _maybe_no_sync([ddp_actor, *ddp_critics.values()], rt.ddp and not last):
@@ -334,11 +348,12 @@ def main(cfg: Config):
                             loss = loss + vl  # separate models and optimisers: the sum only saves backward calls
                             stats[f"value_loss_{name}"].append(vl.detach())
                         (loss / n_micro).backward()
+                    micro_losses.append(loss.detach())
                     stats["policy_loss"].append(pl.detach())
                     stats["clip_frac"].append(st["clip_frac"])
                     stats["ratio"].append(st["ratio"])
                     stats["entropy"].append(ppo.masked_mean(ent.detach(), mask[mi]))
-                if guard.bad(loss.detach()):
+                if guard.bad(torch.stack(micro_losses)):
                     for o in [actor_opt, *critic_opts.values()]:
                         o.zero_grad(set_to_none=True)
                     continue
@@ -369,8 +384,7 @@ def main(cfg: Config):
         pbar.set_postfix(r=f"{rec['reward']:+.2f}", **({"c": f"{rec['cost_0']:+.2f}"} if C else {}),
                          **({"λ": f"{lam_values[0]:.2f}"} if lam_values else {}), kl=f"{rec['kl']:.2f}", refresh=False)
 
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
-            save(out_dir, actor, critics, tok, meta, step + 1, actor_opt, critic_opts, lambdas, windows, thresholds, gen, rt)
+        maybe_save(step)
 
     # ---- final gold evaluation: several samples per held-out prompt, temperature 1
     summary = {"algo": cfg.algo, "iterations": cfg.max_steps, "thresholds": thresholds,

@@ -107,6 +107,25 @@ def test_ppo_resume_is_exact(stages):
     assert [r["step"] for r in metrics(t / "cut") if not r.get("final")] == [0, 1, 2]
 
 
+def test_resume_keeps_the_calibrated_threshold(stages):
+    """No --thresholds: d is calibrated on the starting policy. A resume must keep that d (not
+    recalibrate on the half-trained actor) and end where an uninterrupted run ends."""
+    t = stages
+    ppo(t, "cal_full", "--max_steps", 3)
+    ppo(t, "cal_cut", "--max_steps", 2)
+    ppo(t, "cal_cut", "--max_steps", 3, "--resume")
+    d_full = json.load(open(t / "cal_full" / "nanosafe.json"))["thresholds"]
+    assert json.load(open(t / "cal_cut" / "nanosafe.json"))["thresholds"] == d_full
+    sa = torch.load(t / "cal_full" / "trainer_state.pt", weights_only=True)
+    sb = torch.load(t / "cal_cut" / "trainer_state.pt", weights_only=True)
+    assert sa["lambdas"] == sb["lambdas"] and sa["thresholds"] == sb["thresholds"] == d_full
+    assert {r["threshold_0"] for r in metrics(t / "cal_cut") if "threshold_0" in r} == {d_full[0]}
+    a, b = load_file(t / "cal_full" / "model.safetensors"), load_file(t / "cal_cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    p = ppo(t, "cal_cut", "--max_steps", 4, "--resume", "--thresholds", "123.0", check=False)
+    assert p.returncode != 0 and "a resumed run keeps its constraint" in p.stderr
+
+
 def test_thresholds_must_match_cost_models(stages):
     p = ppo(stages, "bad", "--cost_models", stages / "cm", stages / "cm", "--thresholds", "0.0", "--max_steps", 1, check=False)
     assert p.returncode != 0 and "--thresholds has 1 values but --cost_models has 2" in p.stderr
