@@ -301,11 +301,37 @@ def _adds_bos(tok):
     return tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
 
 
-def _prompt_ids(tok, prompt, max_len, truncate, where, limit):
+class Encoder:
+    """text -> token ids without special tokens, memoised. Texts given up front are encoded in
+    one batch call: a data set repeats its prompts many times, and the Rust tokenizer is far
+    faster on a list (97k toy pairs: 2 s instead of 23 s). One Encoder per data set, so a
+    tokenizer changed later (a pad token added) never meets a stale cache."""
+
+    def __init__(self, tok, texts=()):
+        self.tok = tok
+        self.bos = [tok.bos_token_id] if _adds_bos(tok) else []
+        texts = list(dict.fromkeys(texts))
+        self.cache = dict(zip(texts, tok(texts, add_special_tokens=False)['input_ids'])) if texts else {}
+
+    def __call__(self, text):
+        if text not in self.cache:
+            self.cache[text] = self.tok(text, add_special_tokens=False)['input_ids']
+        return self.cache[text]
+
+
+def _prompt_text(tok, prompt):
+    try:
+        return format_prompt(prompt, tok.eos_token)
+    except ValueError:  # reported with its record's line by _prompt_ids
+        return None
+
+
+def _prompt_ids(tok, prompt, max_len, truncate, where, limit, enc=None):
     """(ids, truncated). prompt and answer are tokenized apart, so the prompt tokens here
     are exactly the ones generation starts from."""
-    bos = [tok.bos_token_id] if _adds_bos(tok) else []
-    ids = bos + tok(format_prompt(prompt, tok.eos_token), add_special_tokens=False)['input_ids']
+    enc = enc or Encoder(tok)
+    bos = enc.bos
+    ids = bos + enc(format_prompt(prompt, tok.eos_token))
     if len(ids) <= max_len:
         return ids, False
     if not truncate:
@@ -317,9 +343,9 @@ def _prompt_ids(tok, prompt, max_len, truncate, where, limit):
     return bos + ids[len(ids) - (max_len - len(bos)):], True  # left-truncate behind the BOS
 
 
-def _answer_ids(tok, response, room):
+def _answer_ids(tok, response, room, enc=None):
     """(ids, truncated): the answer cut to fit `room` tokens, EOS always last"""
-    ids = tok(format_response(response), add_special_tokens=False)['input_ids']
+    ids = (enc or Encoder(tok))(format_response(response))
     return ids[:room - 1] + [tok.eos_token_id], len(ids) > room - 1
 
 
@@ -329,30 +355,39 @@ def tokenize_prompt(tok, prompt, max_prompt_length, truncate=False, where='<prom
                        f'max_prompt_length={max_prompt_length}')[0]
 
 
-def _record_prompt_ids(tok, record, max_length, truncate):
+def _record_prompt_ids(tok, record, max_length, truncate, enc):
     # the prompt must leave room for one answer token and the EOS
     return _prompt_ids(tok, record['prompt'], max_length - 2, truncate, record.get('_where', '<record>'),
-                       f'max_length={max_length} less one answer token and EOS')
+                       f'max_length={max_length} less one answer token and EOS', enc)
 
 
-def tokenize_sft(tok, record, max_length, truncate_prompts=False):
+def tokenize_sft(tok, record, max_length, truncate_prompts=False, enc=None):
     """input_ids = prompt + answer + EOS; labels = the same with IGNORE_INDEX on the prompt"""
-    prompt, cut_p = _record_prompt_ids(tok, record, max_length, truncate_prompts)
-    answer, cut_a = _answer_ids(tok, record['response'], max_length - len(prompt))
+    enc = enc or Encoder(tok)
+    prompt, cut_p = _record_prompt_ids(tok, record, max_length, truncate_prompts, enc)
+    answer, cut_a = _answer_ids(tok, record['response'], max_length - len(prompt), enc)
     return dict(input_ids=prompt + answer, labels=[IGNORE_INDEX] * len(prompt) + answer,
                 truncated=cut_p or cut_a)
 
 
-def tokenize_pair(tok, record, max_length, truncate_prompts=False):
+def tokenize_pair(tok, record, max_length, truncate_prompts=False, enc=None):
     """input_ids_i = prompt + response_i + EOS, plus the labels (is_safe_i: 1, 0 or None)"""
-    prompt, cut_p = _record_prompt_ids(tok, record, max_length, truncate_prompts)
-    a0, cut_0 = _answer_ids(tok, record['response_0'], max_length - len(prompt))
-    a1, cut_1 = _answer_ids(tok, record['response_1'], max_length - len(prompt))
+    enc = enc or Encoder(tok)
+    prompt, cut_p = _record_prompt_ids(tok, record, max_length, truncate_prompts, enc)
+    a0, cut_0 = _answer_ids(tok, record['response_0'], max_length - len(prompt), enc)
+    a1, cut_1 = _answer_ids(tok, record['response_1'], max_length - len(prompt), enc)
     safe = [None if s is None else int(s) for s in (record['is_response_0_safe'], record['is_response_1_safe'])]
     return dict(input_ids_0=prompt + a0, input_ids_1=prompt + a1,
                 better_response_id=record['better_response_id'],
                 safer_response_id=record['safer_response_id'],
                 is_safe_0=safe[0], is_safe_1=safe[1], truncated=cut_p or cut_0 or cut_1)
+
+
+def _encoder(tok, records, answer_keys):
+    """An Encoder primed with every prompt and answer text of `records`."""
+    texts = [_prompt_text(tok, r['prompt']) for r in records]
+    texts += [format_response(r[k]) for r in records for k in answer_keys]
+    return Encoder(tok, [t for t in texts if t is not None])
 
 
 class _Tokenized(torch.utils.data.Dataset):
@@ -367,14 +402,16 @@ class _Tokenized(torch.utils.data.Dataset):
 class SFTDataset(_Tokenized):
     def __init__(self, records, tok, max_length, truncate_prompts=False):
         check_tokenizer(tok)
-        self.items = [tokenize_sft(tok, r, max_length, truncate_prompts) for r in records]
+        enc = _encoder(tok, records, ['response'])
+        self.items = [tokenize_sft(tok, r, max_length, truncate_prompts, enc) for r in records]
         self.n_truncated = sum(x['truncated'] for x in self.items)
 
 
 class PreferenceDataset(_Tokenized):
     def __init__(self, records, tok, max_length, truncate_prompts=False):
         check_tokenizer(tok)
-        self.items = [tokenize_pair(tok, r, max_length, truncate_prompts) for r in records]
+        enc = _encoder(tok, records, ['response_0', 'response_1'])
+        self.items = [tokenize_pair(tok, r, max_length, truncate_prompts, enc) for r in records]
         self.n_truncated = sum(x['truncated'] for x in self.items)
 
 
@@ -383,9 +420,10 @@ class PromptDataset(_Tokenized):
     def __init__(self, records, tok, max_prompt_length, truncate_prompts=False):
         check_tokenizer(tok)
         self.items, self.n_truncated = [], 0
+        enc = _encoder(tok, records, [])
         for r in records:
             ids, cut = _prompt_ids(tok, r['prompt'], max_prompt_length, truncate_prompts,
-                                   r.get('_where', '<record>'), f'max_prompt_length={max_prompt_length}')
+                                   r.get('_where', '<record>'), f'max_prompt_length={max_prompt_length}', enc)
             self.items.append(dict(r, input_ids=ids))
             self.n_truncated += cut
 

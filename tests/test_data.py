@@ -343,3 +343,33 @@ def test_collate_prompts_left_pads_and_keeps_metadata(tmp_path):
     assert out['attention_mask'].tolist() == [[0] * (n1 - n0) + [1] * n0, [1] * n1]
     assert out['prompt'] == ['hi', 'tell me a story'] and out['harmful'] == [False, True]
     assert out['category'] == [None, 'fraud'] and out['_where'][1].endswith('pr.jsonl:2')
+
+
+def _bpe(texts):
+    """a small byte-level BPE (merges across word pieces, unlike the word-level toy tokenizer)"""
+    from tokenizers import decoders, trainers
+    t = Tokenizer(models.BPE(unk_token=None))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=['<pad>', '<eos>', '<bos>']))
+    t.post_processor = processors.TemplateProcessing(single='<bos> $A', special_tokens=[('<bos>', 2)])
+    t.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token='<pad>', eos_token='<eos>', bos_token='<bos>')
+
+
+def test_batched_tokenization_equals_one_record_at_a_time(tmp_path):
+    """The datasets encode every distinct text in one batch call (nanosafe.data.Encoder); the ids
+    must be exactly those of tokenizing each record alone. On the HH-RLHF dialogues (unicode,
+    multi-turn, long) when present, else on the PKU examples."""
+    if HH_PATH.exists():
+        records = load_preference(HH_PATH, drop_bad=True)[0][:300]
+    else:
+        records = load_preference(write(tmp_path / 'p.jsonl', PKU))[0]
+    texts = [format_prompt(r['prompt'], '<eos>') + ' ' + r['response_0'] + ' ' + r['response_1'] for r in records]
+    tok = _bpe(texts)
+    pairs = PreferenceDataset(records, tok, max_length=4096)
+    for r, got in zip(records, pairs.items):
+        assert got == tokenize_pair(tok, r, max_length=4096)
+    sft = [dict(prompt=r['prompt'], response=r['response_1'], _where=r['_where']) for r in records]
+    assert SFTDataset(sft, tok, max_length=4096).items == [tokenize_sft(tok, r, max_length=4096) for r in sft]
+    # and the ids decode back to the texts: the comparison is not between two empty lists
+    assert tok.decode(pairs.items[0]['input_ids_0'], skip_special_tokens=True).endswith(records[0]['response_0'])
