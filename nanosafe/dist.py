@@ -132,27 +132,45 @@ def cosine_lr(step: int, max_steps: int, lr: float, warmup_steps: int = 0, min_l
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def step_indices(n: int, step: int, global_batch: int, rank: int, world: int, seed: int) -> list:
+def step_indices(n: int, step: int, global_batch: int, rank: int, world: int, seed: int, lengths=None) -> list:
     """The example indices this rank trains on at `step`: the data is one endless stream of
     seeded per-epoch permutations, each step takes the next global_batch of it, and each rank
     a contiguous slice. A pure function of step, so a resumed run sees exactly the same batches,
-    and 2 ranks x b see the same examples as 1 rank x 2b."""
+    and 2 ranks x b see the same examples as 1 rank x 2b.
+
+    With `lengths` (a tuple, one per example) each permutation is grouped by length, as
+    transformers' group_by_length: every run of 64 batches is sorted by length, cut into
+    batches, and the batches shuffled. Each example still comes once per epoch, but a batch
+    pads to far less (toy preference pairs: 1.4x fewer tokens per step)."""
     per_rank = global_batch // world
     out = []
     for p in range(step * global_batch + rank * per_rank, step * global_batch + (rank + 1) * per_rank):
         epoch, i = divmod(p, n)
-        out.append(_perm(n, seed + epoch)[i])
+        out.append(_perm(n, seed + epoch, lengths, global_batch)[i])
     return out
 
 
 _perms = {}
+GROUP_BATCHES = 64
 
 
-def _perm(n, seed):
-    if (n, seed) not in _perms:
+def _perm(n, seed, lengths=None, batch=1):
+    # keyed by id(lengths): the entry holds the tuple itself, so the id can't be reused meanwhile
+    key = (n, seed, batch, id(lengths))
+    if key not in _perms:
         _perms.clear() if len(_perms) > 4 else None
-        _perms[(n, seed)] = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return _perms[(n, seed)]
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=g).tolist()
+        if lengths is not None:
+            assert len(lengths) == n, f"{len(lengths)} lengths for {n} examples"
+            grouped, size = [], GROUP_BATCHES * batch
+            for c in range(0, n, size):
+                chunk = sorted(perm[c:c + size], key=lengths.__getitem__)  # stable: ties keep their random order
+                batches = [chunk[b:b + batch] for b in range(0, len(chunk), batch)]
+                grouped += [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+            perm = grouped
+        _perms[key] = (perm, lengths)
+    return _perms[key][0]
 
 
 def progress(iterable, master: bool, **kw):

@@ -1,6 +1,7 @@
 """Data parallelism changes nothing: 2 processes x batch b train exactly like 1 process x 2b.
 
-- step_indices: the ranks of a step partition the examples one process would see
+- step_indices: the ranks of a step partition the examples one process would see, with and
+  without grouping by length
 - the loss reductions: the SFT script's sum / global-token-count is the full-batch token mean
   however the batch is split; the naive mean of micro-batch means is not
 - torchrun on CPU (gloo): the same parameters after k steps, SFT and the cost model
@@ -39,6 +40,36 @@ def test_step_indices_ranks_partition_what_one_process_sees(n):
     for e in range(len(stream) // n):
         assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
     assert stream[:n] != stream[n:2 * n]  # and each epoch is shuffled anew
+
+
+@pytest.mark.parametrize("n", [37, 300])
+def test_step_indices_grouped_by_length(n, monkeypatch):
+    """With lengths: still a permutation per epoch, the same partition across ranks, and within
+    each run of GROUP_BATCHES batches no two batches' length ranges overlap (each batch is a
+    slice of the sorted run), so a batch pads to much less than a random batch does."""
+    import nanosafe.dist as D
+    monkeypatch.setattr(D, "GROUP_BATCHES", 4)
+    gb, g = 8, torch.Generator().manual_seed(0)
+    lengths = tuple(torch.randint(1, 100, (n,), generator=g).tolist())
+    epoch_steps = n // gb  # whole steps inside the first epoch
+    stream = []
+    for step in range(3 * n // gb):
+        one = step_indices(n, step, gb, 0, 1, seed=3, lengths=lengths)
+        for world in (2, 4):
+            assert sum((step_indices(n, step, gb, r, world, seed=3, lengths=lengths) for r in range(world)), []) == one
+        stream += one
+    for e in range(len(stream) // n):
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    first = [stream[s * gb:(s + 1) * gb] for s in range(epoch_steps)]
+    for c in range(0, len(first), 4):  # the runs of 4 batches: ranges [min, max] must not overlap
+        spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in first[c:c + 4] if len(b) == gb)
+        assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:])), spans
+    lows = [min(lengths[i] for i in b) for b in first]
+    assert lows != sorted(lows)  # the batches themselves are shuffled, not served in length order
+    # padding: the mean longest-in-batch falls well below that of ungrouped batches
+    plain = [step_indices(n, s, gb, 0, 1, seed=3) for s in range(epoch_steps)]
+    pad = lambda batches: sum(max(lengths[i] for i in b) for b in batches) / len(batches)
+    assert pad(first) < 0.9 * pad(plain), (pad(first), pad(plain))
 
 # -----------------------------------------------------------------------------
 # the loss reductions
