@@ -74,7 +74,9 @@ def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, 
     assert pad_token_id not in eos.tolist(), \
         f"pad_token_id ({pad_token_id}) must differ from eos_token_id: pad == eos masks the EOS and breaks scoring"
     # only the last position's logits are needed; most transformers models can skip the rest
-    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    params = inspect.signature(model.forward).parameters
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
 
     was_training = model.training
     model.eval()  # dropout must be off while sampling
@@ -88,7 +90,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, 
         new_tokens = []
         for _ in range(max_new_tokens):
             out = model(input_ids=x, attention_mask=mask, position_ids=position_ids,
-                        past_key_values=cache, use_cache=True, **kwargs)
+                        use_cache=True, **{cache_arg: cache}, **kwargs)
             cache = out.past_key_values
             nxt = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)
             nxt = torch.where(done, pad_token_id, nxt)  # finished rows only emit pad
