@@ -328,18 +328,21 @@ def pref_record(rng, prompt, r0, r1, temperature, cost_temperature):
     }
 
 
-def make_dataset(seed=0, sft_per_prompt=4, pairs_per_prompt=12, test_pairs_per_prompt=8, label_temperature=0.1,
+def make_dataset(seed=0, sft_per_prompt=4, pairs_per_prompt=96, test_pairs_per_prompt=8, label_temperature=0.1,
                  cost_label_temperature=0.5):
-    """Every file of the toy world as lists of records: {'sft_train': [...], ...}."""
-    rng = random.Random(seed)
+    """Every file of the toy world as lists of records: {'sft_train': [...], ...}.
+
+    Each file draws from its own random stream, so asking for more training pairs leaves the
+    SFT data and the test pairs exactly as they were (results stay comparable)."""
     train, test = split_prompts(seed)
     out = {}
     for split, prompts in (("train", train), ("test", test)):
         n_sft = sft_per_prompt if split == "train" else 1
         n_pair = pairs_per_prompt if split == "train" else test_pairs_per_prompt  # 2,816 test pairs: accuracy ± 0.009
         out[f"prompts_{split}"] = [prompt_record(p, t) for p, t in prompts]
+        rng = random.Random(f"{seed}:sft_{split}")
         out[f"sft_{split}"] = [{"prompt": p, "response": sft_response(rng, p)[0]} for p, _ in prompts for _ in range(n_sft)]
-        pairs = []
+        rng, pairs = random.Random(f"{seed}:pref_{split}"), []
         for p, _ in prompts:
             for _ in range(n_pair):
                 # pairs of two SFT answers (what the policy says now) or drift shapes (what an

@@ -162,6 +162,15 @@ def test_generator_is_deterministic():
     assert a["prompts_test"] != c["prompts_test"]  # the held-out 10% depends on the seed too
 
 
+def test_more_training_pairs_leave_the_other_files_alone(toy_data):
+    """each file has its own random stream: the test pairs (and the SFT data) a result is measured
+    on do not change when the training set grows"""
+    a = small(0)
+    assert len(a["pref_train"]) < len(toy_data["pref_train"])
+    assert a["pref_test"] == toy_data["pref_test"] and a["sft_test"] == toy_data["sft_test"]
+    assert toy.make_dataset(0, pairs_per_prompt=1)["sft_train"] == toy_data["sft_train"]
+
+
 FIELDS = {
     "sft": {"prompt", "response"},
     "prompts": {"prompt", "harmful", "category"},
