@@ -2,8 +2,8 @@
 Speed and memory benchmarks, printed as one table: the median of several timed runs
 (after warm-up) per row, and a ratio against a reference row measured in the same run.
 
-    python bench.py                                  # tiny Llama on CPU, fp32
-    python bench.py --device cuda --dtype bf16 --size medium
+    python bench.py                                  # the 1.1M toy Llama on CPU, fp32
+    python bench.py --device cuda --dtype bf16 --size large
 
 Adding a row (say, an SFT forward/backward step, or one PPO iteration) means writing
 one function that returns a Row and appending it to BENCHES at the bottom.
@@ -22,13 +22,15 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from nanosafe.generate import generate
+from nanosafe.model import TOY_SIZES
 
 parser = argparse.ArgumentParser(description="nanosafe benchmarks")
 # What to run
 parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
 parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights and activations dtype")
-parser.add_argument("--size", choices=["small", "medium"], default="small",
-                    help="small: hidden 128, 4 layers (~1.1M params); medium: hidden 256, 6 layers (~5M)")
+parser.add_argument("--size", choices=["small", "medium", "large"], default="medium",
+                    help="the toy world's sizes (nanosafe.model.TOY_SIZES): small hidden 64, 3 layers (the default toy policy, "
+                         "~0.25M with the toy vocabulary); medium hidden 128, 4 layers (~1.1M); large hidden 256, 6 layers (~5M)")
 # Workload
 parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch")
 parser.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per row (rows are left-padded to different lengths)")
@@ -52,15 +54,13 @@ transformers.logging.set_verbosity_error()  # generate() warns about flags it ig
 # -----------------------------------------------------------------------------
 # the workload: a random tiny Llama and a left-padded batch of random prompts
 
-SIZES = {
-    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
-    "medium": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024),
-}
 VOCAB, PAD, EOS = 300, 0, 2
 
 torch.manual_seed(args.seed)
+hidden, layers, heads = TOY_SIZES[args.size]
 cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=args.prompt_len + args.new_tokens,
-                  pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, **SIZES[args.size])
+                  pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, intermediate_size=4 * hidden)
 model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 n_params = sum(p.numel() for p in model.parameters())
 

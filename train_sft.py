@@ -3,7 +3,7 @@ Stage 1 of Safe RLHF: supervised fine-tuning. Next-token loss on the response to
 (prompt tokens are masked), AdamW, cosine schedule with warmup, gradient clipping and
 accumulation, DDP under torchrun.
 
-    python train_sft.py                          # toy world: data, tokenizer, ~1M Llama, ~2 min on 2 CPU threads
+    python train_sft.py                          # toy world: data, tokenizer, 0.25M Llama, ~1.5 min on 2 CPU threads
     torchrun --nproc_per_node=2 train_sft.py     # the same under DDP (gloo on CPU, NCCL on GPU)
     python train_sft.py --model path/to/hf_model --train_data sft.jsonl --eval_data sft_test.jsonl
 
@@ -35,15 +35,15 @@ class Config:
     train_data: str | None = arg(None, "SFT jsonl(.gz) with prompt, response; default: the toy world's sft_train.jsonl")
     eval_data: str | None = arg(None, "held-out SFT jsonl; default: the toy world's sft_test.jsonl")
     data_dir: str = arg("data/toy", "where the toy world's files live (written if missing)")
-    toy_size: str = arg("small", "toy model size when --model is not given", choices=["tiny", "small", "medium"])
+    toy_size: str = arg("small", "toy model size when --model is not given", choices=["tiny", "small", "medium", "large"])
     seed: int = arg(0, "random seed (data order, init, sampling)")
     resume: bool = arg(False, "continue from the checkpoint in --out_dir")
     trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folder (off: never run foreign code)")
     # optimisation
-    max_steps: int = arg(1200, "optimizer steps (~4.5 epochs of the toy data, ~90 s on 2 CPU threads)")
+    max_steps: int = arg(1200, "optimizer steps (9.5 epochs of the toy data, ~1-1.5 min on 2 CPU threads)")
     batch_size: int = arg(32, "micro-batch size per process")
     grad_accum: int = arg(1, "micro-batches per optimizer step; global batch = batch_size * grad_accum * world_size")
-    lr: float = arg(2e-3, "peak learning rate (official SFT: 2e-5 for 7B; a 1M toy model wants much more)")
+    lr: float = arg(2e-3, "peak learning rate (official SFT: 2e-5 for 7B; a 0.25M toy model wants much more)")
     warmup_steps: int = arg(20, "linear warmup steps")
     weight_decay: float = arg(0.0, "AdamW weight decay (official: 0.0)")
     grad_clip: float = arg(1.0, "clip the global gradient norm (official: 1.0)")
