@@ -264,3 +264,30 @@ def test_train_pm_end_to_end(tmp_path, toy_dir, toy_data, tok, tiny_policy):
 def test_train_pm_refuses_a_missing_model(tmp_path, toy_dir):
     r = run("--kind", "reward", "--model", tmp_path / "nope", "--out_dir", tmp_path / "rm", "--data_dir", toy_dir)
     assert r.returncode == 1 and "train_sft.py" in r.stderr
+
+
+def test_init_auto_starts_a_toy_backbone_afresh(tmp_path, toy_data, tok):
+    """--init auto: fresh weights when --model is an SFT model train_sft.py trained from scratch
+    (measured better on the toy world, README), the SFT weights when it started from a given model."""
+    pairs = tmp_path / "pairs.jsonl"
+    toy.write_jsonl(str(pairs), toy_data["pref_train"][:16])
+    policy = model.toy_model(tok, "tiny", seed=1)  # not seed 0: --seed 0's fresh draw is toy_model's seed-0 init
+    sft_weights = {k: v.clone() for k, v in policy.model.state_dict().items()}
+
+    def backbone_after_one_step(state, init="auto"):
+        sft, out = tmp_path / "sft", tmp_path / "rm"
+        model.save_checkpoint(str(sft), policy, tok, state)
+        r = run("--kind", "reward", "--model", sft, "--out_dir", out, "--train_data", pairs, "--max_steps", 1,
+                "--batch_size", 8, "--lr", 1e-9, "--warmup_steps", 0, "--init", init)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got, _ = model.load_score_model(str(out), kind="reward")
+        sd = got.backbone.state_dict()  # the score model's backbone is the policy's base model
+        return r.stdout, max((sd[k] - v).abs().max().item() for k, v in sft_weights.items())
+
+    from_scratch = {"kind": "policy", "stage": "sft", "args": {"model": None}}
+    out, moved = backbone_after_one_step(from_scratch)
+    assert "init: random" in out and moved > 0.01  # a new draw: weights differ by O(0.02 std)
+    out, moved = backbone_after_one_step({"kind": "policy", "stage": "sft", "args": {"model": "some/llama"}})
+    assert "init: sft" in out and moved < 1e-6  # lr 1e-9: one step leaves the SFT weights in place
+    _, moved = backbone_after_one_step(from_scratch, init="sft")  # the flag overrides
+    assert moved < 1e-6
