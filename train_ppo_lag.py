@@ -80,7 +80,7 @@ class Config:
     weight_decay: float = arg(0.0, "actor AdamW weight decay (official: 0.01)")
     critic_weight_decay: float = arg(0.01, "critic AdamW weight decay (official: 0.0; 0.01, AdamW's default, is what the README's runs used)")
     grad_clip: float = arg(1.0, "clip each model's gradient norm (official: 1.0)")
-    kl_coef: float = arg(0.1, "β: per-token KL penalty against the reference (official: 0.01); split ½/½ into reward and cost streams under ppo_lag")
+    kl_coef: float = arg(0.1, "β: per-token KL penalty against the reference (official: 0.01; the toy world's learned reward model is exploitable, see README); split ½/½ into reward and cost streams under ppo_lag")
     clip_range_ratio: float = arg(0.2, "PPO ratio clip ε (official: 0.2)")
     clip_range_value: float = arg(5.0, "value clip (official: 5.0)")
     clip_range_score: float = arg(50.0, "clamp per-token rewards and costs (official: 50)")

@@ -332,8 +332,8 @@ def make_dataset(seed=0, sft_per_prompt=4, pairs_per_prompt=96, test_pairs_per_p
                  cost_label_temperature=0.5):
     """Every file of the toy world as lists of records: {'sft_train': [...], ...}.
 
-    Each file draws from its own random stream, so asking for more training pairs leaves the
-    SFT data and the test pairs exactly as they were (results stay comparable)."""
+    Each file draws from its own random stream, so asking for more (or fewer) training pairs
+    leaves the SFT data and the test pairs unchanged: results stay comparable."""
     train, test = split_prompts(seed)
     out = {}
     for split, prompts in (("train", train), ("test", test)):
