@@ -255,16 +255,17 @@ def main(cfg: Config):
     else:
         model, tok = load_score_model(cfg.model, kind=cfg.kind, init_from_policy=not cfg.eval_only, dtype=dtype,
                                       trust_remote_code=cfg.trust_remote_code)
-    init = cfg.init
-    if init == "auto":  # a backbone trained from scratch on a few thousand toy answers carries little a score model can use
-        state = read_state(cfg.model) if not cfg.resume and not cfg.eval_only else {}
-        init = "random" if state.get("stage") == "sft" and (state.get("args") or {}).get("model") is None else "sft"
-        if not cfg.resume and not cfg.eval_only:
-            print0(f"init: {init} ({'--model was trained from scratch by train_sft.py' if init == 'random' else '--model is a pretrained backbone'}; --init sft|random overrides)")
-    if init == "random" and not cfg.resume and not cfg.eval_only:
-        torch.manual_seed(cfg.seed)
-        fresh = type(model.backbone)(model.backbone.config)
-        model.backbone.load_state_dict(fresh.state_dict())
+    if not cfg.resume and not cfg.eval_only:
+        init = cfg.init
+        if init == "auto":  # a backbone trained from scratch on a few thousand toy answers carries little a score model can use
+            state = read_state(cfg.model)
+            from_scratch = state.get("stage") == "sft" and (state.get("args") or {}).get("model") is None
+            init = "random" if from_scratch else "sft"
+            print0(f"init: {init} (--model {'was trained from scratch by train_sft.py' if from_scratch else 'starts from a pretrained model'}; "
+                   f"--init sft|random overrides)")
+        if init == "random":  # --model's architecture, fresh weights (seeded: the same on every rank)
+            torch.manual_seed(cfg.seed)
+            model.backbone.load_state_dict(type(model.backbone)(model.backbone.config).state_dict())
     model.to(rt.device)
     eval_records = load(eval_path) if eval_path else []
     eval_set = data.PreferenceDataset(eval_records, tok, cfg.max_length, cfg.truncate_prompts) if eval_records else None
