@@ -19,6 +19,7 @@ prompts_{train,test}.jsonl.
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -365,22 +366,33 @@ def write_jsonl(path, records):
     os.replace(tmp, path)  # atomic: a crash never leaves half a file
 
 
+FILES = [f"{kind}_{split}.jsonl" for kind in ("sft", "pref", "prompts") for split in ("train", "test")]
+STAMP = "toy_world.json"  # which generator wrote the folder
+VERSION = 2  # bump whenever make_dataset's output changes (2: 96 pairs per prompt, a random stream per file)
+
+
 def write_dataset(out_dir, seed=0, **kw):
     os.makedirs(out_dir, exist_ok=True)
     data = make_dataset(seed, **kw)
     for name, records in data.items():
         write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), records)
+    defaults = {k: v.default for k, v in inspect.signature(make_dataset).parameters.items()}
+    with open(os.path.join(out_dir, STAMP), "w") as f:  # written last: a crash before it means "rewrite"
+        json.dump({"version": VERSION, "seed": seed, **{k: v for k, v in kw.items() if v != defaults[k]}}, f)
     return data
 
 
-FILES = [f"{kind}_{split}.jsonl" for kind in ("sft", "pref", "prompts") for split in ("train", "test")]
-
-
 def ensure_dataset(out_dir, seed=0):
-    """Write the toy data sets unless all six files are already there."""
-    if not all(os.path.exists(os.path.join(out_dir, f)) for f in FILES):
-        write_dataset(out_dir, seed)
-        print(f"wrote the toy world's data to {out_dir}")
+    """Write the toy data sets unless this version of the generator already wrote them there
+    (a folder from an older nanosafe would silently give other numbers than the README's)."""
+    stamp = os.path.join(out_dir, STAMP)
+    found = json.load(open(stamp)) if os.path.exists(stamp) else None
+    if found == {"version": VERSION, "seed": seed} and all(os.path.exists(os.path.join(out_dir, f)) for f in FILES):
+        return
+    if found is not None or any(os.path.exists(os.path.join(out_dir, f)) for f in FILES):
+        print(f"{out_dir}: toy data from another generator version or seed ({found}); rewriting it")
+    write_dataset(out_dir, seed)
+    print(f"wrote the toy world's data to {out_dir}")
 
 
 def vocabulary() -> list:

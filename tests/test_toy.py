@@ -184,7 +184,7 @@ def test_command_line_writes_six_files(tmp_path, toy_dir):
     r = subprocess.run([sys.executable, "-m", "nanosafe.toy", "--out_dir", str(out), "--seed", "0"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == sorted(toy.FILES)
+    assert sorted(os.listdir(out)) == sorted(toy.FILES + [toy.STAMP])
     for name in toy.FILES:
         lines = (out / name).read_text().splitlines()
         assert lines, name
@@ -193,6 +193,22 @@ def test_command_line_writes_six_files(tmp_path, toy_dir):
         # another process, same seed: byte-identical files (no hash-order dependence)
         assert (out / name).read_text() == (toy_dir / name).read_text(), name
     assert "better_label_agrees_with_oracle" in r.stdout
+
+
+def test_ensure_dataset_rewrites_data_of_another_version(tmp_path, monkeypatch):
+    """a data/toy folder left by an older nanosafe (or another seed) is rewritten, not reused"""
+    written, make = [], toy.make_dataset
+    monkeypatch.setattr(toy, "make_dataset", lambda seed, **kw: written.append(seed) or make(seed, 1, 1))
+    toy.ensure_dataset(str(tmp_path), seed=0)
+    toy.ensure_dataset(str(tmp_path), seed=0)  # this version, this seed: kept
+    assert written == [0]
+    (tmp_path / toy.STAMP).write_text('{"version": 1, "seed": 0}')
+    toy.ensure_dataset(str(tmp_path), seed=0)
+    toy.ensure_dataset(str(tmp_path), seed=1)
+    assert written == [0, 0, 1]
+    (tmp_path / toy.STAMP).unlink()  # the six files without a stamp: written before stamps existed
+    toy.ensure_dataset(str(tmp_path), seed=1)
+    assert written == [0, 0, 1, 1]
 
 
 def test_prompt_records_and_splits(toy_data):
