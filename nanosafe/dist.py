@@ -156,18 +156,19 @@ GROUP_BATCHES = 64
 
 def _perm(n, seed, lengths=None, batch=1):
     # keyed by id(lengths): the entry holds the tuple itself, so the id can't be reused meanwhile
-    key = (n, seed, batch, id(lengths))
+    key = (n, seed, batch, id(lengths), GROUP_BATCHES)
     if key not in _perms:
         _perms.clear() if len(_perms) > 4 else None
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(n, generator=g).tolist()
         if lengths is not None:
-            assert len(lengths) == n, f"{len(lengths)} lengths for {n} examples"
+            assert isinstance(lengths, tuple) and len(lengths) == n, "lengths: a tuple, one per example (the cache keeps it)"
             grouped, size = [], GROUP_BATCHES * batch
             for c in range(0, n, size):
                 chunk = sorted(perm[c:c + size], key=lengths.__getitem__)  # stable: ties keep their random order
                 batches = [chunk[b:b + batch] for b in range(0, len(chunk), batch)]
-                grouped += [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+                short = batches.pop() if len(batches[-1]) < batch else []  # stays last: the full ones stay aligned with steps
+                grouped += [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]] + short
             perm = grouped
         _perms[key] = (perm, lengths)
     return _perms[key][0]

@@ -64,8 +64,14 @@ def test_step_indices_grouped_by_length(n, monkeypatch):
     for c in range(0, len(first), 4):  # the runs of 4 batches: ranges [min, max] must not overlap
         spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in first[c:c + 4] if len(b) == gb)
         assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:])), spans
-    lows = [min(lengths[i] for i in b) for b in first]
-    assert lows != sorted(lows)  # the batches themselves are shuffled, not served in length order
+    lows = [[min(lengths[i] for i in b) for b in first[c:c + 4]] for c in range(0, len(first), 4)]
+    assert any(run != sorted(run) for run in lows)  # within a run the batches are shuffled, not in length order
+    # a short last batch stays last, so the full batches before it stay aligned with the steps:
+    # 44 = 4 batches of 8 + (8 + 4); the 8 must be the shorter slice of the sorted last run
+    lengths44 = tuple(torch.randint(1, 100, (44,), generator=g).tolist())
+    for seed in range(10):
+        perm = D._perm(44, seed, lengths44, 8)
+        assert max(lengths44[i] for i in perm[32:40]) <= min(lengths44[i] for i in perm[40:]), seed
     # padding: the mean longest-in-batch falls well below that of ungrouped batches
     plain = [step_indices(n, s, gb, 0, 1, seed=3) for s in range(epoch_steps)]
     pad = lambda batches: sum(max(lengths[i] for i in b) for b in batches) / len(batches)
