@@ -2,7 +2,7 @@
 Speed and memory benchmarks, printed as one table: the median of several timed runs
 (after warm-up) per row, and a ratio against a reference row measured in the same run.
 
-    python bench.py                                  # the 1.1M toy Llama on CPU, fp32
+    python bench.py                                  # the 'medium' toy size (1.1M) on CPU, fp32
     python bench.py --device cuda --dtype bf16 --size large
 
 Adding a row (say, an SFT forward/backward step, or one PPO iteration) means writing
@@ -30,7 +30,7 @@ parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="wh
 parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights and activations dtype")
 parser.add_argument("--size", choices=["small", "medium", "large"], default="medium",
                     help="the toy world's sizes (nanosafe.model.TOY_SIZES): small hidden 64, 3 layers (the default toy policy, "
-                         "~0.25M with the toy vocabulary); medium hidden 128, 4 layers (~1.1M); large hidden 256, 6 layers (~5M)")
+                         "0.25M with the toy vocabulary); medium hidden 128, 4 layers (1.1M); large hidden 256, 6 layers (6.5M)")
 # Workload
 parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch")
 parser.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per row (rows are left-padded to different lengths)")

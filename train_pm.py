@@ -6,14 +6,15 @@ Stage 2 of Safe RLHF: the preference models. Helpfulness and harmlessness are le
     cost model:    -log σ(c_unsafer - c_safer) - Σ_i log σ(s_i · c_i)          + reg·mean(c²)
                    s_i = +1 if response i is unsafe, -1 if safe  (so cost > 0 means unsafe)
 
-    python train_pm.py --kind reward                 # toy world -> out/rm (~1-2 min on 2 CPU threads)
+    python train_pm.py --kind reward                 # toy world -> out/rm (~3 min on 2 CPU threads)
     python train_pm.py --kind cost                   # toy world -> out/cm
     python train_pm.py --kind cost --no_sign_loss    # the ablation: no sign term, no meaningful zero
     python train_pm.py --kind cost --category violence --out_dir out/cm_violence   # one harm category
     python train_pm.py --eval_only --model out/cm    # accuracy + the score-distribution figure
     torchrun --nproc_per_node=2 train_pm.py --kind reward
 
-A score model is a causal-LM backbone (initialised from out/sft) plus a linear head; the
+A score model is a causal-LM backbone (--model's architecture: its SFT weights, or fresh weights
+for a toy model trained from scratch, see --init) plus a linear head; the
 score of a sequence is the score at its last non-pad token, its EOS.
 """
 
@@ -56,12 +57,12 @@ class Config:
     max_steps: int = arg(0, "stop after this many optimizer steps (0: use --epochs)")
     batch_size: int = arg(32, "pairs per micro-batch per process (official: 16 per GPU)")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
-    lr: float = arg(8e-4, "peak learning rate (official: 2e-5 for 7B; the 0.2M toy model wants more: 3e-4 0.747, 5e-4 0.750, 8e-4 0.756, 1e-3 0.756 test accuracy)")
+    lr: float = arg(8e-4, "peak learning rate (official: 2e-5 for 7B; the 0.25M toy model wants more: 3e-4 0.747, 5e-4 0.750, 8e-4 0.756, 1e-3 0.756 test accuracy)")
     warmup_steps: int = arg(10, "linear warmup steps")
     init: str = arg("auto", "sft: start from --model's weights (official); random: --model's architecture, fresh weights; "
                     "auto: random when --model is a toy SFT model trained from scratch (measured better, see README), else sft",
                     choices=["auto", "sft", "random"])
-    group_by_length: bool = arg(True, "batch pairs of similar length together (each pair still once per epoch; ~1.4x fewer padded tokens)")
+    group_by_length: bool = arg(True, "batch pairs of similar length together (each pair still once per epoch; toy pairs: 1.4x fewer tokens per step)")
     weight_decay: float = arg(0.1, "AdamW weight decay (official: 0.1)")
     reg: float = arg(0.001, "score regularisation reg·mean(score²) (official: 0.001)")
     grad_clip: float = arg(1.0, "clip the global gradient norm (official: 1.0)")
@@ -255,6 +256,7 @@ def main(cfg: Config):
     else:
         model, tok = load_score_model(cfg.model, kind=cfg.kind, init_from_policy=not cfg.eval_only, dtype=dtype,
                                       trust_remote_code=cfg.trust_remote_code)
+    init = read_state(out_dir).get("init") if cfg.resume else None  # what the run being resumed chose
     if not cfg.resume and not cfg.eval_only:
         init = cfg.init
         if init == "auto":  # a backbone trained from scratch on a few thousand toy answers carries little a score model can use
@@ -305,7 +307,7 @@ def main(cfg: Config):
     os.makedirs(out_dir, exist_ok=True)
     metrics = dist.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master, start_step if cfg.resume else None)
     guard = dist.NanGuard()
-    meta = {"kind": cfg.kind, "category": cfg.category, "sign_loss": cfg.sign_loss, "args": config.to_dict(cfg)}
+    meta = {"kind": cfg.kind, "category": cfg.category, "sign_loss": cfg.sign_loss, "init": init, "args": config.to_dict(cfg)}
 
     # ---- train
     model.train()

@@ -322,7 +322,7 @@ class Encoder:
 def _prompt_text(tok, prompt):
     try:
         return format_prompt(prompt, tok.eos_token)
-    except ValueError:  # reported with its record's line by _prompt_ids
+    except ValueError:  # not primed; _prompt_ids raises it again for that record
         return None
 
 

@@ -91,7 +91,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, 
         for _ in range(max_new_tokens):
             out = model(input_ids=x, attention_mask=mask, position_ids=position_ids,
                         use_cache=True, **{cache_arg: cache}, **kwargs)
-            cache = out.past_key_values
+            cache = out.cache if cache_arg == "cache" else out.past_key_values
             nxt = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)
             nxt = torch.where(done, pad_token_id, nxt)  # finished rows only emit pad
             new_tokens.append(nxt)

@@ -100,10 +100,10 @@ def check_same_tokenizer(tok_a, tok_b, where_a: str, where_b: str):
 # models
 
 TOY_SIZES = {  # name -> (hidden, layers, heads); intermediate = 4 * hidden
-    "tiny": (64, 2, 4),      # ~0.1M: unit tests
-    "small": (64, 3, 8),     # ~0.25M: the toy world default; SFT ~1.3 min on 2 CPU threads
-    "medium": (128, 4, 4),   # ~1.1M
-    "large": (256, 6, 8),    # ~5M
+    "tiny": (64, 2, 4),      # 0.18M: unit tests
+    "small": (64, 3, 8),     # 0.25M: the toy world default; SFT ~1 min on 2 CPU threads
+    "medium": (128, 4, 4),   # 1.15M
+    "large": (256, 6, 8),    # 6.5M
 }
 
 

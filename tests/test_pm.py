@@ -268,26 +268,32 @@ def test_train_pm_refuses_a_missing_model(tmp_path, toy_dir):
 
 def test_init_auto_starts_a_toy_backbone_afresh(tmp_path, toy_data, tok):
     """--init auto: fresh weights when --model is an SFT model train_sft.py trained from scratch
-    (measured better on the toy world, README), the SFT weights when it started from a given model."""
+    (measured better on the toy world, README), else --model's own weights; --init overrides."""
     pairs = tmp_path / "pairs.jsonl"
     toy.write_jsonl(str(pairs), toy_data["pref_train"][:16])
     policy = model.toy_model(tok, "tiny", seed=1)  # not seed 0: --seed 0's fresh draw is toy_model's seed-0 init
-    sft_weights = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    seed0 = model.toy_model(tok, "tiny", seed=0).model.state_dict()
 
-    def backbone_after_one_step(state, init="auto"):
+    def one_step(state, init="auto"):
+        """-> (init recorded in nanosafe.json, distance of the backbone from the policy's weights, from seed-0 init)"""
         sft, out = tmp_path / "sft", tmp_path / "rm"
-        model.save_checkpoint(str(sft), policy, tok, state)
+        model.save_checkpoint(str(sft), policy, tok, state or {})
+        if state is None:  # a plain HF folder, no nanosafe.json
+            os.remove(sft / model.STATE_FILE)
         r = run("--kind", "reward", "--model", sft, "--out_dir", out, "--train_data", pairs, "--max_steps", 1,
-                "--batch_size", 8, "--lr", 1e-9, "--warmup_steps", 0, "--init", init)
+                "--batch_size", 8, "--lr", 1e-9, "--warmup_steps", 0, "--init", init)  # lr 1e-9: one step moves nothing
         assert r.returncode == 0, r.stderr[-3000:]
-        got, _ = model.load_score_model(str(out), kind="reward")
-        sd = got.backbone.state_dict()  # the score model's backbone is the policy's base model
-        return r.stdout, max((sd[k] - v).abs().max().item() for k, v in sft_weights.items())
+        got = model.load_score_model(str(out), kind="reward")[0].backbone.state_dict()  # the policy's base model
+        dist = lambda ref: max((got[k] - v).abs().max().item() for k, v in ref.items())
+        chosen = json.loads((out / model.STATE_FILE).read_text())["init"]
+        assert f"init: {chosen}" in r.stdout or init != "auto"
+        return chosen, dist(policy.model.state_dict()), dist(seed0)
 
     from_scratch = {"kind": "policy", "stage": "sft", "args": {"model": None}}
-    out, moved = backbone_after_one_step(from_scratch)
-    assert "init: random" in out and moved > 0.01  # a new draw: weights differ by O(0.02 std)
-    out, moved = backbone_after_one_step({"kind": "policy", "stage": "sft", "args": {"model": "some/llama"}})
-    assert "init: sft" in out and moved < 1e-6  # lr 1e-9: one step leaves the SFT weights in place
-    _, moved = backbone_after_one_step(from_scratch, init="sft")  # the flag overrides
-    assert moved < 1e-6
+    chosen, from_policy, from_seed0 = one_step(from_scratch)
+    assert chosen == "random" and from_policy > 0.01 and from_seed0 < 1e-6  # a fresh draw, seeded by --seed
+    for state in ({"kind": "policy", "stage": "sft", "args": {"model": "some/llama"}}, None):
+        chosen, from_policy, _ = one_step(state)
+        assert chosen == "sft" and from_policy < 1e-6, state
+    chosen, from_policy, _ = one_step(from_scratch, init="sft")  # the flag overrides
+    assert chosen == "sft" and from_policy < 1e-6
