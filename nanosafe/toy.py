@@ -390,7 +390,8 @@ def ensure_dataset(out_dir, seed=0):
     if found == {"version": VERSION, "seed": seed} and all(os.path.exists(os.path.join(out_dir, f)) for f in FILES):
         return
     if found is not None or any(os.path.exists(os.path.join(out_dir, f)) for f in FILES):
-        print(f"{out_dir}: toy data from another generator version or seed ({found}); rewriting it")
+        print(f"{out_dir}: toy data from another generator version or seed "
+              f"({STAMP}: {found if found is not None else 'missing'}); rewriting it")
     write_dataset(out_dir, seed)
     print(f"wrote the toy world's data to {out_dir}")
 
