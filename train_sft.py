@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
 from nanosafe.evaluate import gold_eval, gold_evaluate
-from nanosafe.model import CheckpointError, load_policy, recover_checkpoint, load_trainer_state, num_params, save_checkpoint, toy_model, toy_tokenizer
+from nanosafe.model import CheckpointError, load_policy, recover_checkpoint, load_trainer_state, num_params, save_checkpoint, TOY_SIZES, toy_model, toy_tokenizer
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Config:
     train_data: str | None = arg(None, "SFT jsonl(.gz) with prompt, response; default: the toy world's sft_train.jsonl")
     eval_data: str | None = arg(None, "held-out SFT jsonl; default: the toy world's sft_test.jsonl")
     data_dir: str = arg("data/toy", "where the toy world's files live (written if missing)")
-    toy_size: str = arg("small", "toy model size when --model is not given", choices=["tiny", "small", "medium", "large"])
+    toy_size: str = arg("small", "toy model size when --model is not given", choices=list(TOY_SIZES))
     seed: int = arg(0, "random seed (data order, init, sampling)")
     resume: bool = arg(False, "continue from the checkpoint in --out_dir")
     trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folder (off: never run foreign code)")
