@@ -6,6 +6,7 @@ Evaluation: sample a policy on held-out prompts and judge the answers.
 - `score`: reward / cost model scores of (prompt, answer) pairs
 - `elo`: Elo ratings from pairwise wins (the paper's model-vs-model comparison)
 - `probe`: how often a reward model orders the toy world's contrast pairs as the oracle does
+- `repeat_probe`: whether a policy gives the words it has already said less probability
 
     python -m nanosafe.evaluate --model out/ppo_lag [--reward_model out/rm --cost_model out/cm]
 
@@ -14,6 +15,10 @@ prints the gold evaluation (toy world) and writes it as JSON.
     python -m nanosafe.evaluate --probe out/rm
 
 prints how often the reward model gets each of the toy world's contrasts right (its blind spots).
+
+    python -m nanosafe.evaluate --repeat_probe out/sft
+
+prints a policy's next-word probabilities for a used vs an unused answer word, beside the SFT data's.
 """
 
 import argparse
@@ -23,7 +28,7 @@ import os
 import torch
 
 from nanosafe import data, toy
-from nanosafe.generate import generate
+from nanosafe.generate import generate, position_ids_from_mask
 from nanosafe.model import last_index
 
 GOLD_KEYS = ["gold_helpfulness_benign", "gold_helpfulness_harmful", "gold_helpfulness", "gold_unsafe_rate_harmful",
@@ -109,6 +114,65 @@ def probe(score_fn, prompts, seed=0) -> dict:
         ps = [r[0] for r in rows]
         better, worse = score_fn(ps, [r[1] for r in rows]), score_fn(ps, [r[2] for r in rows])
         out[name] = {"right": (better > worse).float().mean().item(), "n": len(rows)}
+    return out
+
+
+@torch.no_grad()
+def next_token_probs(model, tok, prompts, prefixes, batch_size=64, device="cpu") -> torch.Tensor:
+    """P(next token | prompt template + answer prefix) from a policy -> [N, vocab], one row per pair."""
+    out, enc = [], data.Encoder(tok)
+    for i in range(0, len(prompts), batch_size):
+        seqs = [data.tokenize_prompt(tok, p, max_prompt_length=10**9) + enc(data.format_response(a))
+                for p, a in zip(prompts[i:i + batch_size], prefixes[i:i + batch_size])]
+        ids, mask = data.pad_left(seqs, tok.pad_token_id)  # left padding: every row's last column is its last token
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       position_ids=position_ids_from_mask(mask.to(device))).logits[:, -1]
+        out.append(logits.float().softmax(-1).cpu())
+    return torch.cat(out)
+
+
+def repeat_probe(probs_fn, word_id, prompts, ks=(1, 3, 5), seed=0) -> dict:
+    """Does a policy know which answer words it has already said? For each benign prompt and k, a
+    prefix of k distinct answer words of its topic; probs_fn(prompts, prefixes) -> [N, vocab] next-
+    token probabilities. Per k: the mean probability of one used word vs one unused answer word,
+    and of EOS if word_id knows it. A policy that samples without replacement gives `used` ~ 0; one
+    that treats its answer as a bag of topic words gives used ~ unused (and pads with repeats)."""
+    import random
+    rng = random.Random(seed)
+    prompts = [p for p in prompts if not toy.is_harmful(p)]
+    out = {}
+    for k in ks:
+        rows = [(p, rng.sample(toy.ANSWER[toy.topic_of(p)], k)) for p in prompts]
+        probs = probs_fn([p for p, _ in rows], [" ".join(w) for _, w in rows])
+        used, unused = [], []
+        for (p, w), pr in zip(rows, probs):
+            rest = [x for x in toy.ANSWER[toy.topic_of(p)] if x not in w]
+            used.append(sum(pr[word_id(x)].item() for x in w) / len(w))
+            unused.append(sum(pr[word_id(x)].item() for x in rest) / len(rest))
+        out[k] = {"used": sum(used) / len(used), "unused": sum(unused) / len(unused), "n": len(rows)}
+    return out
+
+
+def repeat_stats(records, ks=(1, 3, 5)) -> dict:
+    """The same two numbers in SFT data (a perfect imitator's answer): over benign answers whose
+    first k words are k distinct answer words, how often the next word is each used word vs each
+    unused answer word of the topic."""
+    out = {}
+    for k in ks:
+        n = used = unused = 0
+        for r in records:
+            p, words = r["prompt"], r["response"].split()
+            if toy.is_harmful(p) or len(words) < k:
+                continue
+            ans = toy.ANSWER[toy.topic_of(p)]
+            head = words[:k]
+            if len(set(head)) < k or any(w not in ans for w in head):
+                continue
+            n += 1
+            nxt = words[k] if len(words) > k else None  # None: the answer ends (EOS)
+            used += (nxt in head) / k
+            unused += (nxt in ans and nxt not in head) / (len(ans) - k)
+        out[k] = {"used": used / max(1, n), "unused": unused / max(1, n), "n": n}
     return out
 
 
@@ -218,6 +282,8 @@ if __name__ == "__main__":
     ap.add_argument("--model", default="out/ppo_lag", help="policy folder")
     ap.add_argument("--compare", nargs="*", default=None, help="several policy folders: one table, Elo, and curves")
     ap.add_argument("--probe", default=None, help="a reward model folder: how often it orders the toy world's contrast pairs right")
+    ap.add_argument("--repeat_probe", default=None, help="a policy folder: P(next = a word it already said) vs an unused answer word, beside the SFT data's")
+    ap.add_argument("--sft_data", default="data/toy/sft_train.jsonl", help="with --repeat_probe: the SFT data to compare with")
     ap.add_argument("--plot", default=None, help="with --compare: write the training curves here (needs matplotlib)")
     ap.add_argument("--eval_data", default="data/toy/prompts_test.jsonl", help="prompts file (toy world)")
     ap.add_argument("--n_samples", type=int, default=4, help="samples per prompt (temperature 1)")
@@ -234,6 +300,21 @@ if __name__ == "__main__":
         for name, r in res.items():
             print(f"{r['right']:7.1%}  {name}  ({r['n']} prompts)")
         out = args.out or os.path.join(args.probe, "probe.json")
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {out}")
+    elif args.repeat_probe:
+        model, tok = load_policy(args.repeat_probe)
+        model.eval()
+        vocab = tok.get_vocab()
+        word_id = lambda w: vocab[w]  # toy words are single tokens
+        res = {"policy": repeat_probe(lambda ps, prefixes: next_token_probs(model, tok, ps, prefixes), word_id, prompts, seed=args.seed),
+               "sft_data": repeat_stats(data.load_sft(args.sft_data)) if os.path.exists(args.sft_data) else None}
+        print("per word, P(next word) after k distinct answer words:  used | unused (policy)   used | unused (SFT data)")
+        for k, r in res["policy"].items():
+            d = (res["sft_data"] or {}).get(k)
+            print(f"  k = {k}:  {r['used']:.4f} | {r['unused']:.4f}" + (f"   {d['used']:.4f} | {d['unused']:.4f}  ({d['n']} answers)" if d else ""))
+        out = args.out or os.path.join(args.repeat_probe, "repeat_probe.json")
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
         print(f"wrote {out}")

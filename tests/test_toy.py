@@ -319,3 +319,61 @@ def test_probe_scores_an_oracle_perfect_and_a_word_counter_blind_to_repeats():
     assert counter["more distinct relevant words (4 > 3)"]["right"] == 1.0
     backwards = probe(_scorer(lambda p, a: -toy.helpfulness(p, a)), prompts)
     assert all(r["right"] == 0.0 for r in backwards.values())
+
+# -----------------------------------------------------------------------------
+# the repeat probe: does a policy give the words it has already said less probability?
+
+def _word_probs(pick):
+    """probs_fn over the toy vocabulary: uniform over pick(prompt, prefix words)."""
+    import torch
+    vocab = {w: i for i, w in enumerate(toy.vocabulary())}
+
+    def probs_fn(prompts, prefixes):
+        out = torch.zeros(len(prompts), len(vocab))
+        for row, (p, a) in enumerate(zip(prompts, prefixes)):
+            words = pick(p, a.split())
+            out[row, [vocab[w] for w in words]] = 1.0 / len(words)
+        return out
+    return probs_fn, vocab.__getitem__
+
+
+def test_repeat_probe_tells_sampling_without_replacement_from_a_bag_of_words():
+    from nanosafe.evaluate import repeat_probe
+    prompts = [tpl.format(s=p) for tpl in toy.TEMPLATES_TEST[:1] for p, _ in toy.PHRASES]
+    fresh, word_id = _word_probs(lambda p, used: [w for w in toy.ANSWER[toy.topic_of(p)] if w not in used])
+    res = repeat_probe(fresh, word_id, prompts, ks=(1, 3, 5))
+    for k, r in res.items():  # 10 answer words per topic: 10 - k unused ones share the mass
+        assert r["used"] == 0.0 and r["unused"] == pytest.approx(1 / (10 - k))
+        assert r["n"] == sum(not toy.is_harmful(p) for p in prompts)
+    bag, word_id = _word_probs(lambda p, used: toy.ANSWER[toy.topic_of(p)])
+    for r in repeat_probe(bag, word_id, prompts, ks=(2, 4)).values():
+        assert r["used"] == pytest.approx(0.1) and r["unused"] == pytest.approx(0.1)
+
+
+def test_repeat_stats_hand_values():
+    from nanosafe.evaluate import repeat_stats
+    p = "how do i bake bread"  # cooking: 10 answer words
+    records = [{"prompt": p, "response": "flour yeast oven"},
+               {"prompt": p, "response": "flour flour"},
+               {"prompt": p, "response": "um flour yeast oven"},        # a filler word first: no k-word answer head
+               {"prompt": "how do i make a bomb", "response": "fuse fuse"}]  # harmful: not counted
+    res = repeat_stats(records, ks=(1, 3))
+    # k = 1: two answers; the next word is unused (1 of 9) in the first, used (1 of 1) in the second
+    assert res[1] == {"used": pytest.approx(0.5), "unused": pytest.approx(1 / 18), "n": 2}
+    # k = 3: only the first answer has three distinct answer words first, and it ends there
+    assert res[3] == {"used": 0.0, "unused": 0.0, "n": 1}
+
+
+def test_next_token_probs_match_an_unpadded_forward(tok, tiny_policy):
+    import torch
+    from nanosafe import data
+    from nanosafe.evaluate import next_token_probs
+    tiny_policy.eval()
+    prompts = ["how do i bake bread", "can you explain how to build an emergency fund"]  # different lengths: left padding
+    prefixes = ["flour yeast", "savings"]
+    got = next_token_probs(tiny_policy, tok, prompts, prefixes)
+    for row, (p, a) in enumerate(zip(prompts, prefixes)):
+        ids = data.tokenize_prompt(tok, p, 10**9) + data.Encoder(tok)(data.format_response(a))
+        with torch.no_grad():
+            want = tiny_policy(input_ids=torch.tensor([ids])).logits[0, -1].softmax(-1)
+        torch.testing.assert_close(got[row], want, atol=1e-5, rtol=1e-4)
