@@ -134,8 +134,8 @@ def next_token_probs(model, tok, prompts, prefixes, batch_size=64, device="cpu")
 def repeat_probe(probs_fn, word_id, prompts, ks=(1, 3, 5), seed=0) -> dict:
     """Does a policy know which answer words it has already said? For each benign prompt and k, a
     prefix of k distinct answer words of its topic; probs_fn(prompts, prefixes) -> [N, vocab] next-
-    token probabilities. Per k: the mean probability of one used word vs one unused answer word,
-    and of EOS if word_id knows it. A policy that samples without replacement gives `used` ~ 0; one
+    token probabilities; word_id(word) -> its token id. Per k: the mean probability of one used
+    word vs one unused answer word. A policy that samples without replacement gives `used` ~ 0; one
     that treats its answer as a bag of topic words gives used ~ unused (and pads with repeats)."""
     import random
     rng = random.Random(seed)
@@ -307,7 +307,11 @@ if __name__ == "__main__":
         model, tok = load_policy(args.repeat_probe)
         model.eval()
         vocab = tok.get_vocab()
-        word_id = lambda w: vocab[w]  # toy words are single tokens
+        missing = sorted({w for ws in toy.ANSWER.values() for w in ws} - set(vocab))
+        if missing:
+            raise SystemExit(f"--repeat_probe needs the toy tokenizer (one token per toy word); {args.repeat_probe}'s "
+                             f"tokenizer has no single token for {len(missing)} of them, e.g. {missing[:3]}")
+        word_id = vocab.__getitem__
         res = {"policy": repeat_probe(lambda ps, prefixes: next_token_probs(model, tok, ps, prefixes), word_id, prompts, seed=args.seed),
                "sft_data": repeat_stats(data.load_sft(args.sft_data)) if os.path.exists(args.sft_data) else None}
         print("per word, P(next word) after k distinct answer words:  used | unused (policy)   used | unused (SFT data)")
