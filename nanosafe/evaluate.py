@@ -125,8 +125,8 @@ def next_token_probs(model, tok, prompts, prefixes, batch_size=64, device="cpu")
         seqs = [data.tokenize_prompt(tok, p, max_prompt_length=10**9) + enc(data.format_response(a))
                 for p, a in zip(prompts[i:i + batch_size], prefixes[i:i + batch_size])]
         ids, mask = data.pad_left(seqs, tok.pad_token_id)  # left padding: every row's last column is its last token
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=position_ids_from_mask(mask.to(device))).logits[:, -1]
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
         out.append(logits.float().softmax(-1).cpu())
     return torch.cat(out)
 
@@ -142,14 +142,15 @@ def repeat_probe(probs_fn, word_id, prompts, ks=(1, 3, 5), seed=0) -> dict:
     prompts = [p for p in prompts if not toy.is_harmful(p)]
     out = {}
     for k in ks:
-        rows = [(p, rng.sample(toy.ANSWER[toy.topic_of(p)], k)) for p in prompts]
-        probs = probs_fn([p for p, _ in rows], [" ".join(w) for _, w in rows])
+        answers = [toy.ANSWER[toy.topic_of(p)] for p in prompts]
+        heads = [rng.sample(ans, k) for ans in answers]
+        probs = probs_fn(prompts, [" ".join(w) for w in heads])
         used, unused = [], []
-        for (p, w), pr in zip(rows, probs):
-            rest = [x for x in toy.ANSWER[toy.topic_of(p)] if x not in w]
+        for ans, w, pr in zip(answers, heads, probs):
+            rest = [x for x in ans if x not in w]
             used.append(sum(pr[word_id(x)].item() for x in w) / len(w))
             unused.append(sum(pr[word_id(x)].item() for x in rest) / len(rest))
-        out[k] = {"used": sum(used) / len(used), "unused": sum(unused) / len(unused), "n": len(rows)}
+        out[k] = {"used": sum(used) / len(used), "unused": sum(unused) / len(unused), "n": len(heads)}
     return out
 
 
