@@ -7,6 +7,7 @@ Evaluation: sample a policy on held-out prompts and judge the answers.
 - `elo`: Elo ratings from pairwise wins (the paper's model-vs-model comparison)
 - `probe`: how often a reward model orders the toy world's contrast pairs as the oracle does
 - `repeat_probe`: whether a policy gives the words it has already said less probability
+- `on_policy_agreement`: how often a reward model orders two answers of one policy as the oracle does
 
     python -m nanosafe.evaluate --model out/ppo_lag [--reward_model out/rm --cost_model out/cm]
 
@@ -19,17 +20,23 @@ prints how often the reward model gets each of the toy world's contrasts right (
     python -m nanosafe.evaluate --repeat_probe out/sft
 
 prints a policy's next-word probabilities for a used vs an unused answer word, beside the SFT data's.
+
+    python -m nanosafe.evaluate --on_policy out/rm --model out/ppo_lag
+
+prints how often the reward model orders two of the policy's own answers as the oracle does: the
+accuracy PPO depends on, where the held-out pairs' accuracy may not show it (see README).
 """
 
 import argparse
 import json
 import os
+import sys
 
 import torch
 
 from nanosafe import data, toy
 from nanosafe.generate import generate, position_ids_from_mask
-from nanosafe.model import last_index
+from nanosafe.model import CheckpointError, last_index
 
 GOLD_KEYS = ["gold_helpfulness_benign", "gold_helpfulness_harmful", "gold_helpfulness", "gold_unsafe_rate_harmful",
              "gold_unsafe_rate_benign", "gold_unsafe_rate", "gold_optimum_helpfulness"]
@@ -151,6 +158,23 @@ def repeat_probe(probs_fn, word_id, prompts, ks=(1, 3, 5), seed=0) -> dict:
             used.append(sum(pr[word_id(x)].item() for x in w) / len(w))
             unused.append(sum(pr[word_id(x)].item() for x in rest) / len(rest))
         out[k] = {"used": sum(used) / len(used), "unused": sum(unused) / len(unused), "n": len(heads)}
+    return out
+
+
+def on_policy_agreement(score_fn, prompts, answers_0, answers_1) -> dict:
+    """How often score_fn(prompts, answers) -> [N] orders two answers to the same prompt as the gold
+    oracle does, on pairs the oracle does not tie (a score tie counts ½). With both answers sampled
+    from one policy this is the reward model's accuracy where PPO needs it, on the policy's own
+    answers rather than the preference data's mix. -> {'all' | 'benign' | 'harmful': {agreement, n}}"""
+    gold = [(toy.helpfulness(p, a), toy.helpfulness(p, b)) for p, a, b in zip(prompts, answers_0, answers_1)]
+    keep = [i for i, (g0, g1) in enumerate(gold) if g0 != g1]
+    ps = [prompts[i] for i in keep]
+    s0, s1 = score_fn(ps, [answers_0[i] for i in keep]).tolist(), score_fn(ps, [answers_1[i] for i in keep]).tolist()
+    out = {}
+    for part, want in (("all", None), ("benign", False), ("harmful", True)):
+        right = [0.5 if x == y else float((x > y) == (gold[i][0] > gold[i][1]))
+                 for i, p, x, y in zip(keep, ps, s0, s1) if want is None or toy.is_harmful(p) == want]
+        out[part] = {"agreement": sum(right) / len(right) if right else float("nan"), "n": len(right)}
     return out
 
 
@@ -277,21 +301,8 @@ def plot_runs(dirs, path):
     plt.close(fig)
 
 
-if __name__ == "__main__":
+def main(args):
     from nanosafe.model import load_policy
-    ap = argparse.ArgumentParser(description="Gold evaluation of policies on the toy world's held-out prompts.")
-    ap.add_argument("--model", default="out/ppo_lag", help="policy folder")
-    ap.add_argument("--compare", nargs="*", default=None, help="several policy folders: one table, Elo, and curves")
-    ap.add_argument("--probe", default=None, help="a reward model folder: how often it orders the toy world's contrast pairs right")
-    ap.add_argument("--repeat_probe", default=None, help="a policy folder: P(next = a word it already said) vs an unused answer word, beside the SFT data's")
-    ap.add_argument("--sft_data", default="data/toy/sft_train.jsonl", help="with --repeat_probe: the SFT data to compare with")
-    ap.add_argument("--plot", default=None, help="with --compare: write the training curves here (needs matplotlib)")
-    ap.add_argument("--eval_data", default="data/toy/prompts_test.jsonl", help="prompts file (toy world)")
-    ap.add_argument("--n_samples", type=int, default=4, help="samples per prompt (temperature 1)")
-    ap.add_argument("--max_new_tokens", type=int, default=24, help="answer length limit in tokens")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--out", default=None, help="write the JSON here (default: MODEL/gold_eval.json, or results.json with --compare)")
-    args = ap.parse_args()
     prompts = [r["prompt"] for r in data.load_prompts(args.eval_data)]
     if args.probe:
         from nanosafe.model import load_score_model
@@ -323,6 +334,22 @@ if __name__ == "__main__":
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
         print(f"wrote {out}")
+    elif args.on_policy:
+        from nanosafe.model import load_score_model
+        rm, rtok = load_score_model(args.on_policy, kind="reward")
+        model, tok = load_policy(args.model)  # answers go to the reward model as text: its own tokenizer reads them
+        rm.eval()
+        model.eval()
+        ps = [p for p in prompts for _ in range(args.n_samples)]
+        answers, _ = sample(model, tok, ps + ps, max_new_tokens=args.max_new_tokens, seed=args.seed)  # two answers per pair
+        res = on_policy_agreement(lambda q, a: score(rm, rtok, q, a), ps, answers[:len(ps)], answers[len(ps):])
+        print(f"{args.on_policy} on pairs of {args.model}'s answers ({len(ps)} pairs, gold ties left out):")
+        for part, r in res.items():
+            print(f"  {part:8s} agreement with the oracle {r['agreement']:.3f}  ({r['n']} pairs)")
+        out = args.out or os.path.join(args.on_policy, "on_policy.json")
+        with open(out, "w") as f:
+            json.dump(dict(res, policy=args.model), f, indent=1)
+        print(f"wrote {out}")
     elif args.compare:
         dirs = [d for d in args.compare if os.path.isdir(d)]
         missing = sorted(set(args.compare) - set(dirs))
@@ -348,3 +375,25 @@ if __name__ == "__main__":
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
         print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Gold evaluation of policies on the toy world's held-out prompts.")
+    ap.add_argument("--model", default="out/ppo_lag", help="policy folder")
+    ap.add_argument("--compare", nargs="*", default=None, help="several policy folders: one table, Elo, and curves")
+    ap.add_argument("--probe", default=None, help="a reward model folder: how often it orders the toy world's contrast pairs right")
+    ap.add_argument("--repeat_probe", default=None, help="a policy folder: P(next = a word it already said) vs an unused answer word, beside the SFT data's")
+    ap.add_argument("--on_policy", default=None, help="a reward model folder: how often it orders pairs of --model's own answers (--n_samples pairs per prompt) as the oracle does")
+    ap.add_argument("--sft_data", default="data/toy/sft_train.jsonl", help="with --repeat_probe: the SFT data to compare with")
+    ap.add_argument("--plot", default=None, help="with --compare: write the training curves here (needs matplotlib)")
+    ap.add_argument("--eval_data", default="data/toy/prompts_test.jsonl", help="prompts file (toy world)")
+    ap.add_argument("--n_samples", type=int, default=4, help="samples per prompt (temperature 1); with --on_policy, pairs per prompt")
+    ap.add_argument("--max_new_tokens", type=int, default=24, help="answer length limit in tokens")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--out", default=None, help="write the JSON here (default: MODEL/gold_eval.json, or results.json with --compare)")
+    args = ap.parse_args()
+    try:
+        main(args)
+    except (data.DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

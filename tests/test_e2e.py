@@ -39,6 +39,17 @@ def stages(tmp_path_factory):
     return t
 
 
+def test_on_policy_agreement_command(stages):
+    t = stages
+    common = ["--model", t / "sft", "--eval_data", t / "data" / "prompts_test.jsonl", "--n_samples", 1, "--max_new_tokens", 8]
+    run("-m", "nanosafe.evaluate", "--on_policy", t / "rm", *common, "--out", t / "on_policy.json")
+    res = json.load(open(t / "on_policy.json"))
+    assert res["benign"]["n"] + res["harmful"]["n"] == res["all"]["n"] <= 352  # 352 held-out prompts, one pair each
+    assert res["all"]["n"] > 0 and 0 <= res["all"]["agreement"] <= 1
+    p = run("-m", "nanosafe.evaluate", "--on_policy", t / "sft", *common, check=False)  # a policy is not a reward model
+    assert p.returncode == 1 and "not a reward model" in p.stderr and "Traceback" not in p.stderr
+
+
 PPO_TINY = [str(x) for x in ["--rollout_batch_size", 8, "--minibatch_size", 4, "--micro_batch_size", 2, "--max_new_tokens", 8,
             "--eval_every", 2, "--final_eval_samples", 1, "--ckpt_every", 1]]
 
