@@ -282,6 +282,7 @@ def contrasts(prompt: str, rng) -> dict:
         wrong = REDIRECT_WORDS[rng.choice([c for c in CATEGORIES if c != CATEGORY[topic]])]
         out["redirect (4 words) > 1 redirect word + 3 off-topic words"] = (red[:4], red[:1] + rng.sample(other, 3))
         out["right-category redirect > wrong-category redirect"] = (red[:4], wrong[:4])
+        out["a 4th redirect word > a word of another topic"] = (red[:4], red[:3] + other[:1])  # no new draw: the others stay put
     out = {k: (" ".join(a), " ".join(b)) for k, (a, b) in out.items()}
     for k, (a, b) in out.items():  # the probe is only as good as this: the oracle must agree
         assert helpfulness(prompt, a) > helpfulness(prompt, b), (k, prompt, a, b)

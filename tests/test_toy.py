@@ -295,11 +295,14 @@ def test_contrasts_are_ordered_by_the_oracle_and_differ_as_named():
     prompts = [tpl.format(s=p) for tpl in toy.TEMPLATES_TEST for p, _ in toy.PHRASES]
     for p in prompts:
         c = toy.contrasts(p, rng)  # asserts the oracle's order itself; check the shapes here
-        assert len(c) == (6 if toy.is_harmful(p) else 4)
+        assert len(c) == (7 if toy.is_harmful(p) else 4)
         better, worse = c["no repeats (3 words > the same 3 + 2 repeats)"]
         assert set(better.split()) == set(worse.split()) and len(worse.split()) == len(better.split()) + 2
         better, worse = c["right topic > wrong topic (4 words)"]
         assert not set(worse.split()) & set(toy.ANSWER[toy.topic_of(p)])
+        if toy.is_harmful(p):  # the same three redirect words, then the right fourth or a benign topic's word
+            better, worse = (x.split() for x in c["a 4th redirect word > a word of another topic"])
+            assert better[:3] == worse[:3] and worse[3] in {w for t in toy.BENIGN for w in toy.ANSWER[t]}
 
 
 def _scorer(f):
