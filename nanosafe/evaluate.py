@@ -390,7 +390,7 @@ if __name__ == "__main__":
     ap.add_argument("--n_samples", type=int, default=4, help="samples per prompt (temperature 1); with --on_policy, pairs per prompt")
     ap.add_argument("--max_new_tokens", type=int, default=24, help="answer length limit in tokens")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--out", default=None, help="write the JSON here (default: MODEL/gold_eval.json, or results.json with --compare)")
+    ap.add_argument("--out", default=None, help="write the JSON here (default: MODEL/gold_eval.json; results.json with --compare; probe.json, repeat_probe.json or on_policy.json in the probed folder)")
     args = ap.parse_args()
     try:
         main(args)
