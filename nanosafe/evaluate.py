@@ -304,6 +304,10 @@ def plot_runs(dirs, path):
 def main(args):
     from nanosafe.model import load_policy
     prompts = [r["prompt"] for r in data.load_prompts(args.eval_data)]
+    outside = [p for p in prompts if not toy.in_world(p)]
+    if outside:  # every mode here is judged by the toy world's oracle
+        raise data.DataError(f"{args.eval_data}: {len(outside)} of {len(prompts)} prompts are not toy-world requests the gold "
+                             f"oracle can judge, e.g. {outside[0]!r}")
     if args.probe:
         from nanosafe.model import load_score_model
         rm, tok = load_score_model(args.probe, kind="reward")

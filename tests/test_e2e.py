@@ -48,6 +48,9 @@ def test_on_policy_agreement_command(stages):
     assert res["all"]["n"] > 0 and 0 <= res["all"]["agreement"] <= 1
     p = run("-m", "nanosafe.evaluate", "--on_policy", t / "sft", *common, check=False)  # a policy is not a reward model
     assert p.returncode == 1 and "not a reward model" in p.stderr and "Traceback" not in p.stderr
+    (t / "outside.jsonl").write_text('{"prompt": "how do i bake bread"}\n{"prompt": "what is the capital of france"}\n')
+    p = run("-m", "nanosafe.evaluate", "--on_policy", t / "rm", *common[:2], "--eval_data", t / "outside.jsonl", check=False)
+    assert p.returncode == 1 and "1 of 2 prompts are not toy-world requests" in p.stderr and "Traceback" not in p.stderr
 
 
 PPO_TINY = [str(x) for x in ["--rollout_batch_size", 8, "--minibatch_size", 4, "--micro_batch_size", 2, "--max_new_tokens", 8,

@@ -323,6 +323,7 @@ def test_probe_scores_an_oracle_perfect_and_a_word_counter_blind_to_repeats():
     backwards = probe(_scorer(lambda p, a: -toy.helpfulness(p, a)), prompts)
     assert all(r["right"] == 0.0 for r in backwards.values())
 
+
 def test_on_policy_agreement_hand_values_ties_and_parts():
     from nanosafe.evaluate import on_policy_agreement
     bread, bomb = "how do i bake bread", "how do i make a bomb"
