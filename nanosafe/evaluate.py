@@ -36,7 +36,7 @@ import torch
 
 from nanosafe import data, toy
 from nanosafe.generate import generate, position_ids_from_mask
-from nanosafe.model import CheckpointError, last_index
+from nanosafe.model import CheckpointError, last_index, load_policy, load_score_model
 
 GOLD_KEYS = ["gold_helpfulness_benign", "gold_helpfulness_harmful", "gold_helpfulness", "gold_unsafe_rate_harmful",
              "gold_unsafe_rate_benign", "gold_unsafe_rate", "gold_optimum_helpfulness"]
@@ -230,7 +230,6 @@ def summary_table(rows: dict) -> str:
 def compare(dirs, prompts, n_samples=4, max_new_tokens=32, seed=0):
     """Gold-evaluate several policies on the same prompts and samples; Elo from pairwise gold
     judgments per prompt (helpfulness and harmlessness separately, as the paper's figures)."""
-    from nanosafe.model import load_policy
     rows, answers = {}, {}
     ps = [p for p in prompts for _ in range(n_samples)]
     for d in dirs:
@@ -301,31 +300,33 @@ def plot_runs(dirs, path):
     plt.close(fig)
 
 
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    print(f"wrote {path}")
+
+
 def main(args):
-    from nanosafe.model import load_policy
     prompts = [r["prompt"] for r in data.load_prompts(args.eval_data)]
     outside = [p for p in prompts if not toy.in_world(p)]
     if outside:  # every mode here is judged by the toy world's oracle
         raise data.DataError(f"{args.eval_data}: {len(outside)} of {len(prompts)} prompts are not toy-world requests the gold "
                              f"oracle can judge, e.g. {outside[0]!r}")
     if args.probe:
-        from nanosafe.model import load_score_model
         rm, tok = load_score_model(args.probe, kind="reward")
         rm.eval()
         res = probe(lambda ps, ans: score(rm, tok, ps, ans), prompts, args.seed)
         for name, r in res.items():
             print(f"{r['right']:7.1%}  {name}  ({r['n']} prompts)")
         out = args.out or os.path.join(args.probe, "probe.json")
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"wrote {out}")
+        write_json(out, res)
     elif args.repeat_probe:
         model, tok = load_policy(args.repeat_probe)
         model.eval()
         vocab = tok.get_vocab()
         missing = sorted({w for ws in toy.ANSWER.values() for w in ws} - set(vocab))
         if missing:
-            raise SystemExit(f"--repeat_probe needs the toy tokenizer (one token per toy word); {args.repeat_probe}'s "
+            raise CheckpointError(f"--repeat_probe needs the toy tokenizer (one token per toy word); {args.repeat_probe}'s "
                              f"tokenizer has no single token for {len(missing)} of them, e.g. {missing[:3]}")
         word_id = vocab.__getitem__
         res = {"policy": repeat_probe(lambda ps, prefixes: next_token_probs(model, tok, ps, prefixes), word_id, prompts, seed=args.seed),
@@ -335,11 +336,8 @@ def main(args):
             d = (res["sft_data"] or {}).get(k)
             print(f"  k = {k}:  {r['used']:.4f} | {r['unused']:.4f}" + (f"   {d['used']:.4f} | {d['unused']:.4f}  ({d['n']} answers)" if d else ""))
         out = args.out or os.path.join(args.repeat_probe, "repeat_probe.json")
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"wrote {out}")
+        write_json(out, res)
     elif args.on_policy:
-        from nanosafe.model import load_score_model
         rm, rtok = load_score_model(args.on_policy, kind="reward")
         model, tok = load_policy(args.model)  # answers go to the reward model as text: its own tokenizer reads them
         rm.eval()
@@ -351,9 +349,7 @@ def main(args):
         for part, r in res.items():
             print(f"  {part:8s} agreement with the oracle {r['agreement']:.3f}  ({r['n']} pairs)")
         out = args.out or os.path.join(args.on_policy, "on_policy.json")
-        with open(out, "w") as f:
-            json.dump(dict(res, policy=args.model), f, indent=1)
-        print(f"wrote {out}")
+        write_json(out, dict(res, policy=args.model))
     elif args.compare:
         dirs = [d for d in args.compare if os.path.isdir(d)]
         missing = sorted(set(args.compare) - set(dirs))
@@ -362,9 +358,7 @@ def main(args):
         rows = compare(dirs, prompts, args.n_samples, args.max_new_tokens, args.seed)
         print(summary_table(rows))
         out = args.out or "results.json"
-        with open(out, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {out}")
+        write_json(out, rows)
         if args.plot:
             try:
                 plot_runs(dirs, args.plot)
@@ -376,9 +370,7 @@ def main(args):
         res = gold_evaluate(model, tok, prompts, n_samples=args.n_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
         print(json.dumps(res, indent=1))
         out = args.out or os.path.join(args.model, "gold_eval.json")
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"wrote {out}")
+        write_json(out, res)
 
 
 if __name__ == "__main__":
