@@ -6,7 +6,7 @@ Stage 3 of Safe RLHF: PPO-Lagrangian. Maximise reward subject to E[cost] <= d:
 One iteration (a "step"):
   1. rollout   sample answers to a batch of prompts with our generation loop
   2. scores    R = reward model, C_k = cost model k, at each answer's last token (its EOS)
-  3. KL        per token: reward stream -½β·KL + R at the end, cost streams +½β·KL + C_k at the end
+  3. KL        per token: reward stream -β·KL + R at the end, cost streams +β·KL + C_k at the end
   4. GAE       advantages and returns per stream, from the reward critic and the cost critics
   5. λ         log λ_k += lr·λ_k·(J_ck - d_k), J_ck = mean episode cost over a recent window
   6. losses    actor: PPO clip on A = (A_r - Σ λ_k·A_ck) / (1 + Σ λ_k);  critics: clipped value loss
@@ -80,7 +80,7 @@ class Config:
     weight_decay: float = arg(0.0, "actor AdamW weight decay (official: 0.01)")
     critic_weight_decay: float = arg(0.01, "critic AdamW weight decay (official: 0.0; 0.01, AdamW's default, is what the README's runs used)")
     grad_clip: float = arg(1.0, "clip each model's gradient norm (official: 1.0)")
-    kl_coef: float = arg(0.1, "β: per-token KL penalty against the reference (official: 0.01; the toy world's learned reward model is exploitable, see README); split ½/½ into reward and cost streams under ppo_lag")
+    kl_coef: float = arg(0.05, "β: per-token KL penalty against the reference, −β·KL in the reward stream and +β·KL in the cost streams, so the actor feels −β·KL whatever λ is (official: 0.01, the same form; the toy world's learned reward model is exploitable, see README)")
     clip_range_ratio: float = arg(0.2, "PPO ratio clip ε (official: 0.2)")
     clip_range_value: float = arg(5.0, "value clip (official: 5.0)")
     clip_range_score: float = arg(50.0, "clamp per-token rewards and costs (official: 50)")

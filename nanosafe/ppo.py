@@ -97,19 +97,18 @@ def _score_stream(end_score, per_token, mask, clip):
 
 
 def kl_rewards(end_reward, end_cost, logprobs, ref_logprobs, mask, kl_coef, clip=50.0):
-    """r_t = −½β·KL_t (+R at the end), c_t = +½β·KL_t (+C at the end), KL_t = logπ − logπ_ref.
+    """r_t = −β·KL_t (+R at the end), c_t = +β·KL_t (+C at the end), KL_t = logπ − logπ_ref.
 
-    As safe-rlhf's ppo_lag add_kl_divergence_regularization: the k1 estimate on the sampled
-    tokens, the penalty −β·KL split evenly, half into the reward stream and the negated half
-    into the cost stream (the paper, appendix: "we evenly split the KL reward r^KL_t and add
-    them to the reward and cost"). Earlier code put the full ±β·KL in both streams (so does
-    PKU's later align-anything port); safe-rlhf issue #172 / PR #173 (Apr 2024) changed the
-    coefficient to match the paper. Since the actor sees A_r − λ·A_c, both halves push
-    against drift. Official β = 0.01 (scripts/ppo-lag.sh); clamp ±50 after adding the score.
+    The form of safe-rlhf's ppo_lag trainer (add_kl_divergence_regularization): the k1 estimate
+    on the sampled tokens, the whole −β·KL in the reward stream and +β·KL in the cost stream;
+    official β = 0.01 (scripts/ppo-lag.sh); each stream clamped to ±50 after adding its score.
+    The actor's (A_r − λ·A_c)/(1 + λ) then carries −β·KL·(1 + λ)/(1 + λ) = exactly −β·KL,
+    whatever λ is. (Before safe-rlhf PR #173, April 2024, each stream had ½·β with β = 0.02,
+    which is what the paper's "evenly split" describes; the actor felt ½·β·KL then.)
     """
     penalty = -kl_coef * (logprobs - ref_logprobs)
-    rewards = _score_stream(end_reward, 0.5 * penalty, mask, clip)
-    costs = _score_stream(end_cost, -0.5 * penalty, mask, clip)
+    rewards = _score_stream(end_reward, penalty, mask, clip)
+    costs = _score_stream(end_cost, -penalty, mask, clip)
     return rewards, costs
 
 

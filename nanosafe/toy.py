@@ -179,23 +179,26 @@ def _noise(rng, words, p_filler=0.3, p_repeat=0.2):
 
 
 def sft_response(rng, prompt: str):
-    """One response of the SFT mix -> (text, kind). Far from optimal on purpose: answers are
-    short and sloppy, and harmful requests are complied with about half the time."""
+    """One response of the SFT mix -> (text, kind). Sloppy on average on purpose: answers
+    name 1..K_ANSWER of their words (redirects 1..K_REDIRECT), often with filler and repeats,
+    and harmful requests are complied with about half the time. Like real SFT data it also
+    holds excellent answers, rarely: the optimum lies inside the SFT policy's support, and
+    RL's job is to move probability towards it, not to invent it."""
     topic = topic_of(prompt)
     u = rng.random()
     if topic in HARMFUL:
         red = REDIRECT_WORDS[CATEGORY[topic]]
         if u < 0.50:
-            kind, words = "comply", _noise(rng, _words(rng, ANSWER[topic], 1, 5))
+            kind, words = "comply", _noise(rng, _words(rng, ANSWER[topic], 1, K_ANSWER))
         elif u < 0.70:
             kind, words = "refuse", REFUSAL.split()
         elif u < 0.90:
-            kind, words = "redirect", _noise(rng, _words(rng, red, 1, 3))
+            kind, words = "redirect", _noise(rng, _words(rng, red, 1, K_REDIRECT))
         else:
             kind, words = "off_topic", _noise(rng, _words(rng, ANSWER[rng.choice(list(BENIGN))], 1, 4))
     else:
         if u < 0.80:
-            kind, words = "comply", _noise(rng, _words(rng, ANSWER[topic], 1, 5))
+            kind, words = "comply", _noise(rng, _words(rng, ANSWER[topic], 1, K_ANSWER))
         elif u < 0.90:
             kind, words = "refuse", REFUSAL.split()
         else:
@@ -369,7 +372,7 @@ def write_jsonl(path, records):
 
 FILES = [f"{kind}_{split}.jsonl" for kind in ("sft", "pref", "prompts") for split in ("train", "test")]
 STAMP = "toy_world.json"  # which generator wrote the folder
-VERSION = 2  # bump whenever make_dataset's output changes (2: 96 pairs per prompt, a random stream per file)
+VERSION = 3  # bump whenever make_dataset's output changes (2: 96 pairs per prompt, a random stream per file; 3: SFT answers reach the optimum)
 
 
 def write_dataset(out_dir, seed=0, **kw):

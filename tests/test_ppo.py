@@ -102,26 +102,47 @@ def test_kl_rewards_end_score_on_last_real_token():
     torch.testing.assert_close(costs, expected_c, rtol=0, atol=0)
 
 
-def test_kl_rewards_signs_split_clamp_and_mask():
+def test_kl_rewards_official_form_hand_values():
+    # safe-rlhf's ppo_lag add_kl_divergence_regularization: −β·KL in the reward stream, +β·KL in the cost stream
     mask = ragged([3, 2], 4)
     ref = torch.zeros(2, 4)
-    logp = with_junk(torch.full((2, 4), 0.5), mask)  # logp > ref: the policy drifted
+    logp = with_junk(torch.full((2, 4), 0.5), mask)  # logp > ref: the policy drifted, KL_t = 0.5
     R, C = torch.tensor([100.0, 1.0]), torch.tensor([0.0, -100.0])
     beta = 0.2
     rewards, costs = kl_rewards(R, C, logp, ref, mask, kl_coef=beta, clip=50.0)
-    half = 0.5 * beta * 0.5  # ½·β·KL with KL = 0.5
-    # drift lowers the reward stream and raises the cost stream, by ½β·KL each
-    torch.testing.assert_close(rewards[0, :2], torch.full((2,), -half), rtol=0, atol=1e-15)
-    torch.testing.assert_close(costs[0, :2], torch.full((2,), half), rtol=0, atol=1e-15)
-    # the end score is added, then clamped to ±50
-    assert rewards[0, 2].item() == 50.0 and costs[0, 2].item() == half
-    assert math.isclose(rewards[1, 1].item(), 1.0 - half) and costs[1, 1].item() == -50.0
+    # drift lowers the reward stream and raises the cost stream by β·KL = 0.1 each, not half of it
+    torch.testing.assert_close(rewards[0, :2], torch.full((2,), -0.1), rtol=0, atol=1e-15)
+    torch.testing.assert_close(costs[0, :2], torch.full((2,), 0.1), rtol=0, atol=1e-15)
+    # the end score is added, then clamped to ±50: 100 − 0.1 → 50; 0 + 0.1; 1 − 0.1; −100 + 0.1 → −50
+    assert rewards[0, 2].item() == 50.0 and math.isclose(costs[0, 2].item(), 0.1, abs_tol=1e-15)
+    assert math.isclose(rewards[1, 1].item(), 0.9, abs_tol=1e-15) and costs[1, 1].item() == -50.0
     # masked positions are 0 even though logp holds 1e6-sized junk there
     assert (rewards[~mask] == 0).all() and (costs[~mask] == 0).all()
-    # the single stream (plain PPO / reward shaping) takes the full −β·KL
+    # the single stream (plain PPO / reward shaping) takes the same −β·KL
     single = kl_rewards_single(R, logp, ref, mask, kl_coef=beta, clip=50.0)
-    torch.testing.assert_close(single[0, :2], torch.full((2,), -2 * half), rtol=0, atol=1e-15)
+    torch.testing.assert_close(single[0, :2], torch.full((2,), -0.1), rtol=0, atol=1e-15)
     assert single[0, 2].item() == 50.0 and (single[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, 7.5])
+def test_combined_advantage_carries_exactly_minus_beta_kl_whatever_lambda(lam):
+    # with scores 0 and γ = GAE-λ = 1, zero values: A_r,t = Σ_{k>=t} −β·KL_k and A_c,t = +Σ β·KL_k,
+    # so (A_r − λ·A_c) / (1 + λ) = −Σ β·KL_k: the actor feels the full β whatever the multiplier
+    torch.manual_seed(0)
+    mask = ragged([4, 2, 3], 4)
+    logp, ref = with_junk(torch.randn(3, 4), mask), torch.randn(3, 4)
+    beta = 0.05
+    zeros = torch.zeros(3)
+    rewards, costs = kl_rewards(zeros, zeros, logp, ref, mask, kl_coef=beta)
+    a_r, _ = gae(rewards, torch.zeros(3, 4), mask, gamma=1.0, lam=1.0)
+    a_c, _ = gae(costs, torch.zeros(3, 4), mask, gamma=1.0, lam=1.0)
+    adv = combined_advantage(a_r, [a_c], [lam])
+    kl = torch.where(mask, logp - ref, 0.0)
+    expected = -beta * kl.flip(-1).cumsum(-1).flip(-1)  # −β·(KL_t + KL_{t+1} + ...)
+    torch.testing.assert_close(adv[mask], expected[mask], rtol=0, atol=1e-12)
+    # the same as plain PPO's single stream at the same β
+    single, _ = gae(kl_rewards_single(zeros, logp, ref, mask, kl_coef=beta), torch.zeros(3, 4), mask, 1.0, 1.0)
+    torch.testing.assert_close(adv[mask], single[mask], rtol=0, atol=1e-12)
 
 # -----------------------------------------------------------------------------
 # losses

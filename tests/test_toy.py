@@ -243,6 +243,24 @@ def test_sft_data_leaves_room_to_improve(toy_data):
     assert all(r["response"].strip() for r in sft)
 
 
+def test_sft_data_contains_the_optimum_rarely(toy_data):
+    # the optimum lies inside the SFT data's support (RL moves probability towards it), but it is rare
+    at_opt = lambda r: (toy.is_safe(r["prompt"], r["response"]) and
+                        toy.helpfulness(r["prompt"], r["response"]) >= toy.helpfulness(r["prompt"], toy.optimal_response(r["prompt"])))
+    for harmful, lo, hi in ((False, 0.05, 0.2), (True, 0.01, 0.1)):  # measured: benign 10.7%, harmful 3.6%
+        rs = [r for r in toy_data["sft_train"] if toy.is_harmful(r["prompt"]) == harmful]
+        frac = sum(map(at_opt, rs)) / len(rs)
+        assert lo <= frac <= hi, (harmful, frac)
+    # every distinct-word count up to the oracle's cap occurs: a comply with K_ANSWER answer words, a redirect with K_REDIRECT
+    counts = {"answer": set(), "redirect": set()}
+    for r in toy_data["sft_train"]:
+        t, words = toy.topic_of(r["prompt"]), set(r["response"].split())
+        counts["answer"].add(len(words & set(toy.ANSWER[t])))
+        if t in toy.HARMFUL:
+            counts["redirect"].add(len(words & set(toy.REDIRECT_WORDS[toy.CATEGORY[t]])))
+    assert set(range(1, toy.K_ANSWER + 1)) <= counts["answer"] and set(range(1, toy.K_REDIRECT + 1)) <= counts["redirect"]
+
+
 def test_safety_flags_are_exact(toy_data):
     for r in toy_data["pref_train"] + toy_data["pref_test"]:
         for i in (0, 1):
