@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanosafe import config, data, toy
+from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
 from nanosafe.evaluate import sample, score
 from nanosafe.model import CheckpointError, load_policy, load_score_model
@@ -37,35 +37,40 @@ class Config:
     max_new_tokens: int = arg(32, "answer length limit in tokens")
     seed: int = arg(0, "sampling seed: same seed, same answers")
     device: str = arg("auto", "cpu | cuda | auto")
+    dtype: str = arg("float32", "weights and compute dtype (bfloat16: half the memory; autocast for the forwards)", choices=["float32", "bfloat16"])
+    threads: int = arg(0, "CPU threads for torch (0: torch's default)")
     trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folder")
 
 
 def main(cfg: Config, prompts: list):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    dtype = getattr(torch, cfg.dtype)
+    amp = dist.autocast(device, dtype)
     if not os.path.isdir(cfg.model):
         raise CheckpointError(f"{cfg.model}: no such checkpoint. Train one first: python train_sft.py")
-    model, tok = load_policy(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_policy(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     model.to(device)
     scorers = []
     for name, path in (("reward", cfg.reward_model), ("cost", cfg.cost_model)):
         if path:
-            sm, stok = load_score_model(path, kind=name, trust_remote_code=cfg.trust_remote_code)
+            sm, stok = load_score_model(path, kind=name, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
             scorers.append((name, sm.to(device).eval(), stok))
 
     def show(prompts):
         ps = [p for p in prompts for _ in range(cfg.num_samples)]
-        answers, eos = sample(model, tok, ps, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              top_p=cfg.top_p, seed=cfg.seed, device=device)
-        scores = {name: score(sm, stok, ps, answers, device=device) for name, sm, stok in scorers}
+        with amp():
+            answers, eos = sample(model, tok, ps, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, seed=cfg.seed, device=device)
+            scores = {name: score(sm, stok, ps, answers, device=device) for name, sm, stok in scorers}
         for i, (p, a) in enumerate(zip(ps, answers)):
             print(f"\nUSER: {p}\nASSISTANT: {a}{'' if eos[i] else '  [no EOS: cut at max_new_tokens]'}")
             info = [f"{name} model {s[i].item():+.2f}" for name, s in scores.items()]
-            try:  # gold verdicts only exist for the toy world's prompts
+            if toy.in_world(p):  # gold verdicts only for prompts the toy world generates, exactly
                 c = toy.cost(p, a)
                 harm = ", ".join(f"{k}={v:g}" for k, v in c.items() if v) or "none"
                 info = [f"gold helpfulness {toy.helpfulness(p, a):.2f}", f"gold cost {sum(c.values()):g} ({harm})"] + info
-            except ValueError:
-                pass
             if info:
                 print("  " + " | ".join(info))
 

@@ -18,6 +18,7 @@ for a toy model trained from scratch, see --init) plus a linear head; the
 score of a sequence is the score at its last non-pad token, its EOS.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -68,10 +69,12 @@ class Config:
     grad_clip: float = arg(1.0, "clip the global gradient norm (official: 1.0)")
     max_length: int = arg(64, "max tokens of prompt + response; longer responses are cut, EOS kept")
     truncate_prompts: bool = arg(False, "left-truncate over-long prompts instead of stopping with an error")
-    dtype: str = arg("float32", "model dtype", choices=["float32", "bfloat16"])
+    dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast with fp32 master weights (the saved weights stay fp32)", choices=["float32", "bfloat16"])
     device: str = arg("auto", "cpu | cuda | auto")
+    threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
     eval_every: int = arg(0, "evaluate every N steps (0: once per epoch and at the end)")
     ckpt_every: int = arg(100, "checkpoint every N steps (atomic; --resume picks it up)")
+    save_optimizer: bool = arg(False, "keep the optimiser state in the final checkpoint too, to --resume past the end (intermediate checkpoints always keep it)")
 
 # -----------------------------------------------------------------------------
 # the losses (pure functions: tests check them against hand-computed values)
@@ -127,13 +130,14 @@ def for_category(records, cat):
 # evaluation
 
 @torch.no_grad()
-def evaluate(kind, model, records, dataset, tok, device, batch_size=64):
+def evaluate(kind, model, records, dataset, tok, device, amp=contextlib.nullcontext, batch_size=64):
     """Pairwise accuracy, sign accuracy (cost), oracle accuracy (toy world) and the scores."""
     model.eval()
     s0, s1 = [], []
     for i in range(0, len(dataset), batch_size):
         b = data.collate_pref([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], tok.pad_token_id)
-        a, c = pair_scores(model, {k: v.to(device) for k, v in b.items()})
+        with amp():
+            a, c = pair_scores(model, {k: v.to(device) for k, v in b.items()})
         s0.append(a.cpu())
         s1.append(c.cpu())
     model.train()
@@ -221,12 +225,12 @@ def report(ev):
 # -----------------------------------------------------------------------------
 
 def main(cfg: Config):
-    rt = dist.init(cfg.seed, cfg.device)
+    rt = dist.init(cfg.seed, cfg.device, cfg.threads)
     print0 = dist.print0
+    amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # the model itself stays fp32: master weights
     if cfg.eval_only:
         cfg.kind = checkpoint_kind(cfg.model) if checkpoint_kind(cfg.model) in ("reward", "cost") else cfg.kind
     out_dir = cfg.out_dir or ("out/rm" if cfg.kind == "reward" else "out/cm")
-    dtype = getattr(torch, cfg.dtype)
 
     # ---- data
     toy_world = cfg.train_data is None
@@ -252,9 +256,9 @@ def main(cfg: Config):
     elif not os.path.isdir(cfg.model):
         raise CheckpointError(f"{cfg.model}: no such checkpoint. Run stage 1 first: python train_sft.py")
     if cfg.resume:
-        model, tok = load_score_model(out_dir, kind=cfg.kind, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model, tok = load_score_model(out_dir, kind=cfg.kind, trust_remote_code=cfg.trust_remote_code)
     else:
-        model, tok = load_score_model(cfg.model, kind=cfg.kind, init_from_policy=not cfg.eval_only, dtype=dtype,
+        model, tok = load_score_model(cfg.model, kind=cfg.kind, init_from_policy=not cfg.eval_only,
                                       trust_remote_code=cfg.trust_remote_code)
     init = read_state(out_dir).get("init") if cfg.resume else None  # what the run being resumed chose
     if not cfg.resume and not cfg.eval_only:
@@ -274,7 +278,7 @@ def main(cfg: Config):
 
     if cfg.eval_only:
         if rt.master and eval_set is not None:
-            ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device)
+            ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
             print0(json.dumps(report(ev), indent=1))
             print0(score_figure(cfg.kind, ev, os.path.join(cfg.model, "score_distribution.png")))
         dist.cleanup()
@@ -282,9 +286,11 @@ def main(cfg: Config):
 
     train_records = load(train_path)
     train_set = data.PreferenceDataset(train_records, tok, cfg.max_length, cfg.truncate_prompts)
-    if cfg.kind == "cost" and cfg.sign_loss and all(r["is_response_0_safe"] is None for r in train_records):
-        print0("note: the training pairs have no safe/unsafe labels (HH-RLHF): the sign term is off, "
-               "so the cost model's zero means nothing; use a calibrated threshold in PPO-Lag")
+    # the sign term needs safe/unsafe labels; without them it is off, and the folder says so
+    sign_loss = cfg.kind == "cost" and cfg.sign_loss and any(r["is_response_0_safe"] is not None for r in train_records)
+    if cfg.kind == "cost" and cfg.sign_loss and not sign_loss:
+        print0("note: the training pairs have no safe/unsafe labels (HH-RLHF): the sign term is off, so the cost "
+               "model's zero means nothing; PPO-Lag then needs --thresholds (it cannot calibrate 'cost > 0 is unsafe')")
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
     # batches of pairs of similar length pad to less: the same pairs per epoch, fewer tokens per step
     lengths = tuple(max(len(x["input_ids_0"]), len(x["input_ids_1"])) for x in train_set.items) if cfg.group_by_length else None
@@ -293,7 +299,7 @@ def main(cfg: Config):
     eval_every = cfg.eval_every or steps_per_epoch
     print0(f"{cfg.kind} model: {num_params(model) / 1e6:.2f}M params from {cfg.model} | {len(train_set)} pairs | "
            f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {rt.world_size} procs | {max_steps} steps"
-           + (f" | category {cfg.category}" if cfg.category else "") + ("" if cfg.sign_loss or cfg.kind == "reward" else " | no sign loss"))
+           + (f" | category {cfg.category}" if cfg.category else "") + ("" if sign_loss or cfg.kind == "reward" else " | no sign loss"))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start_step = 0
@@ -307,7 +313,7 @@ def main(cfg: Config):
     os.makedirs(out_dir, exist_ok=True)
     metrics = dist.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master, start_step if cfg.resume else None)
     guard = dist.NanGuard()
-    meta = {"kind": cfg.kind, "category": cfg.category, "sign_loss": cfg.sign_loss, "init": init, "args": config.to_dict(cfg)}
+    meta = {"kind": cfg.kind, "category": cfg.category, "sign_loss": sign_loss if cfg.kind == "cost" else None, "init": init, "args": config.to_dict(cfg)}
 
     # ---- train
     model.train()
@@ -324,7 +330,8 @@ def main(cfg: Config):
         for i, mi in enumerate(micro):
             b = {k: v.to(rt.device) for k, v in data.collate_pref([train_set[j] for j in mi], tok.pad_token_id).items()}
             with ddp_model.no_sync() if rt.ddp and i < len(micro) - 1 else nullcontext():
-                l = pair_loss(cfg.kind, ddp_model, b, cfg).sum()
+                with amp():
+                    l = pair_loss(cfg.kind, ddp_model, b, cfg).sum()
                 # a mean over the global batch of pairs, however it is split (DDP averages over ranks)
                 (l * rt.world_size / global_batch).backward()
             loss_sum += l.detach()
@@ -339,19 +346,20 @@ def main(cfg: Config):
             rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
                    "pairs_per_s": (step + 1 - start_step) * global_batch / (time.time() - t0), "skipped": guard.skipped}
             if eval_set is not None and ((step + 1) % eval_every == 0 or step + 1 == max_steps) and rt.master:
-                ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device)
+                ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
                 rec.update({f"eval_{k}": v for k, v in report(ev).items()})
             metrics.log(rec)
             pbar.set_postfix(loss=f"{rec['loss']:.3f}", **({"acc": f"{rec['eval_accuracy']:.3f}"} if "eval_accuracy" in rec else {}), refresh=False)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == max_steps:
             rngs = dist.gather_rng_states()
             if rt.master:
+                final = step + 1 == max_steps and not cfg.save_optimizer
                 save_checkpoint(out_dir, model, tok, dict(meta, step=step + 1),
-                                {"optimizer": optimizer.state_dict(), "step": step + 1, "rng": rngs})
+                                None if final else {"optimizer": optimizer.state_dict(), "step": step + 1, "rng": rngs})
 
     # ---- summary
     if rt.master and eval_set is not None:
-        ev = ev or evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device)
+        ev = ev or evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
         summary = dict(report(ev), steps=max_steps, skipped_steps=guard.skipped)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from nanosafe import config, data, dist, ppo, toy
 from nanosafe.config import arg
-from nanosafe.evaluate import gold_evaluate, sample, score
+from nanosafe.evaluate import gold_evaluate
 from nanosafe.generate import generate, response_mask
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange, PIDLagrange
 from nanosafe.model import (CheckpointError, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
@@ -62,7 +62,8 @@ class Config:
     resume: bool = arg(False, "continue from the checkpoint in --out_dir")
     trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folders")
     device: str = arg("auto", "cpu | cuda | auto")
-    dtype: str = arg("float32", "dtype of all models", choices=["float32", "bfloat16"])
+    dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast, fp32 master weights for the actor and critics, bf16 weights for the frozen models", choices=["float32", "bfloat16"])
+    threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
     # rollout
     max_steps: int = arg(300, "iterations (one rollout batch + its PPO updates each)")
     rollout_batch_size: int = arg(64, "prompts per iteration per process (official: 16 per GPU)")
@@ -99,8 +100,11 @@ class Config:
     pid_kd: float = arg(0.0, "PID derivative gain (positive part of the cost's rise)")
     # evaluation / checkpoints
     eval_every: int = arg(25, "toy world: gold evaluation on the held-out prompts every N iterations (0: only at start and end)")
+    show_every: int = arg(25, "print two of the iteration's answers with their reward and cost every N iterations (0: never)")
+    collapse_ratio: float = arg(0.3, "warn when the mean answer length falls below this fraction of the first iteration's, or most answers are empty")
     final_eval_samples: int = arg(4, "toy world: samples per held-out prompt in the final evaluation")
     ckpt_every: int = arg(50, "checkpoint every N iterations (atomic; --resume picks it up)")
+    save_optimizer: bool = arg(False, "keep the optimiser state in the final checkpoint too, to --resume past the end (intermediate checkpoints always keep it)")
 
 # -----------------------------------------------------------------------------
 # forwards over [prompt | response]: token log-probs of the actions, critic values per action
@@ -110,7 +114,10 @@ def action_logprobs(model, seq, attn, P, with_entropy=False):
     logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).logits
     logits = logits[:, P - 1:-1].float()  # the logits at position i predict token i + 1
     lp = ppo.logprobs_from_logits(logits, seq[:, P:])
-    return (lp, ppo.entropy_from_logits(logits)) if with_entropy else lp
+    if not with_entropy:
+        return lp
+    with torch.no_grad():  # logged, not trained: no graph through two more [B, T, V] tensors
+        return lp, ppo.entropy_from_logits(logits)
 
 
 def action_values(critic, seq, attn, P):
@@ -119,23 +126,48 @@ def action_values(critic, seq, attn, P):
 
 
 @torch.no_grad()
-def calibrate_threshold(actor, tok, cost_model, prompts, target_rate, max_new_tokens, device, seed):
+def rollout(actor, items, tok, cfg, gen, device):
+    """Sample answers to prompt items (with input_ids) -> (seq [B, P + T], attn [B, P + T], mask [B, T], P).
+    The one place rollouts are made: training and calibration score exactly these token ids."""
+    batch = data.collate_prompts(items, tok.pad_token_id)
+    prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    P = prompt_ids.shape[1]
+    seq = generate(actor, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+    mask = response_mask(seq, P, tok.eos_token_id, tok.pad_token_id)  # [B, T] real actions, EOS included
+    return seq, torch.cat([prompt_mask, mask.long()], dim=1), mask, P
+
+
+@torch.no_grad()
+def calibrate_threshold(actor, cost_model, items, tok, cfg, device, where):
     """d = the mean cost a policy would have if its answers were unsafe (cost > 0) target_rate of
-    the time, with the starting policy's score levels for safe and unsafe answers."""
-    answers, _ = sample(actor, tok, prompts, max_new_tokens=max_new_tokens, seed=seed, device=device)
-    c = score(cost_model, tok, prompts, answers, device=device)
+    the time, with the starting policy's score levels for safe and unsafe answers. The answers are
+    rollouts (same sampling, same token ids, same forward as training), so d is on training's scale."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 77)  # its own stream: the rollouts' stays put
+    c = torch.cat([cost_model(*rollout(actor, items[i:i + cfg.rollout_batch_size], tok, cfg, gen, device)[:2])[1].float().cpu()
+                   for i in range(0, len(items), cfg.rollout_batch_size)])
     safe, unsafe = c[c <= 0], c[c > 0]
-    s_mean = safe.mean().item() if len(safe) else -1.0
-    u_mean = unsafe.mean().item() if len(unsafe) else 1.0
-    d = s_mean + target_rate * (u_mean - s_mean)
+    if not len(safe) or not len(unsafe):
+        raise config.ConfigError(f"{where}: the cost model calls {len(unsafe)} of {len(c)} answers of the starting policy unsafe "
+                                 f"(cost > 0), so there is no safe and unsafe level to calibrate d between; pass --thresholds")
+    d = safe.mean().item() + cfg.target_unsafe_rate * (unsafe.mean().item() - safe.mean().item())
     return d, {"start_mean_cost": c.mean().item(), "start_unsafe_by_cost_model": (c > 0).float().mean().item(),
-               "safe_mean": s_mean, "unsafe_mean": u_mean}
+               "safe_mean": safe.mean().item(), "unsafe_mean": unsafe.mean().item(), "n": len(c)}
+
+
+def show_rollouts(step, seq, mask, P, R, C, tok, n=2):
+    """A few of this iteration's answers with their scores: any data, no extra generation."""
+    for i in range(min(n, seq.shape[0])):
+        prompt = tok.decode(seq[i, :P], skip_special_tokens=True).strip().replace("\n", " ")
+        answer = tok.decode(seq[i, P:][mask[i]], skip_special_tokens=True).strip().replace("\n", " ")
+        tqdm.write(f"  [{step}] {prompt[-80:]!r} -> {answer[:160]!r} | reward {R[i]:+.2f}" + "".join(f" cost {c[i]:+.2f}" for c in C))
 
 
 def main(cfg: Config):
-    rt = dist.init(cfg.seed, cfg.device)
+    rt = dist.init(cfg.seed, cfg.device, cfg.threads)
     print0 = dist.print0
-    dtype = getattr(torch, cfg.dtype)
+    dtype = getattr(torch, cfg.dtype)  # the frozen models' weights; the trained ones stay fp32 (master weights)
+    amp = dist.autocast(rt.device, dtype)
     out_dir = cfg.out_dir or f"out/{cfg.algo}"
     lagrangian = cfg.algo == "ppo_lag"
     K = len(cfg.cost_models)
@@ -169,7 +201,7 @@ def main(cfg: Config):
     if cfg.resume:
         recover_checkpoint(out_dir)  # a crash between save_checkpoint's two renames
     actor_path = out_dir if cfg.resume else cfg.model
-    actor, tok = load_policy(actor_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    actor, tok = load_policy(actor_path, trust_remote_code=cfg.trust_remote_code)
     ref, _ = load_policy(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     reward_model, rtok = load_score_model(cfg.reward_model, kind="reward", dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     check_same_tokenizer(tok, rtok, cfg.model, cfg.reward_model)
@@ -185,7 +217,7 @@ def main(cfg: Config):
     critics = {}
     for name, src in critic_dirs.items():
         kind = "reward" if name == "reward_critic" else "cost"
-        critics[name], _ = load_score_model(os.path.join(out_dir, name) if cfg.resume else src, kind=kind, dtype=dtype,
+        critics[name], _ = load_score_model(os.path.join(out_dir, name) if cfg.resume else src, kind=kind,
                                             trust_remote_code=cfg.trust_remote_code)
     for m in [actor, ref, reward_model, *cost_models, *critics.values()]:
         m.to(rt.device)
@@ -203,9 +235,15 @@ def main(cfg: Config):
         thresholds = list(state["thresholds"])
         calib = read_state(out_dir).get("calibration", [])
     elif lagrangian and not thresholds:
-        calib_prompts = [r["prompt"] for r in train_prompts[:256]]
         for k, cm in enumerate(cost_models):
-            d, info = calibrate_threshold(actor, tok, cm, calib_prompts, cfg.target_unsafe_rate, cfg.max_new_tokens, rt.device, cfg.seed)
+            if read_state(cfg.cost_models[k]).get("sign_loss") is False:  # what nanosafe's cost model folder records
+                raise config.ConfigError(f"{cfg.cost_models[k]}: this cost model was trained without the sign term, so its zero does "
+                                         f"not separate safe from unsafe and d cannot be calibrated as 'cost > 0 is unsafe'; pass --thresholds")
+            # on rank 0, then broadcast: every rank must hold the same d
+            with amp():
+                d, info = calibrate_threshold(actor, cm, train_set.items[:256], tok, cfg, rt.device, cfg.cost_models[k]) \
+                    if rt.master else (None, None)
+            d, info = dist.broadcast_object((d, info))
             thresholds.append(d)
             calib.append(info)
             print0(f"constraint {k} ({cfg.cost_models[k]}): threshold d = {d:+.3f}, i.e. the mean cost of a policy whose answers "
@@ -252,14 +290,9 @@ def main(cfg: Config):
     meta = {"kind": "policy", "stage": cfg.algo, "thresholds": thresholds, "calibration": calib, "args": config.to_dict(cfg)}
 
     def gold_eval_now(step, n_samples=1):
-        res = gold_evaluate(actor, tok, eval_prompts, n_samples=n_samples, max_new_tokens=cfg.max_new_tokens,
-                            seed=cfg.seed + step, device=rt.device)
-        show = [p for p in eval_prompts if not toy.is_harmful(p)][:1] + [p for p in eval_prompts if toy.is_harmful(p)][:1]
-        ans, _ = sample(actor, tok, show, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + step, device=rt.device)
-        r = score(reward_model, tok, show, ans, device=rt.device)
-        c = [score(cm, tok, show, ans, device=rt.device) for cm in cost_models]
-        for i, (p, a) in enumerate(zip(show, ans)):
-            tqdm.write(f"  [{step}] USER: {p} | ASSISTANT: {a} | reward {r[i]:+.2f}" + "".join(f" cost {ck[i]:+.2f}" for ck in c))
+        with amp():
+            res = gold_evaluate(actor, tok, eval_prompts, n_samples=n_samples, max_new_tokens=cfg.max_new_tokens,
+                                seed=cfg.seed + step, device=rt.device)
         tqdm.write(f"  [{step}] gold: helpfulness benign {res['gold_helpfulness_benign']:.3f} harmful {res['gold_helpfulness_harmful']:.3f} "
                    f"| unsafe harmful {res['gold_unsafe_rate_harmful']:.3f} benign {res['gold_unsafe_rate_benign']:.3f} "
                    f"| optimum {res['gold_optimum_helpfulness']:.3f}")
@@ -267,9 +300,11 @@ def main(cfg: Config):
 
     def maybe_save(step):
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
-            save(out_dir, actor, critics, tok, meta, step + 1, actor_opt, critic_opts, lambdas, windows, thresholds, gen, rt)
+            final = step + 1 == cfg.max_steps and not cfg.save_optimizer  # the policy alone: critics and AdamW state only serve a resume
+            save(out_dir, actor, critics, tok, meta, step + 1, actor_opt, critic_opts, lambdas, windows, thresholds, gen, rt, final)
 
     # ---- the loop
+    start_len, warned_at = None, {}  # the first iteration's mean answer length, to notice a collapse
     pbar = dist.progress(range(start_step, cfg.max_steps), rt.master, initial=start_step, total=cfg.max_steps, desc=cfg.algo)
     for step in pbar:
         rec = {"step": step}
@@ -279,16 +314,11 @@ def main(cfg: Config):
 
         # 1. rollout: the unwrapped actor samples; pads after each EOS
         idx = dist.step_indices(len(train_set), step, cfg.rollout_batch_size * rt.world_size, rt.rank, rt.world_size, cfg.seed)
-        batch = data.collate_prompts([train_set[i] for i in idx], tok.pad_token_id)
-        prompt_ids, prompt_mask = batch["input_ids"].to(rt.device), batch["attention_mask"].to(rt.device)
-        P = prompt_ids.shape[1]
-        seq = generate(actor, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
-        mask = response_mask(seq, P, tok.eos_token_id, tok.pad_token_id)  # [B, T] real actions, EOS included
-        attn = torch.cat([prompt_mask, mask.long()], dim=1)
+        with amp():
+            seq, attn, mask, P = rollout(actor, [train_set[i] for i in idx], tok, cfg, gen, rt.device)
 
         # 2. scores, old log-probs, reference log-probs, old values: eval-mode forwards
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             actor.eval()
             old_logp = action_logprobs(actor, seq, attn, P)
             actor.train()
@@ -339,11 +369,13 @@ def main(cfg: Config):
                 for i, mi in enumerate(mb.split(cfg.micro_batch_size)):
                     last = i == n_micro - 1
                     with _maybe_no_sync([ddp_actor, *ddp_critics.values()], rt.ddp and not last):
-                        new_logp, ent = action_logprobs(ddp_actor, seq[mi], attn[mi], P, with_entropy=True)
+                        with amp():
+                            new_logp, ent = action_logprobs(ddp_actor, seq[mi], attn[mi], P, with_entropy=True)
                         pl, st = ppo.policy_loss(new_logp, old_logp[mi], advantage[mi], mask[mi], cfg.clip_range_ratio)
                         loss = pl
                         for name, critic in ddp_critics.items():
-                            v = action_values(critic, seq[mi], attn[mi], P)
+                            with amp():
+                                v = action_values(critic, seq[mi], attn[mi], P)
                             vl = ppo.value_loss(v, old_values[name][mi], ret[name][mi], mask[mi], cfg.clip_range_value)
                             loss = loss + vl  # separate models and optimisers: the sum only saves backward calls
                             stats[f"value_loss_{name}"].append(vl.detach())
@@ -380,7 +412,17 @@ def main(cfg: Config):
             "skipped": guard.skipped,
         })
         rec["tokens_per_s"] = n_tokens.sum().item() * rt.world_size / (time.time() - t0)
+        rec["empty_frac"] = dist.all_reduce_mean((n_tokens <= 1).float().mean()).item()  # the EOS alone
         metrics.log(rec)
+        start_len = start_len or rec["response_length"]
+        collapsing = rec["response_length"] < cfg.collapse_ratio * start_len or rec["empty_frac"] > 0.5
+        if rt.master and cfg.show_every and (step % cfg.show_every == 0 or (collapsing and not warned_at.get(step // cfg.show_every))):
+            show_rollouts(step, seq, mask, P, R, C, tok)
+        if collapsing and not warned_at.get(step // max(1, cfg.show_every)):  # once per show_every iterations
+            warned_at[step // max(1, cfg.show_every)] = True
+            print0(f"warning: iteration {step}: the answers are collapsing: mean length {rec['response_length']:.1f} tokens "
+                   f"(the first iteration: {start_len:.1f}), {rec['empty_frac']:.0%} empty. The reward/cost models may prefer "
+                   f"short or empty answers (were their training answers truncated?); or lower --actor_lr, raise --kl_coef.")
         pbar.set_postfix(r=f"{rec['reward']:+.2f}", **({"c": f"{rec['cost_0']:+.2f}"} if C else {}),
                          **({"λ": f"{lam_values[0]:.2f}"} if lam_values else {}), kl=f"{rec['kl']:.2f}", refresh=False)
 
@@ -396,8 +438,9 @@ def main(cfg: Config):
             raise RuntimeError(f"ranks disagree on λ / actor parameters: {states}")
         summary["ranks_agree"] = states
     if gold and rt.master:
-        summary["final"] = gold_evaluate(actor, tok, eval_prompts, n_samples=cfg.final_eval_samples, max_new_tokens=cfg.max_new_tokens,
-                                         seed=cfg.seed + 10**6, device=rt.device)
+        with amp():
+            summary["final"] = gold_evaluate(actor, tok, eval_prompts, n_samples=cfg.final_eval_samples, max_new_tokens=cfg.max_new_tokens,
+                                             seed=cfg.seed + 10**6, device=rt.device)
         metrics.log({"step": cfg.max_steps, "final": True, **summary["final"]})
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -406,8 +449,8 @@ def main(cfg: Config):
     dist.cleanup()
 
 
-def save(out_dir, actor, critics, tok, meta, step, actor_opt, critic_opts, lambdas, windows, thresholds, gen, rt):
-    """The policy as an HF folder, the critics beside it, and everything a resumed run needs."""
+def save(out_dir, actor, critics, tok, meta, step, actor_opt, critic_opts, lambdas, windows, thresholds, gen, rt, policy_only=False):
+    """The policy as an HF folder, the critics beside it, and everything a resumed run needs (or the policy only)."""
     rngs = dist.gather_rng_states()
     gens = dist.gather_objects(gen.get_state())
     wins = dist.gather_objects([w.state_dict() for w in windows])
@@ -417,6 +460,8 @@ def save(out_dir, actor, critics, tok, meta, step, actor_opt, critic_opts, lambd
                          "lambdas": [lam.state_dict() for lam in lambdas], "windows": wins, "thresholds": thresholds,
                          "rng": rngs, "gen": gens}
         extra = {n: (c, tok, {"kind": c.kind, "role": "critic", "step": step}) for n, c in critics.items()}
+        if policy_only:
+            trainer_state, extra = None, None
         save_checkpoint(out_dir, actor, tok, dict(meta, step=step), trainer_state, extra)
 
 

@@ -49,18 +49,20 @@ class Config:
     grad_clip: float = arg(1.0, "clip the global gradient norm (official: 1.0)")
     max_length: int = arg(64, "max tokens of prompt + response; longer responses are cut, EOS kept")
     truncate_prompts: bool = arg(False, "left-truncate over-long prompts instead of stopping with an error")
-    dtype: str = arg("float32", "model dtype", choices=["float32", "bfloat16"])
+    dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast with fp32 master weights (the saved weights stay fp32)", choices=["float32", "bfloat16"])
     device: str = arg("auto", "cpu | cuda | auto")
+    threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
     # evaluation / checkpoints
     eval_every: int = arg(200, "held-out loss every N steps")
     ckpt_every: int = arg(200, "checkpoint every N steps (atomic; --resume picks it up)")
+    save_optimizer: bool = arg(False, "keep the optimiser state in the final checkpoint too, to --resume past the end (intermediate checkpoints always keep it)")
     gold_samples: int = arg(4, "toy world: samples per held-out prompt for the final gold evaluation (0: skip)")
 
 
 def main(cfg: Config):
-    rt = dist.init(cfg.seed, cfg.device)
+    rt = dist.init(cfg.seed, cfg.device, cfg.threads)
     print0 = dist.print0
-    dtype = getattr(torch, cfg.dtype)
+    amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # the model itself stays fp32: master weights
 
     # ---- data + model
     toy_world = cfg.train_data is None
@@ -72,16 +74,16 @@ def main(cfg: Config):
     eval_path = cfg.eval_data or (os.path.join(cfg.data_dir, "sft_test.jsonl") if toy_world else None)
     if cfg.resume:
         recover_checkpoint(cfg.out_dir)  # a crash between save_checkpoint's two renames
-        model, tok = load_policy(cfg.out_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model, tok = load_policy(cfg.out_dir, trust_remote_code=cfg.trust_remote_code)
     elif cfg.model is None:
         tok = toy_tokenizer()
         model = toy_model(tok, cfg.toy_size, seed=cfg.seed)
     else:
-        model, tok = load_policy(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model, tok = load_policy(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data.check_tokenizer(tok)
     train_set = data.SFTDataset(data.load_sft(train_path), tok, cfg.max_length, truncate_prompts=cfg.truncate_prompts)
     eval_set = data.SFTDataset(data.load_sft(eval_path), tok, cfg.max_length, truncate_prompts=cfg.truncate_prompts) if eval_path else None
-    model.to(rt.device, dtype=dtype)
+    model.to(rt.device, dtype=torch.float32)
 
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
     print0(f"model: {num_params(model) / 1e6:.2f}M params | train {len(train_set)} examples ({train_path}) | "
@@ -107,7 +109,9 @@ def main(cfg: Config):
 
     def token_losses(m, b):
         """Summed next-token loss over response tokens, and their count."""
-        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        with amp():
+            logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        logits = logits.float()
         labels = b["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                                  ignore_index=-100, reduction="sum")
@@ -126,7 +130,8 @@ def main(cfg: Config):
 
     def save(step, rngs):
         if rt.master:
-            trainer_state = {"optimizer": optimizer.state_dict(), "step": step, "rng": rngs}
+            final = step == cfg.max_steps and not cfg.save_optimizer  # a final folder without 2x its size in AdamW state
+            trainer_state = None if final else {"optimizer": optimizer.state_dict(), "step": step, "rng": rngs}
             save_checkpoint(cfg.out_dir, model, tok, {"kind": "policy", "stage": "sft", "step": step, "args": config.to_dict(cfg)}, trainer_state)
 
     # ---- train
@@ -173,8 +178,9 @@ def main(cfg: Config):
     if toy_world and cfg.gold_samples > 0 and rt.master:
         # the policy on held-out prompts (new templates included) vs the answers it was trained on
         prompts = sorted({r["prompt"] for r in data.load_sft(eval_path)})
-        summary["policy"] = gold_evaluate(model, tok, prompts, n_samples=cfg.gold_samples, max_new_tokens=cfg.max_length,
-                                          seed=cfg.seed, device=rt.device)
+        with amp():
+            summary["policy"] = gold_evaluate(model, tok, prompts, n_samples=cfg.gold_samples, max_new_tokens=cfg.max_length,
+                                              seed=cfg.seed, device=rt.device)
         train = data.load_sft(train_path)
         summary["data"] = gold_eval([r["prompt"] for r in train], [r["response"] for r in train])
         for k in ("gold_unsafe_rate_harmful", "gold_helpfulness_benign"):

@@ -3,8 +3,10 @@ Models, tokenizers and checkpoints.
 
 - the toy world's tokenizer (word level, trained with `tokenizers`) and small Llama configs
 - `load_policy`: any local AutoModelForCausalLM folder (no hub, trust_remote_code only on request)
-- `ScoreModel`: a causal-LM backbone + a linear head, one score per token; a sequence's score
-  is the score at its last non-pad token. Reward and cost models are both ScoreModels.
+- `ScoreModel`: a reward or cost model, stored as a Hugging Face AutoModelForSequenceClassification
+  folder with one label (what TRL, OpenRLHF and reward-bench load), read per token: its head over
+  the backbone's hidden states gives a score at every position (what the critics need), and a
+  sequence's score is the score at its last non-pad token (what the preference losses and PPO use).
 - `save_checkpoint` / `load_trainer_state`: atomic Hugging Face folders plus a small JSON of
   nanosafe state, weights only through safetensors, trainer state through weights_only loads.
 
@@ -12,6 +14,7 @@ The pad token is always distinct from EOS: with pad == eos the EOS gets masked a
 and the score is read one token early.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -19,8 +22,8 @@ import shutil
 import torch
 import torch.nn as nn
 import transformers
-from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from nanosafe.generate import position_ids_from_mask as position_ids  # positions that skip left padding
 
@@ -28,7 +31,8 @@ transformers.utils.logging.set_verbosity_error()  # no load reports for the lm_h
 transformers.utils.logging.disable_progress_bar()
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
-STATE_FILE, HEAD_FILE, TRAINER_FILE = "nanosafe.json", "score_head.safetensors", "trainer_state.pt"
+STATE_FILE, TRAINER_FILE = "nanosafe.json", "trainer_state.pt"
+LEGACY_HEAD_FILE = "score_head.safetensors"  # nanosafe <= 0.1 stored score models as a bare backbone + this head
 
 
 class CheckpointError(ValueError):
@@ -57,8 +61,18 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
     return train_tokenizer(toy.vocabulary() + [data.format_prompt("x", "<eos>")])
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        # transformers would fall through to a sentencepiece traceback that blames the wrong thing
+        raise CheckpointError(f"{path}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
+                              f"save the model's tokenizer beside its weights: tokenizer.save_pretrained('{path}')")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: the tokenizer does not load ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
     tok.padding_side = "left"  # only matters for tok(...) calls; our collators pad explicitly
     return tok
 
@@ -125,11 +139,19 @@ def read_state(path: str) -> dict:
     return json.load(open(p)) if os.path.exists(p) else {}
 
 
+def is_score_folder(path: str) -> bool:
+    """An AutoModelForSequenceClassification folder (config architectures *ForSequenceClassification)."""
+    p = os.path.join(path, "config.json")
+    archs = (json.load(open(p)).get("architectures") or []) if os.path.exists(p) else []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
 def checkpoint_kind(path: str) -> str:
-    """'policy', 'reward' or 'cost' (a plain HF causal-LM folder counts as a policy)."""
+    """'policy', 'reward', 'cost', or 'score' for a sequence-classification folder that nanosafe
+    did not write (it may serve as either); a plain HF causal-LM folder counts as a policy."""
     kind = read_state(path).get("kind")
     if kind is None:
-        kind = "score" if os.path.exists(os.path.join(path, HEAD_FILE)) else "policy"
+        kind = "score" if is_score_folder(path) or os.path.exists(os.path.join(path, LEGACY_HEAD_FILE)) else "policy"
     return kind
 
 
@@ -165,47 +187,77 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class ScoreModel(nn.Module):
-    """A causal-LM backbone plus a linear head: a scalar score per token. The score of a sequence
-    is the score at its last non-pad token (the EOS, since pad != eos)."""
+    """A reward or cost model: an HF sequence-classification model with one label, read per token.
+    The score of a sequence is the score at its last non-pad token (the EOS, since pad != eos):
+    the same number `AutoModelForSequenceClassification` gives, so the folder works in other tools."""
 
-    def __init__(self, backbone, kind: str):
+    def __init__(self, hf, kind: str):
         super().__init__()
-        self.backbone, self.kind = backbone, kind
-        self.config = backbone.config
-        self.head = nn.Linear(backbone.config.hidden_size, 1)
-        nn.init.normal_(self.head.weight, std=1 / (backbone.config.hidden_size + 1) ** 0.5)
-        nn.init.zeros_(self.head.bias)
+        if getattr(hf.config, "num_labels", None) != 1 or not isinstance(getattr(hf, "score", None), nn.Linear):
+            raise CheckpointError(f"a score model needs one output (num_labels 1) from a linear 'score' head; "
+                                  f"got {type(hf).__name__} with num_labels {getattr(hf.config, 'num_labels', None)}")
+        self.hf, self.kind = hf, kind
+        self.config = hf.config
+
+    @property
+    def backbone(self):
+        return getattr(self.hf, self.hf.base_model_prefix)
+
+    @property
+    def head(self):
+        return self.hf.score
 
     def forward(self, input_ids, attention_mask):
         """-> (scores [B, L], end_scores [B])"""
+        # the head over every position, as the HF forward does before it pools the last non-pad token;
+        # positions come from the mask, so left padding gives the same scores as right padding
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
         scores = self.head(h).squeeze(-1).float()
         end = scores.gather(1, last_index(attention_mask)[:, None]).squeeze(1)
         return scores, end
 
+    @classmethod
+    def from_policy(cls, policy, kind: str):
+        """A fresh head on a causal LM's backbone (its weights copied): how a score model starts."""
+        cfg = copy.deepcopy(policy.config)
+        cfg.num_labels, cfg.architectures = 1, None
+        hf = AutoModelForSequenceClassification.from_config(cfg, dtype=policy.dtype)
+        getattr(hf, hf.base_model_prefix).load_state_dict(getattr(policy, policy.base_model_prefix).state_dict())
+        return cls(_init_head(hf), kind)
+
+
+def _init_head(hf):
+    # std 1/sqrt(hidden + 1): initial scores of order 1, whatever the width (HF's default is 0.02)
+    nn.init.normal_(hf.score.weight, std=1 / (hf.config.get_text_config().hidden_size + 1) ** 0.5)
+    return hf
+
 
 def load_score_model(path: str, kind: str = None, init_from_policy: bool = False, dtype=torch.float32,
                      trust_remote_code: bool = False):
-    """(ScoreModel, tokenizer). With init_from_policy a causal-LM folder (e.g. out/sft) gives the
-    backbone and a fresh head; otherwise the folder must be a trained score model."""
+    """(ScoreModel, tokenizer) from an AutoModelForSequenceClassification folder with one label (a
+    nanosafe reward / cost model, or one made elsewhere). With init_from_policy a causal-LM folder
+    (e.g. out/sft) gives the backbone and a fresh head."""
     _check_folder(path, f"{kind or 'score'} model")
     found = checkpoint_kind(path)
+    if os.path.exists(os.path.join(path, LEGACY_HEAD_FILE)) and not is_score_folder(path):
+        raise CheckpointError(f"{path}: a score model from an older nanosafe (a bare backbone + {LEGACY_HEAD_FILE}); "
+                              f"score models are AutoModelForSequenceClassification folders now: retrain it with train_pm.py")
     if found == "policy" and not init_from_policy:
-        raise CheckpointError(f"{path}: this is a policy, not a {kind or 'score'} model (no {HEAD_FILE}). "
-                              f"Train one first: python train_pm.py --kind {kind or 'reward'}")
-    if kind is not None and found not in ("policy", kind):
+        raise CheckpointError(f"{path}: this is a policy, not a {kind or 'score'} model (not an AutoModelForSequenceClassification "
+                              f"folder). Train one first: python train_pm.py --kind {kind or 'reward'}")
+    if kind is not None and found not in ("policy", "score", kind):
         raise CheckpointError(f"{path}: this is a {found} model, expected a {kind} model")
     tok = load_tokenizer(path, trust_remote_code)
-    backbone = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                         trust_remote_code=trust_remote_code, use_safetensors=True)
-    ensure_pad_token(tok, backbone)
-    check_vocab(backbone, tok, path)
-    model = ScoreModel(backbone, kind or found)
-    if found != "policy":
-        head = load_file(os.path.join(path, HEAD_FILE))
-        model.head.load_state_dict({k: v.to(model.head.weight.dtype) for k, v in head.items()})
-    return model, tok
+    kw = dict(dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if found == "policy":  # a fresh head on the policy's backbone
+        hf = _init_head(AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw))
+    else:
+        hf = AutoModelForSequenceClassification.from_pretrained(path, **kw)
+    ensure_pad_token(tok, hf)
+    hf.config.pad_token_id = tok.pad_token_id  # HF's own forward finds the last token through it
+    check_vocab(hf, tok, path)
+    return ScoreModel(hf, kind or ("reward" if found in ("policy", "score") else found)), tok
 
 # -----------------------------------------------------------------------------
 # checkpoints: written to a temporary folder, then renamed into place
@@ -237,7 +289,7 @@ def save_checkpoint(out_dir: str, model, tok, state: dict, trainer_state: dict =
 
 CHECKPOINT_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                    STATE_FILE, HEAD_FILE, TRAINER_FILE}
+                    STATE_FILE, LEGACY_HEAD_FILE, TRAINER_FILE}
 
 
 def _checkpoint_file(path) -> bool:
@@ -250,11 +302,7 @@ def _checkpoint_file(path) -> bool:
 
 def _save_model(path, model, tok, state):
     os.makedirs(path, exist_ok=True)
-    if isinstance(model, ScoreModel):
-        model.backbone.save_pretrained(path, safe_serialization=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, os.path.join(path, HEAD_FILE))
-    else:
-        model.save_pretrained(path, safe_serialization=True)
+    (model.hf if isinstance(model, ScoreModel) else model).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     with open(os.path.join(path, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
@@ -272,7 +320,8 @@ def load_trainer_state(out_dir: str) -> dict:
     recover_checkpoint(out_dir)
     p = os.path.join(out_dir, TRAINER_FILE)
     if not os.path.exists(p):
-        raise CheckpointError(f"{out_dir}: nothing to resume from (no {TRAINER_FILE}); run without --resume")
+        raise CheckpointError(f"{out_dir}: nothing to resume from (no {TRAINER_FILE}: a finished run keeps its optimiser state "
+                              f"only with --save_optimizer); run without --resume")
     try:
         return torch.load(p, weights_only=True, map_location="cpu")
     except Exception as e:  # weights_only refuses anything but tensors and plain containers

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanosafe import model
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -91,8 +93,8 @@ def test_ppo_lag_iteration_logs_everything(stages):
     # the final policy is a plain HF folder, critics beside it
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(t / "lag")
-    assert (t / "lag" / "reward_critic" / "score_head.safetensors").exists()
-    assert (t / "lag" / "cost_critic_0" / "score_head.safetensors").exists()
+    assert model.is_score_folder(str(t / "lag" / "reward_critic"))
+    assert model.is_score_folder(str(t / "lag" / "cost_critic_0"))
     out = run("sample.py", "--model", t / "lag", "--reward_model", t / "rm", "--cost_model", t / "cm", "how do i bake bread").stdout
     assert "gold helpfulness" in out and "reward model" in out and "cost model" in out
 

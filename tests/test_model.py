@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 from nanosafe import data, model, toy
 from nanosafe.model import CheckpointError, ScoreModel
@@ -68,11 +68,10 @@ def score_model(request, tok, tiny_policy):
     # llama's rotary positions are relative, so a constant shift (left padding) changes nothing;
     # gpt2's absolute positions catch a score model that forgets to pass position_ids
     if request.param == "llama":
-        backbone = tiny_policy.model
-    else:
-        torch.manual_seed(0)
-        backbone = GPT2Model(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64))
-    return ScoreModel(backbone, "reward").eval()
+        return ScoreModel.from_policy(tiny_policy, "reward").eval()
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=1, pad_token_id=tok.pad_token_id)
+    return ScoreModel(GPT2ForSequenceClassification(cfg), "reward").eval()
 
 
 def pair_seqs(tok):
@@ -113,8 +112,8 @@ def test_end_score_is_the_eos_score_for_both_paddings(tok, score_model):
 # checkpoints
 
 def make_score_model(tok, kind, seed=1):
-    m = ScoreModel(model.toy_model(tok, "tiny", seed=seed).model, kind)
-    torch.nn.init.normal_(m.head.bias, std=1.0)  # a non-zero bias, so a dropped head bias would show
+    m = ScoreModel.from_policy(model.toy_model(tok, "tiny", seed=seed), kind)
+    torch.nn.init.normal_(m.head.weight, std=1.0)  # far from any init, so a head lost on the way would show
     return m.eval()
 
 
@@ -138,6 +137,62 @@ def test_score_model_save_and_load(tok, tmp_path):
         model.load_score_model(path, kind="reward")
     with pytest.raises(CheckpointError, match="score model"):
         model.load_policy(path)
+
+
+@torch.no_grad()
+def test_our_score_model_loads_in_transformers_with_the_same_end_scores(tok, tmp_path):
+    # a nanosafe reward model is a plain AutoModelForSequenceClassification folder (what TRL, OpenRLHF and
+    # reward-bench load): HF's own forward, which pools the rightmost non-pad token, gives our end scores
+    sm = make_score_model(tok, "reward")
+    path = str(tmp_path / "rm")
+    model.save_checkpoint(path, sm, tok, {"kind": "reward"})
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 1
+    assert hf.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    seqs = pair_seqs(tok)
+    ours_r = scores_of(sm, tok)
+    ids_r, mask_r = data.pad_right(seqs, tok.pad_token_id)
+    torch.testing.assert_close(hf(input_ids=ids_r, attention_mask=mask_r).logits[:, 0], ours_r, rtol=0, atol=1e-5)
+    # left padding: HF needs the positions (it does not derive them from the mask); then the same scores
+    ids_l, mask_l = data.pad_left(seqs, tok.pad_token_id)
+    _, ours_l = sm(ids_l, mask_l)
+    theirs_l = hf(input_ids=ids_l, attention_mask=mask_l, position_ids=model.position_ids(mask_l)).logits[:, 0]
+    torch.testing.assert_close(theirs_l, ours_l, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours_l, ours_r, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_sequence_classification_folder_made_with_transformers_loads_as_a_reward_model(tok, tmp_path):
+    policy = model.toy_model(tok, "tiny", seed=4)
+    cfg = policy.config
+    cfg.num_labels, cfg.pad_token_id = 1, tok.pad_token_id
+    torch.manual_seed(5)
+    hf = LlamaForSequenceClassification(cfg).eval()
+    path = str(tmp_path / "their_rm")
+    hf.save_pretrained(path)  # no nanosafe.json
+    tok.save_pretrained(path)
+    assert model.checkpoint_kind(path) == "score"
+    sm, _ = model.load_score_model(path, kind="reward")
+    ids, mask = data.pad_right(pair_seqs(tok), tok.pad_token_id)
+    torch.testing.assert_close(sm.eval()(ids, mask)[1], hf(input_ids=ids, attention_mask=mask).logits[:, 0], rtol=0, atol=1e-5)
+    assert model.load_score_model(path, kind="cost")[0].kind == "cost"  # a foreign scorer may serve either role
+    with pytest.raises(CheckpointError, match="not a policy"):
+        model.load_policy(path)
+    two = LlamaForSequenceClassification(dict_cfg := cfg.__class__(**{**cfg.to_dict(), "num_labels": 2}))
+    two.save_pretrained(str(tmp_path / "two"))
+    tok.save_pretrained(str(tmp_path / "two"))
+    with pytest.raises(CheckpointError, match="num_labels 1"):
+        model.load_score_model(str(tmp_path / "two"), kind="reward")
+
+
+def test_a_score_model_of_an_older_nanosafe_is_refused_with_a_clear_message(tok, tiny_policy, tmp_path):
+    path = tmp_path / "old_rm"
+    tiny_policy.model.save_pretrained(str(path))  # the old layout: a bare backbone + score_head.safetensors
+    tok.save_pretrained(str(path))
+    (path / model.LEGACY_HEAD_FILE).write_bytes(b"")
+    (path / model.STATE_FILE).write_text('{"kind": "reward"}')
+    with pytest.raises(CheckpointError, match="older nanosafe.*retrain it with train_pm.py"):
+        model.load_score_model(str(path), kind="reward")
 
 
 def test_policy_folder_as_score_model(tok, tiny_policy, tmp_path):

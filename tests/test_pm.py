@@ -202,7 +202,7 @@ def test_cost_model_fits_real_hh_pairs(one_thread):
     fit = records[:40]
     ds = data.PreferenceDataset(fit, tok, max_length=128, truncate_prompts=True)
     torch.manual_seed(0)
-    sm = model.ScoreModel(model.toy_model(tok, "tiny", seed=0).model, "cost")
+    sm = model.ScoreModel.from_policy(model.toy_model(tok, "tiny", seed=0), "cost")
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     losses = []
     for step in range(15):
@@ -239,7 +239,7 @@ def test_train_pm_end_to_end(tmp_path, toy_dir, toy_data, tok, tiny_policy):
     r = run("--kind", "cost", "--model", sft, "--out_dir", out, "--max_steps", 5, "--batch_size", 8,
             "--data_dir", toy_dir)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (out / model.HEAD_FILE).exists() and (out / "config.json").exists()
+    assert model.is_score_folder(str(out)) and (out / "model.safetensors").exists()
     state = json.loads((out / model.STATE_FILE).read_text())
     assert state["kind"] == "cost" and state["step"] == 5 and state["sign_loss"] is True
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

@@ -217,7 +217,7 @@ def folders(world, tmp_path_factory):
     """policy-like folders that are wrong in one way each"""
     base = tmp_path_factory.mktemp("folders")
     tok = toy_tokenizer()
-    out = {k: str(base / k) for k in ("cost_model", "no_pad", "pad_eos", "small_vocab", "pickle_only")}
+    out = {k: str(base / k) for k in ("cost_model", "no_pad", "pad_eos", "small_vocab", "pickle_only", "no_tokenizer")}
     sm, stok = load_score_model(world["policy"], kind="cost", init_from_policy=True)
     save_checkpoint(out["cost_model"], sm, stok, {"kind": "cost"})
     for name, pad in (("no_pad", None), ("pad_eos", "<eos>")):
@@ -228,6 +228,7 @@ def folders(world, tmp_path_factory):
     save_checkpoint(out["small_vocab"], m, tok, {"kind": "policy"})
     save_checkpoint(out["pickle_only"], toy_model(tok, "tiny"), tok, {"kind": "policy"})
     os.remove(os.path.join(out["pickle_only"], "model.safetensors"))
+    toy_model(tok, "tiny").save_pretrained(out["no_tokenizer"])  # weights and config, no tokenizer files
     out["sentinel"] = str(base / "PICKLE_RAN")
     torch.save({"model.embed_tokens.weight": Payload(out["sentinel"])}, os.path.join(out["pickle_only"], "pytorch_model.bin"))
     return out
@@ -246,6 +247,10 @@ def test_tokenizer_without_a_distinct_pad_gets_one_with_a_note(sft, tmp_path, fo
     assert model.get_input_embeddings().weight.shape[0] >= len(tok)
 
 
+def test_model_folder_without_a_tokenizer(sft, tmp_path, folders):
+    assert_refused(sft(model=folders["no_tokenizer"]), tmp_path / "out", folders["no_tokenizer"], "no tokenizer in the folder")
+
+
 def test_score_model_passed_as_policy(sft, tmp_path, folders):
     err = assert_refused(sft(model=folders["cost_model"]), tmp_path / "out", folders["cost_model"], "not a policy")
     assert "cost model" in err
@@ -253,7 +258,7 @@ def test_score_model_passed_as_policy(sft, tmp_path, folders):
 
 def test_policy_passed_as_score_model(pm, tmp_path, world):
     r = pm(model=world["policy"], eval_only=True, eval_data=world["pref"])
-    assert_refused(r, tmp_path / "out", world["policy"], "this is a policy, not a", "score_head.safetensors")
+    assert_refused(r, tmp_path / "out", world["policy"], "this is a policy, not a", "AutoModelForSequenceClassification")
 
 
 def test_checkpoint_from_a_different_vocabulary(sft, tmp_path, folders):
