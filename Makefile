@@ -7,7 +7,7 @@ PY ?= python3
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	@$(PY) -c "import transformers, tokenizers, safetensors, numpy, tqdm, pytest" 2>/dev/null || \
-		$(PY) -m pip install -q "transformers>=4.44" "tokenizers>=0.19" "safetensors>=0.4" numpy tqdm pytest
+		$(PY) -m pip install -q "transformers>=4.56" "tokenizers>=0.22" "safetensors>=0.4" numpy tqdm pytest
 
 install-plot:
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib || echo "no matplotlib: text histograms instead of plots"

@@ -19,7 +19,7 @@ import torch
 from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
 from nanosafe.evaluate import sample, score
-from nanosafe.model import CheckpointError, load_policy, load_score_model
+from nanosafe.model import CheckpointError, load_policy, load_score_model, resolve_template
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Config:
     device: str = arg("auto", "cpu | cuda | auto")
     dtype: str = arg("float32", "weights and compute dtype (bfloat16: half the memory; autocast for the forwards)", choices=["float32", "bfloat16"])
     threads: int = arg(0, "CPU threads for torch (0: torch's default)")
+    template: str | None = arg(None, "prompt template: safe_rlhf or chat (the tokenizer's own); default: the one --model was trained with, else safe_rlhf", choices=["safe_rlhf", "chat"])
     trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folder")
 
 
@@ -51,6 +52,8 @@ def main(cfg: Config, prompts: list):
     if not os.path.isdir(cfg.model):
         raise CheckpointError(f"{cfg.model}: no such checkpoint. Train one first: python train_sft.py")
     model, tok = load_policy(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    template = resolve_template(cfg.template, cfg.model, *[p for p in (cfg.reward_model, cfg.cost_model) if p])
+    data.check_template(tok, template)
     model.to(device)
     scorers = []
     for name, path in (("reward", cfg.reward_model), ("cost", cfg.cost_model)):
@@ -62,8 +65,8 @@ def main(cfg: Config, prompts: list):
         ps = [p for p in prompts for _ in range(cfg.num_samples)]
         with amp():
             answers, eos = sample(model, tok, ps, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  top_p=cfg.top_p, seed=cfg.seed, device=device)
-            scores = {name: score(sm, stok, ps, answers, device=device) for name, sm, stok in scorers}
+                                  top_p=cfg.top_p, seed=cfg.seed, device=device, template=template)
+            scores = {name: score(sm, stok, ps, answers, device=device, template=template) for name, sm, stok in scorers}
         for i, (p, a) in enumerate(zip(ps, answers)):
             print(f"\nUSER: {p}\nASSISTANT: {a}{'' if eos[i] else '  [no EOS: cut at max_new_tokens]'}")
             info = [f"{name} model {s[i].item():+.2f}" for name, s in scores.items()]

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
-from nanosafe.model import (CheckpointError, checkpoint_kind, load_score_model, load_trainer_state, num_params, read_state, recover_checkpoint,
+from nanosafe.model import (CheckpointError, checkpoint_kind, load_score_model, load_trainer_state, num_params, read_state, recover_checkpoint, resolve_template,
                             save_checkpoint)
 
 
@@ -68,7 +68,8 @@ class Config:
     reg: float = arg(0.001, "score regularisation reg·mean(score²) (official: 0.001)")
     grad_clip: float = arg(1.0, "clip the global gradient norm (official: 1.0)")
     max_length: int = arg(64, "max tokens of prompt + response; longer responses are cut, EOS kept")
-    truncate_prompts: bool = arg(False, "left-truncate over-long prompts instead of stopping with an error")
+    truncate_prompts: bool = arg(False, "left-truncate over-long prompts, leaving room for the answer (all of a short one, at least half of --max_length for a long one), instead of stopping with an error")
+    template: str | None = arg(None, "prompt template: safe_rlhf (the official 'BEGINNING OF CONVERSATION: USER: ... ASSISTANT:'; toy world, base models) or chat (the tokenizer's own chat template); default: --model's recorded one, else safe_rlhf", choices=["safe_rlhf", "chat"])
     dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast with fp32 master weights (the saved weights stay fp32)", choices=["float32", "bfloat16"])
     device: str = arg("auto", "cpu | cuda | auto")
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
@@ -274,7 +275,11 @@ def main(cfg: Config):
             model.backbone.load_state_dict(type(model.backbone)(model.backbone.config).state_dict())
     model.to(rt.device)
     eval_records = load(eval_path) if eval_path else []
-    eval_set = data.PreferenceDataset(eval_records, tok, cfg.max_length, cfg.truncate_prompts) if eval_records else None
+    template = resolve_template(cfg.template, out_dir if cfg.resume else cfg.model)
+    data.check_template(tok, template)
+    eval_set = data.PreferenceDataset(eval_records, tok, cfg.max_length, cfg.truncate_prompts, template) if eval_records else None
+    if eval_set is not None and eval_set.truncation_report():
+        print0(eval_set.truncation_report())
 
     if cfg.eval_only:
         if rt.master and eval_set is not None:
@@ -285,7 +290,9 @@ def main(cfg: Config):
         return
 
     train_records = load(train_path)
-    train_set = data.PreferenceDataset(train_records, tok, cfg.max_length, cfg.truncate_prompts)
+    train_set = data.PreferenceDataset(train_records, tok, cfg.max_length, cfg.truncate_prompts, template)
+    if train_set.truncation_report():
+        print0(train_set.truncation_report())
     # the sign term needs safe/unsafe labels; without them it is off, and the folder says so
     sign_loss = cfg.kind == "cost" and cfg.sign_loss and any(r["is_response_0_safe"] is not None for r in train_records)
     if cfg.kind == "cost" and cfg.sign_loss and not sign_loss:
@@ -313,7 +320,7 @@ def main(cfg: Config):
     os.makedirs(out_dir, exist_ok=True)
     metrics = dist.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master, start_step if cfg.resume else None)
     guard = dist.NanGuard()
-    meta = {"kind": cfg.kind, "category": cfg.category, "sign_loss": sign_loss if cfg.kind == "cost" else None, "init": init, "args": config.to_dict(cfg)}
+    meta = {"kind": cfg.kind, "template": template, "category": cfg.category, "sign_loss": sign_loss if cfg.kind == "cost" else None, "init": init, "args": config.to_dict(cfg)}
 
     # ---- train
     model.train()
@@ -373,6 +380,6 @@ if __name__ == "__main__":
     cfg = config.parse(Config, description=__doc__)
     try:
         main(cfg)
-    except (data.DataError, CheckpointError, FloatingPointError) as e:
+    except (data.DataError, CheckpointError, config.ConfigError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

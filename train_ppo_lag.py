@@ -41,7 +41,7 @@ from nanosafe.evaluate import gold_evaluate
 from nanosafe.generate import generate, response_mask
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange, PIDLagrange
 from nanosafe.model import (CheckpointError, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
-                            num_params, position_ids, read_state, recover_checkpoint, save_checkpoint)
+                            num_params, position_ids, read_state, recover_checkpoint, resolve_template, save_checkpoint)
 
 
 @dataclass
@@ -69,7 +69,8 @@ class Config:
     rollout_batch_size: int = arg(64, "prompts per iteration per process (official: 16 per GPU)")
     max_new_tokens: int = arg(24, "answer length limit in tokens (official: 512)")
     max_prompt_length: int = arg(48, "longer prompts are an error (or left-truncated with --truncate_prompts)")
-    truncate_prompts: bool = arg(False, "left-truncate over-long prompts instead of stopping with an error")
+    truncate_prompts: bool = arg(False, "left-truncate over-long prompts (the BOS and the last tokens stay) instead of stopping with an error")
+    template: str | None = arg(None, "prompt template: safe_rlhf or chat (the tokenizer's own); default: the one --model, --reward_model and --cost_models were trained with (they must agree)", choices=["safe_rlhf", "chat"])
     temperature: float = arg(1.0, "rollout temperature (official: 1.0)")
     top_p: float = arg(1.0, "rollout nucleus mass (official: 1.0)")
     # ppo
@@ -192,7 +193,9 @@ def main(cfg: Config):
         toy.ensure_dataset(cfg.data_dir, seed=0)
     if rt.ddp:
         torch.distributed.barrier()
-    train_prompts = data.load_prompts(cfg.train_data or os.path.join(cfg.data_dir, "prompts_train.jsonl"))
+    train_prompts, n_dup = data.dedupe_prompts(data.load_prompts(cfg.train_data or os.path.join(cfg.data_dir, "prompts_train.jsonl")))
+    if n_dup:  # as the official prompt-only dataset: each prompt once
+        print0(f"dropped {n_dup} duplicate prompts; {len(train_prompts)} left")
     eval_path = cfg.eval_data or (os.path.join(cfg.data_dir, "prompts_test.jsonl") if toy_world else None)
     eval_prompts = [r["prompt"] for r in data.load_prompts(eval_path)] if eval_path else []
     gold = bool(eval_prompts) and all(toy.in_world(p) for p in eval_prompts)
@@ -210,7 +213,11 @@ def main(cfg: Config):
         cm, ctok = load_score_model(p, kind="cost", dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         check_same_tokenizer(tok, ctok, cfg.model, p)
         cost_models.append(cm)
-    train_set = data.PromptDataset(train_prompts, tok, cfg.max_prompt_length, cfg.truncate_prompts)
+    template = resolve_template(cfg.template, *([out_dir] if cfg.resume else []), cfg.model, cfg.reward_model, *cfg.cost_models)
+    data.check_template(tok, template)
+    train_set = data.PromptDataset(train_prompts, tok, cfg.max_prompt_length, cfg.truncate_prompts, template)
+    if train_set.truncation_report():
+        print0(train_set.truncation_report())
 
     # critics start from the score models (official); reward shaping has one critic on R - ν·C
     critic_dirs = {"reward_critic": cfg.reward_model} | ({f"cost_critic_{k}": p for k, p in enumerate(cfg.cost_models)} if lagrangian else {})
@@ -287,12 +294,12 @@ def main(cfg: Config):
     os.makedirs(out_dir, exist_ok=True)
     metrics = dist.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master, start_step if cfg.resume else None)
     guard = dist.NanGuard()
-    meta = {"kind": "policy", "stage": cfg.algo, "thresholds": thresholds, "calibration": calib, "args": config.to_dict(cfg)}
+    meta = {"kind": "policy", "stage": cfg.algo, "template": template, "thresholds": thresholds, "calibration": calib, "args": config.to_dict(cfg)}
 
     def gold_eval_now(step, n_samples=1):
         with amp():
             res = gold_evaluate(actor, tok, eval_prompts, n_samples=n_samples, max_new_tokens=cfg.max_new_tokens,
-                                seed=cfg.seed + step, device=rt.device)
+                                seed=cfg.seed + step, device=rt.device, template=template)
         tqdm.write(f"  [{step}] gold: helpfulness benign {res['gold_helpfulness_benign']:.3f} harmful {res['gold_helpfulness_harmful']:.3f} "
                    f"| unsafe harmful {res['gold_unsafe_rate_harmful']:.3f} benign {res['gold_unsafe_rate_benign']:.3f} "
                    f"| optimum {res['gold_optimum_helpfulness']:.3f}")
@@ -440,7 +447,7 @@ def main(cfg: Config):
     if gold and rt.master:
         with amp():
             summary["final"] = gold_evaluate(actor, tok, eval_prompts, n_samples=cfg.final_eval_samples, max_new_tokens=cfg.max_new_tokens,
-                                             seed=cfg.seed + 10**6, device=rt.device)
+                                             seed=cfg.seed + 10**6, device=rt.device, template=template)
         metrics.log({"step": cfg.max_steps, "final": True, **summary["final"]})
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
 from nanosafe.evaluate import gold_eval, gold_evaluate
-from nanosafe.model import CheckpointError, load_policy, recover_checkpoint, load_trainer_state, num_params, save_checkpoint, TOY_SIZES, toy_model, toy_tokenizer
+from nanosafe.model import (CheckpointError, load_policy, load_trainer_state, num_params, recover_checkpoint, resolve_template, save_checkpoint,
+                            TOY_SIZES, toy_model, toy_tokenizer)
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Config:
     weight_decay: float = arg(0.0, "AdamW weight decay (official: 0.0)")
     grad_clip: float = arg(1.0, "clip the global gradient norm (official: 1.0)")
     max_length: int = arg(64, "max tokens of prompt + response; longer responses are cut, EOS kept")
-    truncate_prompts: bool = arg(False, "left-truncate over-long prompts instead of stopping with an error")
+    truncate_prompts: bool = arg(False, "left-truncate over-long prompts, leaving room for the answer (all of a short one, at least half of --max_length for a long one), instead of stopping with an error")
+    template: str | None = arg(None, "prompt template: safe_rlhf (the official 'BEGINNING OF CONVERSATION: USER: ... ASSISTANT:'; toy world, base models) or chat (the tokenizer's own chat template); default: --model's recorded one, else safe_rlhf", choices=["safe_rlhf", "chat"])
     dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast with fp32 master weights (the saved weights stay fp32)", choices=["float32", "bfloat16"])
     device: str = arg("auto", "cpu | cuda | auto")
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
@@ -81,8 +83,13 @@ def main(cfg: Config):
     else:
         model, tok = load_policy(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data.check_tokenizer(tok)
-    train_set = data.SFTDataset(data.load_sft(train_path), tok, cfg.max_length, truncate_prompts=cfg.truncate_prompts)
-    eval_set = data.SFTDataset(data.load_sft(eval_path), tok, cfg.max_length, truncate_prompts=cfg.truncate_prompts) if eval_path else None
+    template = resolve_template(cfg.template, *[p for p in (cfg.out_dir if cfg.resume else cfg.model,) if p])
+    data.check_template(tok, template)
+    train_set = data.SFTDataset(data.load_sft(train_path), tok, cfg.max_length, cfg.truncate_prompts, template)
+    eval_set = data.SFTDataset(data.load_sft(eval_path), tok, cfg.max_length, cfg.truncate_prompts, template) if eval_path else None
+    for ds in (train_set, eval_set):
+        if ds is not None and ds.truncation_report():
+            print0(ds.truncation_report())
     model.to(rt.device, dtype=torch.float32)
 
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
@@ -132,7 +139,7 @@ def main(cfg: Config):
         if rt.master:
             final = step == cfg.max_steps and not cfg.save_optimizer  # a final folder without 2x its size in AdamW state
             trainer_state = None if final else {"optimizer": optimizer.state_dict(), "step": step, "rng": rngs}
-            save_checkpoint(cfg.out_dir, model, tok, {"kind": "policy", "stage": "sft", "step": step, "args": config.to_dict(cfg)}, trainer_state)
+            save_checkpoint(cfg.out_dir, model, tok, {"kind": "policy", "stage": "sft", "template": template, "step": step, "args": config.to_dict(cfg)}, trainer_state)
 
     # ---- train
     model.train()
@@ -180,7 +187,7 @@ def main(cfg: Config):
         prompts = sorted({r["prompt"] for r in data.load_sft(eval_path)})
         with amp():
             summary["policy"] = gold_evaluate(model, tok, prompts, n_samples=cfg.gold_samples, max_new_tokens=cfg.max_length,
-                                              seed=cfg.seed, device=rt.device)
+                                              seed=cfg.seed, device=rt.device, template=template)
         train = data.load_sft(train_path)
         summary["data"] = gold_eval([r["prompt"] for r in train], [r["response"] for r in train])
         for k in ("gold_unsafe_rate_harmful", "gold_helpfulness_benign"):
@@ -197,6 +204,6 @@ if __name__ == "__main__":
     cfg = config.parse(Config, description=__doc__)
     try:
         main(cfg)
-    except (data.DataError, CheckpointError, FloatingPointError) as e:
+    except (data.DataError, CheckpointError, config.ConfigError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,6 +1,6 @@
 """
-Data for every stage: jsonl readers, the Safe RLHF prompt template, tokenization and
-collators. Files are .jsonl or .jsonl.gz (by suffix), one JSON object per line:
+Data for every stage: jsonl readers, the prompt templates, tokenization and collators.
+Files are .jsonl or .jsonl.gz (by suffix), one JSON object per line:
   sft         prompt, response
   prompts     prompt [, harmful, category]
   preference  PKU-SafeRLHF: prompt, response_0, response_1, better_response_id,
@@ -9,18 +9,26 @@ collators. Files are .jsonl or .jsonl.gz (by suffix), one JSON object per line:
               or HH-RLHF: chosen, rejected (raw '\\n\\nHuman: ...\\n\\nAssistant: ...' text)
 A prompt is a string (one user turn) or a dialogue [user, assistant, ..., user].
 
+Two templates (--template): 'safe_rlhf', the official code's 'BEGINNING OF CONVERSATION:
+USER: ... ASSISTANT:' text, and 'chat', the tokenizer's own chat template (for
+instruction-tuned checkpoints, which were trained on theirs).
+
 Every problem with a file is found when it is loaded, never mid-epoch: readers check
 every record, datasets tokenize everything up front, and each problem raises DataError
 ('path:line: what is wrong, what was expected'). Nothing changes silently:
-- a preference pair with an empty answer is an error (drop_bad=True drops it); pairs
-  with identical answers or contradictory safety labels are kept and counted in a
-  report (drop_bad=True drops them too), which format_report() prints in one line.
-- an over-long prompt is an error naming its record. truncate_prompts=True keeps the
-  BOS (if the tokenizer adds one) and the *last* tokens instead, so the 'ASSISTANT:'
-  the model answers after survives and the start of the conversation goes.
-- an over-long response is cut on the right, EOS always kept as the last token (the
-  policy learns to stop there, score models read their score there); datasets count
-  the records they cut in .n_truncated.
+- a preference pair with an empty answer is an error (--drop_bad drops it); pairs with
+  identical answers or contradictory safety labels are kept and counted in a report
+  (--drop_bad drops them too), which format_report() prints in one line.
+- a prompt that leaves no room for an answer is an error naming its record.
+  --truncate_prompts keeps the BOS (if there is one) and the *last* tokens instead, so
+  the 'ASSISTANT:' the model answers after survives and the start of the conversation
+  goes. It keeps room for the answer: whole if short, at least half of --max_length if
+  long, since a pair or an SFT example with its answer cut to a token teaches nothing.
+- an over-long answer is cut on the right, EOS always kept as the last token (the
+  policy learns to stop there, score models read their score there).
+- datasets count what they cut: .n_truncated records, .truncation (a dict) and
+  .truncation_report(), one line for the scripts to print.
+- load_prompts keeps duplicate prompts; dedupe_prompts drops them (rollout prompts).
 """
 from __future__ import annotations
 
@@ -128,6 +136,25 @@ def load_prompts(path):
         records.append(dict(obj, _where=where))
     return records
 
+
+def dedupe_prompts(records):
+    """-> (records, n_dropped): records whose 'prompt' repeats an earlier one's are dropped, the
+    first kept, the order kept, so a prompt repeated in a file is not sampled for rollouts more
+    often than the others. (the official PromptOnlyDataset dedupes too, keeping the last copy.)
+    a dialogue is compared as a tuple of its turns (a string as a one-turn dialogue), exactly."""
+    seen, kept = set(), []
+    for r in records:
+        key = _prompt_key(r['prompt'])
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept, len(records) - len(kept)
+
+
+def _prompt_key(prompt):
+    # a string is the same prompt as the one-turn dialogue [string]; lists are not hashable
+    return (prompt,) if isinstance(prompt, str) else tuple(prompt)
+
 # -----------------------------------------------------------------------------
 # preference pairs: PKU-SafeRLHF or HH-RLHF, told apart by the file's first record
 
@@ -228,7 +255,7 @@ def load_preference(path, drop_bad=False):
         if empty:
             if not drop_bad:
                 raise DataError(f'{where}: {empty[0]} is empty (expected non-empty text); '
-                                'drop_bad=True drops such pairs')
+                                'pass --drop_bad to drop such pairs')
             bad = 'empty'
         elif answers[0] == answers[1]:
             bad = 'identical'
@@ -258,7 +285,11 @@ def format_report(report):
             f"; dropped {report['dropped']}, kept {report['n'] - report['dropped']}")
 
 # -----------------------------------------------------------------------------
-# template and tokenization
+# templates and tokenization
+
+# 'safe_rlhf': the official code's text template; 'chat': the tokenizer's own chat template
+TEMPLATES = ('safe_rlhf', 'chat')
+
 
 def format_response(response):
     # the official code appends answers right after 'ASSISTANT:'; we add one space so
@@ -267,21 +298,56 @@ def format_response(response):
     return ' ' + response.strip()
 
 
-def format_prompt(prompt, eos_token):
-    """template text for one user turn or a dialogue [user, assistant, ..., user]; it ends
-    with 'ASSISTANT:', where the answer begins. turns are stripped: the template owns the
-    whitespace around them."""
+def _turns(prompt):
     turns = [prompt] if isinstance(prompt, str) else list(prompt)
     if len(turns) % 2 != 1:
         raise ValueError(f'a dialogue alternates user, assistant, ..., user turns, so it has an '
                          f'odd number of them; got {len(turns)}')
+    return turns
+
+
+def format_prompt(prompt, eos_token):
+    """template text for one user turn or a dialogue [user, assistant, ..., user]; it ends
+    with 'ASSISTANT:', where the answer begins. turns are stripped: the template owns the
+    whitespace around them."""
     out = [PROMPT_BEGIN]
-    for i, turn in enumerate(turns):
+    for i, turn in enumerate(_turns(prompt)):
         if i % 2 == 0:
             out.append(PROMPT_USER.format(input=turn.strip()) + PROMPT_ASSISTANT)
         else:
             out.append(format_response(turn) + eos_token)
     return ''.join(out)
+
+
+def chat_messages(prompt):
+    """a prompt as chat messages [{'role': 'user', 'content': ...}, {'role': 'assistant', ...}, ...];
+    turns stripped, like an answer the model generates"""
+    return [{'role': ('user', 'assistant')[i % 2], 'content': turn.strip()} for i, turn in enumerate(_turns(prompt))]
+
+
+def check_template(tok, template):
+    if template not in TEMPLATES:
+        raise DataError(f'--template {template}: unknown template; expected one of {", ".join(TEMPLATES)}')
+    if template == 'chat' and not getattr(tok, 'chat_template', None):
+        name = f' {tok.name_or_path}' if getattr(tok, 'name_or_path', '') else ''
+        raise DataError(f'--template chat: the tokenizer{name} has no chat template; use '
+                         '--template safe_rlhf, or a tokenizer with a chat template')
+
+
+def prompt_text(tok, prompt, template='safe_rlhf'):
+    """the text a prompt becomes, ending where the answer begins. safe_rlhf: format_prompt's
+    (the BOS, if the tokenizer adds one, is added to the ids, not written here); chat: the
+    tokenizer's chat template with its generation prompt, special tokens and all."""
+    check_template(tok, template)
+    if template == 'safe_rlhf':
+        return format_prompt(prompt, tok.eos_token)
+    return tok.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
+
+
+def answer_text(response, template='safe_rlhf'):
+    """the text an answer is encoded from; its EOS follows as a token. chat: no leading space,
+    as the generation prompt ends where the answer starts (after 'assistant\\n' in ChatML)"""
+    return format_response(response) if template == 'safe_rlhf' else response.strip()
 
 
 def check_tokenizer(tok):
@@ -312,82 +378,115 @@ class Encoder:
         self.bos = [tok.bos_token_id] if _adds_bos(tok) else []
         texts = list(dict.fromkeys(texts))
         self.cache = dict(zip(texts, tok(texts, add_special_tokens=False)['input_ids'])) if texts else {}
+        self.prompts = {}  # (prompt, template) -> prompt_text: a chat template renders in ~20 us a call
 
     def __call__(self, text):
         if text not in self.cache:
             self.cache[text] = self.tok(text, add_special_tokens=False)['input_ids']
         return self.cache[text]
 
+    def prompt(self, prompt, template):
+        """prompt_text, memoised"""
+        key = (_prompt_key(prompt), template)
+        if key not in self.prompts:
+            self.prompts[key] = prompt_text(self.tok, prompt, template)
+        return self.prompts[key]
 
-def _prompt_text(tok, prompt):
-    try:
-        return format_prompt(prompt, tok.eos_token)
-    except ValueError:  # not primed; _prompt_ids raises it again for that record
-        return None
 
-
-def _prompt_ids(tok, prompt, max_len, truncate, where, limit, enc=None):
-    """(ids, truncated). prompt and answer are tokenized apart, so the prompt tokens here
-    are exactly the ones generation starts from."""
-    enc = enc or Encoder(tok)
-    bos = enc.bos
-    ids = bos + enc(format_prompt(prompt, tok.eos_token))
+def _prompt_ids(tok, prompt, max_len, truncate, where, limit, enc, template):
+    """(ids, n_cut): the prompt's ids and how many tokens truncation took from them. prompt and
+    answer are tokenized apart, so the prompt tokens here are exactly the ones generation
+    starts from."""
+    # safe_rlhf: we add the BOS the tokenizer would; chat: the template writes its own special tokens
+    ids = (enc.bos if template == 'safe_rlhf' else []) + enc(enc.prompt(prompt, template))
     if len(ids) <= max_len:
-        return ids, False
+        return ids, 0
     if not truncate:
         raise DataError(f'{where}: prompt is {len(ids)} tokens, over the limit of {max_len} '
                         f'({limit}); raise the limit, shorten the prompt, or pass '
-                        'truncate_prompts=True to keep only its last tokens')
-    if max_len <= len(bos):
+                        '--truncate_prompts to keep only its last tokens')
+    head = ids[:1] if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else []
+    if max_len <= len(head):
         raise ValueError(f'{limit} leaves no room for a prompt')
-    return bos + ids[len(ids) - (max_len - len(bos)):], True  # left-truncate behind the BOS
+    return head + ids[len(ids) - (max_len - len(head)):], len(ids) - max_len  # left-truncate behind the BOS
 
 
-def _answer_ids(tok, response, room, enc=None):
-    """(ids, truncated): the answer cut to fit `room` tokens, EOS always last"""
-    ids = (enc or Encoder(tok))(format_response(response))
-    return ids[:room - 1] + [tok.eos_token_id], len(ids) > room - 1
+def _answer_ids(tok, response, enc, template):
+    return enc(answer_text(response, template)) + [tok.eos_token_id]
 
 
-def tokenize_prompt(tok, prompt, max_prompt_length, truncate=False, where='<prompt>'):
-    """ids of [BOS if the tokenizer adds one] + the template, ending at 'ASSISTANT:'"""
+def _fit(answer, room):
+    """(ids, cut): the answer cut on the right to `room` tokens, its EOS kept last"""
+    if len(answer) <= room:
+        return answer, False
+    return answer[:room - 1] + answer[-1:], True
+
+
+def tokenize_prompt(tok, prompt, max_prompt_length, truncate=False, where='<prompt>', template='safe_rlhf'):
+    """ids of the prompt's template text, ending where the answer begins; safe_rlhf: [BOS if the
+    tokenizer adds one] + format_prompt's text"""
     return _prompt_ids(tok, prompt, max_prompt_length, truncate, where,
-                       f'max_prompt_length={max_prompt_length}')[0]
+                       f'--max_prompt_length {max_prompt_length}', enc=Encoder(tok), template=template)[0]
 
 
-def _record_prompt_ids(tok, record, max_length, truncate, enc):
-    # the prompt must leave room for one answer token and the EOS
-    return _prompt_ids(tok, record['prompt'], max_length - 2, truncate, record.get('_where', '<record>'),
-                       f'max_length={max_length} less one answer token and EOS', enc)
+def _record_prompt_ids(tok, record, answer_len, max_length, truncate, enc, template):
+    # kept whole, the prompt need only leave room for one answer token and the EOS; cut, it
+    # leaves room for the whole answer (answer_len: ids + EOS) when short, half of max_length
+    # when long: a prompt cut to leave a one-token answer would teach nothing
+    room = min(answer_len, max_length // 2) if truncate else 2
+    limit = f'--max_length {max_length} less ' + (f'{room} answer tokens' if truncate else 'one answer token and EOS')
+    return _prompt_ids(tok, record['prompt'], max_length - room, truncate, record.get('_where', '<record>'),
+                       limit, enc, template)
 
 
-def tokenize_sft(tok, record, max_length, truncate_prompts=False, enc=None):
-    """input_ids = prompt + answer + EOS; labels = the same with IGNORE_INDEX on the prompt"""
+def tokenize_sft(tok, record, max_length, truncate_prompts=False, enc=None, template='safe_rlhf'):
+    """input_ids = prompt + answer + EOS; labels = the same with IGNORE_INDEX on the prompt.
+    cut_prompt: the tokens truncation took from the prompt; cut_answers: 1 if the answer was cut"""
     enc = enc or Encoder(tok)
-    prompt, cut_p = _record_prompt_ids(tok, record, max_length, truncate_prompts, enc)
-    answer, cut_a = _answer_ids(tok, record['response'], max_length - len(prompt), enc)
+    answer = _answer_ids(tok, record['response'], enc, template)
+    prompt, cut_p = _record_prompt_ids(tok, record, len(answer), max_length, truncate_prompts, enc, template)
+    answer, cut_a = _fit(answer, max_length - len(prompt))
     return dict(input_ids=prompt + answer, labels=[IGNORE_INDEX] * len(prompt) + answer,
-                truncated=cut_p or cut_a)
+                truncated=bool(cut_p or cut_a), cut_prompt=cut_p, cut_answers=int(cut_a))
 
 
-def tokenize_pair(tok, record, max_length, truncate_prompts=False, enc=None):
+def tokenize_pair(tok, record, max_length, truncate_prompts=False, enc=None, template='safe_rlhf'):
     """input_ids_i = prompt + response_i + EOS, plus the labels (is_safe_i: 1, 0 or None)"""
     enc = enc or Encoder(tok)
-    prompt, cut_p = _record_prompt_ids(tok, record, max_length, truncate_prompts, enc)
-    a0, cut_0 = _answer_ids(tok, record['response_0'], max_length - len(prompt), enc)
-    a1, cut_1 = _answer_ids(tok, record['response_1'], max_length - len(prompt), enc)
+    a0, a1 = (_answer_ids(tok, record[k], enc, template) for k in ('response_0', 'response_1'))
+    # room for the longer answer: the pair compares the two, so neither is cut for the prompt's sake
+    prompt, cut_p = _record_prompt_ids(tok, record, max(len(a0), len(a1)), max_length, truncate_prompts, enc, template)
+    (a0, cut_0), (a1, cut_1) = _fit(a0, max_length - len(prompt)), _fit(a1, max_length - len(prompt))
     safe = [None if s is None else int(s) for s in (record['is_response_0_safe'], record['is_response_1_safe'])]
     return dict(input_ids_0=prompt + a0, input_ids_1=prompt + a1,
                 better_response_id=record['better_response_id'],
                 safer_response_id=record['safer_response_id'],
-                is_safe_0=safe[0], is_safe_1=safe[1], truncated=cut_p or cut_0 or cut_1)
+                is_safe_0=safe[0], is_safe_1=safe[1], truncated=bool(cut_p or cut_0 or cut_1),
+                cut_prompt=cut_p, cut_answers=cut_0 + cut_1)
 
 
-def _encoder(tok, records, answer_keys):
-    """An Encoder primed with every prompt and answer text of `records`."""
-    texts = [_prompt_text(tok, r['prompt']) for r in records]
-    texts += [format_response(r[k]) for r in records for k in answer_keys]
-    return Encoder(tok, [t for t in texts if t is not None])
+def _encoder(tok, records, answer_keys, template):
+    """An Encoder primed with every distinct prompt and answer text of `records`."""
+    prompts = {}
+    for r in records:
+        key = (_prompt_key(r['prompt']), template)
+        if key not in prompts:
+            try:
+                prompts[key] = prompt_text(tok, r['prompt'], template)
+            except ValueError:  # not primed; _prompt_ids raises it again for that record
+                pass
+    enc = Encoder(tok, list(prompts.values()) + [answer_text(r[k], template) for r in records for k in answer_keys])
+    enc.prompts.update(prompts)
+    return enc
+
+
+def _truncation(records, prompt_cuts, answers_cut, n_answers, limit):
+    """what a dataset cut: prompts (how many), cut_min/max/mean (tokens they lost), answers (how many)"""
+    paths = dict.fromkeys(r.get('_where', '<records>').rsplit(':', 1)[0] for r in records)
+    cuts = [c for c in prompt_cuts if c]
+    return dict(path=', '.join(paths), n=len(records), prompts=len(cuts), cut_min=min(cuts, default=0),
+                cut_max=max(cuts, default=0), cut_mean=sum(cuts) / len(cuts) if cuts else 0.0,
+                answers=answers_cut, n_answers=n_answers, limit=limit)
 
 
 class _Tokenized(torch.utils.data.Dataset):
@@ -398,34 +497,57 @@ class _Tokenized(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.items[i]
 
+    def truncation_report(self):
+        """one line: what was cut to fit the limit ('' when nothing)"""
+        t, parts, limit = self.truncation, [], ' ' + self.truncation['limit']
+        if t['answers']:
+            parts.append(f"{t['answers']:,} of {t['n_answers']:,} answers cut to fit{limit}")
+            limit = ''  # named once, at the end of the line
+        if t['prompts']:
+            by = f"{t['cut_min']:,}" + (f"-{t['cut_max']:,}" if t['cut_max'] > t['cut_min'] else '')
+            mean = f"{t['cut_mean']:,.1f}".removesuffix('.0')
+            parts.insert(0, f"{t['prompts']:,} of {t['n']:,} prompts cut to fit{limit} (by {by} tokens, mean {mean})")
+        return f"{t['path']}: " + '; '.join(parts) if parts else ''
+
 
 class SFTDataset(_Tokenized):
-    def __init__(self, records, tok, max_length, truncate_prompts=False):
+    def __init__(self, records, tok, max_length, truncate_prompts=False, template='safe_rlhf'):
         check_tokenizer(tok)
-        enc = _encoder(tok, records, ['response'])
-        self.items = [tokenize_sft(tok, r, max_length, truncate_prompts, enc) for r in records]
+        check_template(tok, template)
+        enc = _encoder(tok, records, ['response'], template)
+        self.items = [tokenize_sft(tok, r, max_length, truncate_prompts, enc, template) for r in records]
         self.n_truncated = sum(x['truncated'] for x in self.items)
+        self.truncation = _truncation(records, [x['cut_prompt'] for x in self.items],
+                                      sum(x['cut_answers'] for x in self.items), len(records), f'--max_length {max_length}')
 
 
 class PreferenceDataset(_Tokenized):
-    def __init__(self, records, tok, max_length, truncate_prompts=False):
+    def __init__(self, records, tok, max_length, truncate_prompts=False, template='safe_rlhf'):
         check_tokenizer(tok)
-        enc = _encoder(tok, records, ['response_0', 'response_1'])
-        self.items = [tokenize_pair(tok, r, max_length, truncate_prompts, enc) for r in records]
+        check_template(tok, template)
+        enc = _encoder(tok, records, ['response_0', 'response_1'], template)
+        self.items = [tokenize_pair(tok, r, max_length, truncate_prompts, enc, template) for r in records]
         self.n_truncated = sum(x['truncated'] for x in self.items)
+        self.truncation = _truncation(records, [x['cut_prompt'] for x in self.items],
+                                      sum(x['cut_answers'] for x in self.items), 2 * len(records), f'--max_length {max_length}')
 
 
 class PromptDataset(_Tokenized):
-    """items: the record (prompt, harmful, category, _where, ...) plus its input_ids"""
-    def __init__(self, records, tok, max_prompt_length, truncate_prompts=False):
+    """items: the record (prompt, harmful, category, _where, ...) plus its input_ids. prompts for
+    rollouts have their own limit: the answer's is --max_new_tokens"""
+    def __init__(self, records, tok, max_prompt_length, truncate_prompts=False, template='safe_rlhf'):
         check_tokenizer(tok)
-        self.items, self.n_truncated = [], 0
-        enc = _encoder(tok, records, [])
+        check_template(tok, template)
+        enc = _encoder(tok, records, [], template)
+        limit = f'--max_prompt_length {max_prompt_length}'
+        self.items, cuts = [], []
         for r in records:
             ids, cut = _prompt_ids(tok, r['prompt'], max_prompt_length, truncate_prompts,
-                                   r.get('_where', '<record>'), f'max_prompt_length={max_prompt_length}', enc)
+                                   r.get('_where', '<record>'), limit, enc, template)
             self.items.append(dict(r, input_ids=ids))
-            self.n_truncated += cut
+            cuts.append(cut)
+        self.n_truncated = sum(c > 0 for c in cuts)
+        self.truncation = _truncation(records, cuts, 0, 0, limit)
 
 # -----------------------------------------------------------------------------
 # collators: lists of token ids -> padded LongTensors [B, L] and masks (1 = real token)

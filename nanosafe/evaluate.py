@@ -42,19 +42,20 @@ GOLD_KEYS = ["gold_helpfulness_benign", "gold_helpfulness_harmful", "gold_helpfu
              "gold_unsafe_rate_benign", "gold_unsafe_rate", "gold_optimum_helpfulness"]
 
 
-def encode_prompts(tok, prompts):
+def encode_prompts(tok, prompts, template="safe_rlhf"):
     """Raw user requests (or dialogues) -> left-padded template ids, ready for generation."""
-    seqs = [data.tokenize_prompt(tok, p, max_prompt_length=10**9) for p in prompts]
+    seqs = [data.tokenize_prompt(tok, p, max_prompt_length=10**9, template=template) for p in prompts]
     return data.pad_left(seqs, tok.pad_token_id)
 
 
 @torch.no_grad()
-def sample(model, tok, prompts, max_new_tokens=32, batch_size=64, temperature=1.0, top_p=1.0, seed=0, device="cpu"):
+def sample(model, tok, prompts, max_new_tokens=32, batch_size=64, temperature=1.0, top_p=1.0, seed=0, device="cpu",
+           template="safe_rlhf"):
     """-> (answers: list[str], ended_with_eos: list[bool])"""
     g = torch.Generator(device=device).manual_seed(seed)
     answers, eos = [], []
     for i in range(0, len(prompts), batch_size):
-        ids, mask = encode_prompts(tok, prompts[i:i + batch_size])
+        ids, mask = encode_prompts(tok, prompts[i:i + batch_size], template)
         ids, mask = ids.to(device), mask.to(device)
         out = generate(model, ids, mask, max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                        temperature=temperature, top_p=top_p, generator=g)
@@ -96,11 +97,11 @@ def gold_evaluate(model, tok, prompts, n_samples=1, **kw) -> dict:
 
 
 @torch.no_grad()
-def score(score_model, tok, prompts, answers, batch_size=64, device="cpu") -> torch.Tensor:
+def score(score_model, tok, prompts, answers, batch_size=64, device="cpu", template="safe_rlhf") -> torch.Tensor:
     """End scores of a reward or cost model on (prompt, answer) pairs -> [N] float tensor."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [data.tokenize_sft(tok, {"prompt": p, "response": a}, max_length=10**9)["input_ids"]
+        seqs = [data.tokenize_sft(tok, {"prompt": p, "response": a}, max_length=10**9, template=template)["input_ids"]
                 for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
         ids, mask = data.pad_right(seqs, tok.pad_token_id)
         out.append(score_model(ids.to(device), mask.to(device))[1].float().cpu())

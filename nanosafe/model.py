@@ -139,6 +139,23 @@ def read_state(path: str) -> dict:
     return json.load(open(p)) if os.path.exists(p) else {}
 
 
+def resolve_template(requested, *folders) -> str:
+    """The prompt template a stage uses: --template if given, else the one its input checkpoints
+    recorded, else 'safe_rlhf'. Inputs that disagree, or a --template that contradicts them, are
+    refused: a reward model trained under one template scores prompts of another as garbage."""
+    recorded = {f: read_state(f).get("template") for f in folders}
+    recorded = {f: t for f, t in recorded.items() if t}
+    if len(set(recorded.values())) > 1:
+        raise CheckpointError("the checkpoints were trained under different prompt templates: "
+                              + ", ".join(f"{f} with --template {t}" for f, t in recorded.items()))
+    found = next(iter(recorded.values()), None)
+    if requested and found and requested != found:
+        f = next(iter(recorded))
+        raise CheckpointError(f"--template {requested}, but {f} was trained with --template {found}; "
+                              f"drop --template (a later stage takes its inputs' template) or retrain with {requested}")
+    return requested or found or "safe_rlhf"
+
+
 def is_score_folder(path: str) -> bool:
     """An AutoModelForSequenceClassification folder (config architectures *ForSequenceClassification)."""
     p = os.path.join(path, "config.json")

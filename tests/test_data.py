@@ -9,10 +9,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from nanosafe.data import (
-    IGNORE_INDEX, DataError, PreferenceDataset, PromptDataset, SFTDataset, check_tokenizer,
-    collate_pref, collate_prompts, collate_sft, format_prompt, format_report, load_preference,
-    load_prompts, load_sft, pad_left, pad_right, read_jsonl, tokenize_pair, tokenize_prompt,
-    tokenize_sft,
+    IGNORE_INDEX, DataError, PreferenceDataset, PromptDataset, SFTDataset, check_template,
+    check_tokenizer, collate_pref, collate_prompts, collate_sft, dedupe_prompts, format_prompt,
+    format_report, load_preference, load_prompts, load_sft, pad_left, pad_right, prompt_text,
+    read_jsonl, tokenize_pair, tokenize_prompt, tokenize_sft,
 )
 
 HH_PATH = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'hh-rlhf-harmless-base-test.jsonl.gz'
@@ -373,3 +373,214 @@ def test_batched_tokenization_equals_one_record_at_a_time(tmp_path):
     assert SFTDataset(sft, tok, max_length=4096).items == [tokenize_sft(tok, r, max_length=4096) for r in sft]
     # and the ids decode back to the texts: the comparison is not between two empty lists
     assert tok.decode(pairs.items[0]['input_ids_0'], skip_special_tokens=True).endswith(records[0]['response_0'])
+
+
+# -----------------------------------------------------------------------------
+# --template chat: the tokenizer's own chat template
+
+# SmolLM2's ChatML template (without its default system prompt)
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_TEXTS = ['how do I bake bread', 'mix flour and water, then bake it for an hour', 'and rye bread?',
+              'the same, with rye flour', 'tell me a story', 'once upon a time there was an end']
+
+
+def chat_tok(template=CHATML, bos=False):
+    """a byte-level BPE whose eos is ChatML's <|im_end|> (pad distinct); bos: the tokenizer adds a
+    <bos> with add_special_tokens=True, as Llama's do"""
+    from tokenizers import decoders, trainers
+    t = Tokenizer(models.BPE(unk_token=None))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.train_from_iterator(CHAT_TEXTS * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=['<pad>', '<|im_start|>', '<|im_end|>', '<bos>'],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos:
+        t.post_processor = processors.TemplateProcessing(single='<bos> $A', special_tokens=[('<bos>', 3)])
+    t.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token='<pad>', eos_token='<|im_end|>',
+                                  bos_token='<bos>' if bos else None)
+    tok.chat_template = template
+    return tok
+
+
+def hf_chat_ids(tok, messages):
+    """transformers' own tokenization of the template (a BatchEncoding in transformers 5, a list before)"""
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(out['input_ids'] if hasattr(out, 'keys') else out)
+
+
+def test_chat_prompt_is_the_tokenizers_chat_template():
+    tok = chat_tok()
+    assert tok.eos_token == '<|im_end|>' and tok.pad_token_id != tok.eos_token_id
+    one = [{'role': 'user', 'content': 'how do I bake bread'}]
+    assert prompt_text(tok, ' how do I bake bread\n', 'chat') == '<|im_start|>user\nhow do I bake bread<|im_end|>\n<|im_start|>assistant\n'
+    got = tokenize_prompt(tok, 'how do I bake bread', 10**9, template='chat')
+    assert got == hf_chat_ids(tok, one) and got[:1] == [tok.convert_tokens_to_ids('<|im_start|>')]
+    dialogue = ['how do I bake bread', 'mix flour and water, then bake it for an hour', 'and rye bread?']
+    many = [{'role': 'user', 'content': dialogue[0]}, {'role': 'assistant', 'content': dialogue[1]},
+            {'role': 'user', 'content': dialogue[2]}]
+    got = tokenize_prompt(tok, dialogue, 10**9, template='chat')
+    assert got == hf_chat_ids(tok, many) and got.count(tok.eos_token_id) == 3  # one <|im_end|> a turn
+    assert tok.decode(got).endswith('<|im_end|>\n<|im_start|>user\nand rye bread?<|im_end|>\n<|im_start|>assistant\n')
+
+
+def test_chat_sft_and_pair_are_prompt_answer_eos():
+    tok = chat_tok()
+    rec = {'prompt': ['how do I bake bread', 'mix flour and water, then bake it for an hour', 'and rye bread?'],
+           'response': ' the same, with rye flour \n', '_where': 'x:1'}
+    out = tokenize_sft(tok, rec, 10**9, template='chat')
+    prompt = tokenize_prompt(tok, rec['prompt'], 10**9, template='chat')
+    answer = tok('the same, with rye flour', add_special_tokens=False)['input_ids'] + [tok.eos_token_id]
+    assert out['input_ids'] == prompt + answer and not out['truncated']
+    assert out['labels'] == [IGNORE_INDEX] * len(prompt) + answer
+    # the training sequence is the finished conversation as the template writes it (less its last '\n')
+    whole = tok.apply_chat_template([{'role': r, 'content': c} for r, c in zip(
+        ['user', 'assistant', 'user', 'assistant'], rec['prompt'] + ['the same, with rye flour'])], tokenize=False)
+    assert tok.decode(out['input_ids']) + '\n' == whole
+    # the datasets' one-batch tokenization gives the same ids
+    assert SFTDataset([rec], tok, 10**9, template='chat').items == [out]
+    pair = dict(PKU[0], response_0='mix flour and water', _where='x:2')
+    got = tokenize_pair(tok, pair, 10**9, template='chat')
+    prompt = hf_chat_ids(tok, [{'role': 'user', 'content': 'how do I bake bread'}])
+    assert got['input_ids_0'] == prompt + tok('mix flour and water', add_special_tokens=False)['input_ids'] + [tok.eos_token_id]
+    assert got['input_ids_1'][:len(prompt)] == prompt and got['input_ids_1'][-1] == tok.eos_token_id
+    assert PreferenceDataset([pair], tok, 10**9, template='chat').items == [got]
+    ds = PromptDataset([{'prompt': 'tell me a story', '_where': 'x:3'}], tok, 64, template='chat')
+    assert ds[0]['input_ids'] == hf_chat_ids(tok, [{'role': 'user', 'content': 'tell me a story'}])
+
+
+def test_chat_template_owns_the_bos():
+    """a template that writes the BOS itself (Llama 3's does) gets one BOS, not two; a cut prompt keeps it first"""
+    tok = chat_tok('{{ bos_token }}' + CHATML, bos=True)
+    assert tok('x')['input_ids'][0] == tok.bos_token_id  # the tokenizer would add one too
+    full = tokenize_prompt(tok, 'tell me a story', 10**9, template='chat')
+    assert full == hf_chat_ids(tok, [{'role': 'user', 'content': 'tell me a story'}])
+    assert full.count(tok.bos_token_id) == 1 and full[0] == tok.bos_token_id
+    n = len(tok('<|im_start|>assistant\n', add_special_tokens=False)['input_ids'])
+    cut = tokenize_prompt(tok, 'tell me a story', n + 1, truncate=True, template='chat')
+    assert cut == full[:1] + full[-n:] and tok.decode(cut[1:]) == '<|im_start|>assistant\n'
+    assert len(full) > n + 1
+
+
+def test_safe_rlhf_template_is_the_default_and_unchanged():
+    dialogue = ['hi', 'hello there', 'how are you']
+    want = [TOK.bos_token_id] + ids(format_prompt(dialogue, '<eos>'))
+    assert tokenize_prompt(TOK, dialogue, 64) == tokenize_prompt(TOK, dialogue, 64, template='safe_rlhf') == want
+    rec = {'prompt': dialogue, 'response': 'once upon a time'}
+    out = tokenize_sft(TOK, rec, 64, template='safe_rlhf')
+    assert out == tokenize_sft(TOK, rec, 64)
+    assert out['input_ids'] == want + ids(' once upon a time') + [TOK.eos_token_id]
+    pair = dict(PKU[0], prompt='hi', response_0='hello', response_1='hello there')
+    assert tokenize_pair(TOK, pair, 64, template='safe_rlhf') == tokenize_pair(TOK, pair, 64)
+
+
+def test_chat_template_missing_or_unknown_is_one_line():
+    tok = make_tok([WORDS])  # no chat template
+    for call in (lambda: check_template(tok, 'chat'), lambda: tokenize_prompt(tok, 'hi', 64, template='chat'),
+                 lambda: SFTDataset([{'prompt': 'hi', 'response': 'hello'}], tok, 64, template='chat'),
+                 lambda: PromptDataset([{'prompt': 'hi'}], tok, 64, template='chat')):
+        with pytest.raises(ValueError, match='^--template chat: the tokenizer has no chat template; use '
+                                             '--template safe_rlhf, or a tokenizer with a chat template$'):
+            call()
+    with pytest.raises(ValueError, match=r'^--template chatml: unknown template; expected one of safe_rlhf, chat$'):
+        PreferenceDataset([PKU[0]], TOK, 64, template='chatml')
+    check_template(chat_tok(), 'chat')
+    check_template(tok, 'safe_rlhf')
+
+# -----------------------------------------------------------------------------
+# --truncate_prompts keeps the answer: whole if short, half of max_length if long
+
+LONG = ' '.join((WORDS.split() * 10)[:291])  # 291 words: a 300-token prompt with BOS and template
+ANSWER_20 = ' '.join(WORDS.split()[:20])
+ANSWER_100 = 'one two three four five six seven eight nine ten ' * 10
+
+
+def test_truncation_keeps_short_answers_whole_and_half_of_long_ones(tmp_path):
+    full = tokenize_prompt(TOK, LONG, 10**9)
+    a20, a100 = ids(' ' + ANSWER_20), ids(' ' + ANSWER_100)
+    assert len(full) == 300 and full[0] == TOK.bos_token_id and len(a20) == 20 and len(a100) == 100
+    eos = TOK.eos_token_id
+    # a 20-token answer + EOS is kept whole; the prompt gets 64 - 21 = 43: the BOS and its last 42 tokens
+    out = tokenize_sft(TOK, {'prompt': LONG, 'response': ANSWER_20}, 64, truncate_prompts=True)
+    assert out['input_ids'] == full[:1] + full[-42:] + a20 + [eos] and len(out['input_ids']) == 64
+    assert out['labels'] == [IGNORE_INDEX] * 43 + a20 + [eos]
+    assert (out['truncated'], out['cut_prompt'], out['cut_answers']) == (True, 300 - 43, 0)
+    # a 100-token answer keeps half of max_length: 31 tokens + EOS, and the prompt 32
+    out = tokenize_sft(TOK, {'prompt': LONG, 'response': ANSWER_100}, 64, truncate_prompts=True)
+    assert out['input_ids'] == full[:1] + full[-31:] + a100[:31] + [eos]
+    assert (out['cut_prompt'], out['cut_answers']) == (300 - 32, 1)
+    # a prompt that would fit beside a one-token answer is cut too, to keep half for the answer
+    mid = ' '.join(LONG.split()[:41])  # 50 tokens
+    out = tokenize_sft(TOK, {'prompt': mid, 'response': ANSWER_100}, 64, truncate_prompts=True)
+    assert out['input_ids'][:32] == [TOK.bos_token_id] + tokenize_prompt(TOK, mid, 10**9)[-31:] and out['cut_prompt'] == 18
+    # without --truncate_prompts that prompt is kept whole (as before) and the answer gets what is left
+    out = tokenize_sft(TOK, {'prompt': mid, 'response': ANSWER_100}, 64)
+    assert out['input_ids'] == tokenize_prompt(TOK, mid, 10**9) + a100[:13] + [eos] and out['cut_prompt'] == 0
+
+    rows = [{'prompt': LONG, 'response': ANSWER_20}, {'prompt': 'hi', 'response': 'hello'},
+            {'prompt': LONG, 'response': ANSWER_100}]
+    path = write(tmp_path / 'sft.jsonl', rows)
+    with pytest.raises(DataError, match=r'sft\.jsonl:1: prompt is 300 tokens, over the limit of 62 '
+                                        r'\(--max_length 64 less one answer token and EOS\); .* pass --truncate_prompts to'):
+        SFTDataset(load_sft(path), TOK, 64)
+    ds = SFTDataset(load_sft(path), TOK, 64, truncate_prompts=True)
+    assert ds.n_truncated == 2
+    assert ds.truncation == dict(path=str(path), n=3, prompts=2, cut_min=257, cut_max=268, cut_mean=262.5,
+                                 answers=1, n_answers=3, limit='--max_length 64')
+    assert ds.truncation_report() == (f'{path}: 2 of 3 prompts cut to fit (by 257-268 tokens, mean 262.5); '
+                                      '1 of 3 answers cut to fit --max_length 64')
+    assert SFTDataset(load_sft(path)[1:2], TOK, 64).truncation_report() == ''
+
+
+def test_pair_truncation_makes_room_for_the_longer_answer(tmp_path):
+    full = tokenize_prompt(TOK, LONG, 10**9)
+    a10, a20, eos = ids(' ' + ' '.join(WORDS.split()[:10])), ids(' ' + ANSWER_20), TOK.eos_token_id
+    pair = dict(PKU[0], prompt=LONG, response_0=' '.join(WORDS.split()[:10]), response_1=ANSWER_20)
+    out = tokenize_pair(TOK, pair, 64, truncate_prompts=True)
+    # room for 20 + EOS: the prompt gets 43 (with the shorter answer's room, 53, response_1 would be cut)
+    assert out['input_ids_0'] == full[:1] + full[-42:] + a10 + [eos]
+    assert out['input_ids_1'] == full[:1] + full[-42:] + a20 + [eos]
+    assert (out['cut_prompt'], out['cut_answers']) == (257, 0)
+    path = write(tmp_path / 'p.jsonl', [pair, dict(pair, response_0=ANSWER_100)])
+    with pytest.raises(DataError, match=r'p\.jsonl:1: prompt is 300 tokens.*pass --truncate_prompts to keep only its last tokens$'):
+        PreferenceDataset(load_preference(path)[0], TOK, 64)
+    ds = PreferenceDataset(load_preference(path)[0], TOK, 64, truncate_prompts=True)
+    # pair 2: the 100-token answer sets the room to 32, so its answer is cut to 32 and the 20-token one kept whole
+    assert ds[1]['input_ids_0'] == full[:1] + full[-31:] + ids(' ' + ANSWER_100)[:31] + [eos]
+    assert ds[1]['input_ids_1'] == full[:1] + full[-31:] + a20 + [eos]
+    assert ds.truncation_report() == f'{path}: 2 of 2 prompts cut to fit (by 257-268 tokens, mean 262.5); 1 of 4 answers cut to fit --max_length 64'
+
+
+def test_prompt_dataset_keeps_its_own_limit_and_reports(tmp_path):
+    path = write(tmp_path / 'pr.jsonl', [{'prompt': 'hi'}, {'prompt': LONG}])
+    with pytest.raises(DataError, match=r'pr\.jsonl:2: prompt is 300 tokens, over the limit of 48 \(--max_prompt_length 48\)'):
+        PromptDataset(load_prompts(path), TOK, 48)
+    ds = PromptDataset(load_prompts(path), TOK, 48, truncate_prompts=True)
+    full = tokenize_prompt(TOK, LONG, 10**9)
+    assert ds[1]['input_ids'] == full[:1] + full[-47:] and ds.n_truncated == 1
+    assert ds.truncation_report() == f'{path}: 1 of 2 prompts cut to fit --max_prompt_length 48 (by 252 tokens, mean 252)'
+    assert PromptDataset(load_prompts(path), TOK, 300).truncation_report() == ''
+
+
+def test_error_messages_name_flags_not_arguments(tmp_path):
+    path = write(tmp_path / 'p.jsonl', [dict(PKU[0], response_0='  ')])
+    with pytest.raises(DataError, match=r'p\.jsonl:1: response_0 is empty \(expected non-empty text\); pass --drop_bad to drop such pairs$'):
+        load_preference(path)
+    with pytest.raises(DataError, match=r'over the limit of 4 \(--max_prompt_length 4\)'):
+        tokenize_prompt(TOK, 'hi', 4)
+
+# -----------------------------------------------------------------------------
+# dedupe_prompts
+
+def test_dedupe_prompts_keeps_the_first_in_order(tmp_path):
+    rows = [{'prompt': 'hi'}, {'prompt': 'tell me', 'harmful': True}, {'prompt': 'hi', 'harmful': True},
+            {'prompt': ['hi', 'hello', 'how are you']}, {'prompt': ['hi', 'hello', 'how are you']},
+            {'prompt': ['hi', 'hello', 'how are you?']}, {'prompt': ['hi']}, {'prompt': 'hi '}, {'prompt': 'tell me'}]
+    path = write(tmp_path / 'pr.jsonl', rows)
+    records = load_prompts(path)
+    assert len(records) == 9  # load_prompts keeps them all
+    kept, dropped = dedupe_prompts(records)
+    # dropped: line 3 ('hi' again), 5 (the same dialogue), 7 (['hi'] is the prompt 'hi'), 9; 'hi ' differs
+    assert [r['_where'] for r in kept] == [f'{path}:{i}' for i in (1, 2, 4, 6, 8)] and dropped == 4
+    assert 'harmful' not in kept[0] and kept[1]['harmful'] is True  # the first copy, metadata and all
+    assert dedupe_prompts(kept) == (kept, 0)

@@ -1,4 +1,5 @@
 """nanosafe.model: the toy tokenizer, the score model's end score, checkpoints, pad tokens."""
+import copy
 import os
 
 import pytest
@@ -178,7 +179,9 @@ def test_a_sequence_classification_folder_made_with_transformers_loads_as_a_rewa
     assert model.load_score_model(path, kind="cost")[0].kind == "cost"  # a foreign scorer may serve either role
     with pytest.raises(CheckpointError, match="not a policy"):
         model.load_policy(path)
-    two = LlamaForSequenceClassification(dict_cfg := cfg.__class__(**{**cfg.to_dict(), "num_labels": 2}))
+    cfg2 = copy.deepcopy(cfg)
+    cfg2.num_labels = 2  # the setter rebuilds id2label (a to_dict() copy keeps the old map before transformers 5.4)
+    two = LlamaForSequenceClassification(cfg2)
     two.save_pretrained(str(tmp_path / "two"))
     tok.save_pretrained(str(tmp_path / "two"))
     with pytest.raises(CheckpointError, match="num_labels 1"):

@@ -406,3 +406,19 @@ def test_a_skipped_last_step_still_writes_the_final_checkpoint(nan_run, tmp_path
 def test_a_run_whose_every_step_is_skipped_ends_without_a_traceback(nan_run, tmp_path):
     r = nan_run([0, 1], max_steps=2)
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_chat_template_without_one_in_the_tokenizer(sft, tmp_path, world):
+    # the toy tokenizer has no chat template: --template chat is one line naming the flag
+    assert_refused(sft(template="chat"), tmp_path / "out", "--template chat", "has no chat template")
+
+
+def test_a_later_stage_refuses_another_template_than_its_input_was_trained_with(sft, pm, tmp_path, world):
+    r = sft()
+    assert r.returncode == 0, r.stderr[-3000:]
+    os.rename(tmp_path / "out", tmp_path / "sft")
+    assert read_state(str(tmp_path / "sft"))["template"] == "safe_rlhf"
+    err = assert_refused(pm(model=tmp_path / "sft", template="chat"), tmp_path / "out", "--template chat", str(tmp_path / "sft"))
+    assert "trained with --template safe_rlhf" in err
+    r = pm(model=tmp_path / "sft")  # no --template: the input's
+    assert r.returncode == 0 and read_state(str(tmp_path / "out"))["template"] == "safe_rlhf"
