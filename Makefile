@@ -1,4 +1,4 @@
-# make demo: install what is missing, run the whole toy pipeline (~20 min on 2 CPU threads), print the results
+# make demo: install what is missing, run the whole toy pipeline (~40 min on 2 CPU threads), print the results
 # make test: install what is missing, run the tests (CPU only, ~9 min on 2 cores)
 PY ?= python3
 
@@ -17,6 +17,7 @@ demo: install install-plot
 	$(PY) train_pm.py --kind reward
 	$(PY) train_pm.py --kind cost
 	$(PY) train_ppo_lag.py
+	$(PY) train_ppo_lag.py --seed 1 --out_dir out/ppo_lag_seed1
 	$(PY) train_ppo_lag.py --algo ppo
 	$(PY) train_ppo_lag.py --algo reward_shaping --shaping_coef 1.0
 	$(PY) -m nanosafe.evaluate --compare out/sft out/ppo out/reward_shaping out/ppo_lag --plot out/ppo_lag.png --out out/results.json

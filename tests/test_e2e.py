@@ -36,9 +36,10 @@ def stages(tmp_path_factory):
     data = t / "data"
     run("train_sft.py", "--data_dir", data, "--out_dir", t / "sft", "--toy_size", "tiny", "--max_steps", 30,
         "--batch_size", 16, "--max_length", 48, "--gold_samples", 1, "--eval_every", 15)
-    for kind, out in (("reward", "rm"), ("cost", "cm")):
+    # the cost model trains long enough to call some of the SFT policy's answers unsafe: calibration needs both kinds
+    for kind, out, steps in (("reward", "rm", 8), ("cost", "cm", 60)):
         run("train_pm.py", "--kind", kind, "--model", t / "sft", "--data_dir", data, "--out_dir", t / out,
-            "--max_steps", 8, "--batch_size", 8, "--max_length", 48)
+            "--max_steps", steps, "--batch_size", 8, "--max_length", 48)
     return t
 
 
@@ -115,9 +116,9 @@ def test_baselines_run(stages, algo):
 def test_ppo_resume_is_exact(stages):
     """3 iterations straight == 2 iterations, stop, --resume to 3 (actor, critics, λ, window, RNG)."""
     t = stages
-    ppo(t, "full", "--max_steps", 3, "--thresholds", "-1.0")
+    ppo(t, "full", "--max_steps", 3, "--thresholds", "-1.0", "--save_optimizer")
     ppo(t, "cut", "--max_steps", 2, "--thresholds", "-1.0", "--save_optimizer")
-    ppo(t, "cut", "--max_steps", 3, "--thresholds", "-1.0", "--resume")
+    ppo(t, "cut", "--max_steps", 3, "--thresholds", "-1.0", "--resume", "--save_optimizer")
     for sub in ["", "reward_critic", "cost_critic_0"]:
         a = load_file(t / "full" / sub / "model.safetensors")
         b = load_file(t / "cut" / sub / "model.safetensors")
@@ -132,9 +133,9 @@ def test_resume_keeps_the_calibrated_threshold(stages):
     """No --thresholds: d is calibrated on the starting policy. A resume must keep that d (not
     recalibrate on the half-trained actor) and end where an uninterrupted run ends."""
     t = stages
-    ppo(t, "cal_full", "--max_steps", 3)
+    ppo(t, "cal_full", "--max_steps", 3, "--save_optimizer")
     ppo(t, "cal_cut", "--max_steps", 2, "--save_optimizer")
-    ppo(t, "cal_cut", "--max_steps", 3, "--resume")
+    ppo(t, "cal_cut", "--max_steps", 3, "--resume", "--save_optimizer")
     d_full = json.load(open(t / "cal_full" / "nanosafe.json"))["thresholds"]
     assert json.load(open(t / "cal_cut" / "nanosafe.json"))["thresholds"] == d_full
     sa = torch.load(t / "cal_full" / "trainer_state.pt", weights_only=True)
@@ -183,7 +184,7 @@ def test_ppo_sigkill_then_resume_is_exact(stages):
     import time
     t, steps = stages, 6
     args = ["--thresholds", "-1.0", "--eval_every", "0"]
-    ppo(t, "k_full", "--max_steps", steps, *args)
+    ppo(t, "k_full", "--max_steps", steps, *args, "--save_optimizer")
     cmd = [sys.executable, "train_ppo_lag.py", "--model", t / "sft", "--reward_model", t / "rm", "--cost_models", t / "cm",
            "--data_dir", t / "data", "--out_dir", t / "k_cut", *PPO_TINY, "--max_steps", steps, *args]
     p = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -199,7 +200,7 @@ def test_ppo_sigkill_then_resume_is_exact(stages):
     recover_checkpoint(str(t / "k_cut"))
     killed_at = json.load(open(state))["step"]
     assert 3 <= killed_at < steps, killed_at
-    out = ppo(t, "k_cut", "--max_steps", steps, *args, "--resume").stdout
+    out = ppo(t, "k_cut", "--max_steps", steps, *args, "--resume", "--save_optimizer").stdout
     assert f"resumed from {t / 'k_cut'} at iteration {killed_at}" in out
     for sub in ["", "reward_critic", "cost_critic_0"]:
         a, b = load_file(t / "k_full" / sub / "model.safetensors"), load_file(t / "k_cut" / sub / "model.safetensors")

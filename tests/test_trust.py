@@ -359,7 +359,7 @@ def nan_run(world, tmp_path):
     wrapper.write_text(NAN_WRAPPER)
 
     def run(nan_steps, **kw):
-        args = tiny_args(world, "train_sft.py", tmp_path / "out", **dict({"batch_size": 8, "ckpt_every": 1}, **kw))  # 1 micro-batch a step
+        args = tiny_args(world, "train_sft.py", tmp_path / "out", **dict({"batch_size": 8, "ckpt_every": 1, "save_optimizer": True}, **kw))  # 1 micro-batch a step
         return subprocess.run([sys.executable, str(wrapper), *args], cwd=ROOT, capture_output=True, text=True,
                               env=dict(ENV, NAN_CALLS=",".join(map(str, nan_steps))), timeout=300)
     return run
