@@ -1,5 +1,5 @@
 # make demo: install what is missing, run the whole toy pipeline (~40 min on 2 CPU threads), print the results
-# make test: install what is missing, run the tests (CPU only, ~9 min on 2 cores)
+# make test: install what is missing, run the tests (CPU only, ~10 min on 2 cores)
 PY ?= python3
 
 .PHONY: demo test install install-plot clean

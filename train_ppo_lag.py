@@ -65,7 +65,7 @@ class Config:
     dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast, fp32 master weights for the actor and critics, bf16 weights for the frozen models", choices=["float32", "bfloat16"])
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
     # rollout
-    max_steps: int = arg(400, "iterations (one rollout batch + its PPO updates each)")
+    max_steps: int = arg(350, "iterations (one rollout batch + its PPO updates each; the toy default fits in 10 minutes on 2 CPU threads)")
     rollout_batch_size: int = arg(128, "prompts per iteration per process (official: 16 per GPU; the toy world learns more per iteration from 128, see docs/findings.md)")
     max_new_tokens: int = arg(24, "answer length limit in tokens (official: 512)")
     max_prompt_length: int = arg(48, "longer prompts are an error (or left-truncated with --truncate_prompts)")
@@ -246,11 +246,17 @@ def main(cfg: Config):
             if read_state(cfg.cost_models[k]).get("sign_loss") is False:  # what nanosafe's cost model folder records
                 raise config.ConfigError(f"{cfg.cost_models[k]}: this cost model was trained without the sign term, so its zero does "
                                          f"not separate safe from unsafe and d cannot be calibrated as 'cost > 0 is unsafe'; pass --thresholds")
-            # on rank 0, then broadcast: every rank must hold the same d
-            with amp():
-                d, info = calibrate_threshold(actor, cm, train_set.items[:256], tok, cfg, rt.device, cfg.cost_models[k]) \
-                    if rt.master else (None, None)
-            d, info = dist.broadcast_object((d, info))
+            # on rank 0, then broadcast (its error too, so no rank waits forever): every rank holds the same d
+            d = info = err = None
+            if rt.master:
+                try:
+                    with amp():
+                        d, info = calibrate_threshold(actor, cm, train_set.items[:256], tok, cfg, rt.device, cfg.cost_models[k])
+                except config.ConfigError as e:
+                    err = str(e)
+            d, info, err = dist.broadcast_object((d, info, err))
+            if err:
+                raise config.ConfigError(err)
             thresholds.append(d)
             calib.append(info)
             print0(f"constraint {k} ({cfg.cost_models[k]}): threshold d = {d:+.3f}, i.e. the mean cost of a policy whose answers "

@@ -45,7 +45,7 @@ def build_parser(cls, description: str = None) -> argparse.ArgumentParser:
     for f in dataclasses.fields(cls):
         tp, inner = _base_type(hints[f.name])
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kw = dict(default=default, help=f.metadata.get("help", ""), choices=f.metadata.get("choices"))
+        kw = dict(default=default, help=f.metadata.get("help", "").replace("%", "%%"), choices=f.metadata.get("choices"))  # argparse formats help with %
         if tp is bool:
             kw.pop("choices")
             ap.add_argument(f"--{f.name}", action="store_true", **kw)

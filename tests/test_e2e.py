@@ -231,3 +231,24 @@ def test_bf16_autocast_trains_like_fp32_and_runs_every_stage(stages):
     ppo(t, "lag_bf16", "--max_steps", 1, "--dtype", "bfloat16")
     rec = [r for r in metrics(t / "lag_bf16") if not r.get("final")][0]
     assert all(math.isfinite(rec[k]) for k in ("reward", "cost_0", "kl", "policy_loss", "value_loss_reward_critic"))
+
+
+def test_calibration_refuses_a_cost_model_without_the_sign_term(stages):
+    """Without the sign term the cost model's zero separates nothing, so 'cost > 0 is unsafe' cannot set d:
+    one line, and its folder says sign_loss false. With --thresholds the same model trains."""
+    t = stages
+    run("train_pm.py", "--kind", "cost", "--no_sign_loss", "--model", t / "sft", "--data_dir", t / "data",
+        "--out_dir", t / "cm_nosign", "--max_steps", 4, "--batch_size", 8, "--max_length", 48)
+    assert json.load(open(t / "cm_nosign" / "nanosafe.json"))["sign_loss"] is False
+    p = ppo(t, "nosign", "--cost_models", t / "cm_nosign", "--max_steps", 1, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "trained without the sign term" in errors[0] and str(t / "cm_nosign") in errors[0]
+    ppo(t, "nosign", "--cost_models", t / "cm_nosign", "--max_steps", 1, "--thresholds", "0.0")
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_pm.py", "train_ppo_lag.py", "sample.py"])
+def test_help_lists_every_flag(script):
+    # argparse formats help texts with %: a '72%' in one would crash --help
+    out = run(script, "--help").stdout
+    assert "--seed" in out and ("--template" in out) and "--dtype" in out
