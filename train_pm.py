@@ -18,7 +18,6 @@ for a toy model trained from scratch, see --init) plus a linear head; the
 score of a sequence is the score at its last non-pad token, its EOS.
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -132,7 +131,7 @@ def for_category(records, cat):
 # evaluation
 
 @torch.no_grad()
-def evaluate(kind, model, records, dataset, tok, device, amp=contextlib.nullcontext, batch_size=64):
+def evaluate(kind, model, records, dataset, tok, device, amp=nullcontext, batch_size=64):
     """Pairwise accuracy, sign accuracy (cost), oracle accuracy (toy world) and the scores."""
     model.eval()
     s0, s1 = [], []
@@ -277,7 +276,6 @@ def main(cfg: Config):
     model.to(rt.device)
     eval_records = load(eval_path) if eval_path else []
     template = resolve_template(cfg.template, out_dir if cfg.resume else cfg.model)
-    data.check_template(tok, template)
     eval_set = data.PreferenceDataset(eval_records, tok, cfg.max_length, cfg.truncate_prompts, template) if eval_records else None
     if eval_set is not None and eval_set.truncation_report():
         print0(eval_set.truncation_report())

@@ -214,7 +214,6 @@ def main(cfg: Config):
         check_same_tokenizer(tok, ctok, cfg.model, p)
         cost_models.append(cm)
     template = resolve_template(cfg.template, *([out_dir] if cfg.resume else []), cfg.model, cfg.reward_model, *cfg.cost_models)
-    data.check_template(tok, template)
     train_set = data.PromptDataset(train_prompts, tok, cfg.max_prompt_length, cfg.truncate_prompts, template)
     if train_set.truncation_report():
         print0(train_set.truncation_report())
@@ -317,7 +316,7 @@ def main(cfg: Config):
             save(out_dir, actor, critics, tok, meta, step + 1, actor_opt, critic_opts, lambdas, windows, thresholds, gen, rt, final)
 
     # ---- the loop
-    start_len, warned_at = None, {}  # the first iteration's mean answer length, to notice a collapse
+    start_len, warned_window = None, None  # the first iteration's mean answer length, to notice a collapse
     pbar = dist.progress(range(start_step, cfg.max_steps), rt.master, initial=start_step, total=cfg.max_steps, desc=cfg.algo)
     for step in pbar:
         rec = {"step": step}
@@ -429,10 +428,11 @@ def main(cfg: Config):
         metrics.log(rec)
         start_len = start_len or rec["response_length"]
         collapsing = rec["response_length"] < cfg.collapse_ratio * start_len or rec["empty_frac"] > 0.5
-        if rt.master and cfg.show_every and (step % cfg.show_every == 0 or (collapsing and not warned_at.get(step // cfg.show_every))):
+        warn = collapsing and step // max(1, cfg.show_every) != warned_window  # once per show_every iterations
+        if rt.master and cfg.show_every and (step % cfg.show_every == 0 or warn):
             show_rollouts(step, seq, mask, P, R, C, tok)
-        if collapsing and not warned_at.get(step // max(1, cfg.show_every)):  # once per show_every iterations
-            warned_at[step // max(1, cfg.show_every)] = True
+        if warn:
+            warned_window = step // max(1, cfg.show_every)
             print0(f"warning: iteration {step}: the answers are collapsing: mean length {rec['response_length']:.1f} tokens "
                    f"(the first iteration: {start_len:.1f}), {rec['empty_frac']:.0%} empty. The reward/cost models may prefer "
                    f"short or empty answers (were their training answers truncated?); or lower --actor_lr, raise --kl_coef.")

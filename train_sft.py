@@ -84,7 +84,6 @@ def main(cfg: Config):
         model, tok = load_policy(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data.check_tokenizer(tok)
     template = resolve_template(cfg.template, *[p for p in (cfg.out_dir if cfg.resume else cfg.model,) if p])
-    data.check_template(tok, template)
     train_set = data.SFTDataset(data.load_sft(train_path), tok, cfg.max_length, cfg.truncate_prompts, template)
     eval_set = data.SFTDataset(data.load_sft(eval_path), tok, cfg.max_length, cfg.truncate_prompts, template) if eval_path else None
     for ds in (train_set, eval_set):

@@ -22,10 +22,14 @@ import shutil
 import torch
 import torch.nn as nn
 import transformers
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from nanosafe.generate import position_ids_from_mask as position_ids  # positions that skip left padding
+
+# the floor the code needs: 4.55 fails on DynamicCache(config=...) and from_pretrained(dtype=...) (checked in a venv)
+if tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit()) < (4, 56):
+    raise ImportError(f"nanosafe needs transformers >= 4.56 (found {transformers.__version__}): pip install -U 'transformers>=4.56'")
 
 transformers.utils.logging.set_verbosity_error()  # no load reports for the lm_head a score model drops
 transformers.utils.logging.disable_progress_bar()
