@@ -1,8 +1,11 @@
-# make demo: install what is missing, run the whole toy pipeline (~40 min on 2 CPU threads), print the results
-# make test: install what is missing, run the tests (CPU only, ~10 min on 2 cores)
+# make demo:    install what is missing, run the toy pipeline SFT -> reward model -> cost model -> PPO-Lag and
+#               its gold evaluation against SFT (~14 min on 2 CPU threads)
+# make compare: after the demo, PPO-Lag seed 1 and the two baselines (PPO, reward shaping), one table (~15 min)
+# make test:    install what is missing, run the tests (CPU only, ~11 min on 2 cores)
 PY ?= python3
+SHELL := /bin/bash
 
-.PHONY: demo test install install-plot clean
+.PHONY: demo compare test install install-plot clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -13,14 +16,19 @@ install-plot:
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib || echo "no matplotlib: text histograms instead of plots"
 
 demo: install install-plot
-	$(PY) train_sft.py
-	$(PY) train_pm.py --kind reward
-	$(PY) train_pm.py --kind cost
-	$(PY) train_ppo_lag.py
-	$(PY) train_ppo_lag.py --seed 1 --out_dir out/ppo_lag_seed1
-	$(PY) train_ppo_lag.py --algo ppo
-	$(PY) train_ppo_lag.py --algo reward_shaping --shaping_coef 1.0
-	$(PY) -m nanosafe.evaluate --compare out/sft out/ppo out/reward_shaping out/ppo_lag --plot out/ppo_lag.png --out out/results.json
+	time $(PY) train_sft.py
+	time $(PY) train_pm.py --kind reward
+	time $(PY) train_pm.py --kind cost
+	time $(PY) train_ppo_lag.py
+	time $(PY) -m nanosafe.evaluate --compare out/sft out/ppo_lag --plot out/ppo_lag.png --out out/results.json
+
+compare: install install-plot
+	@test -d out/ppo_lag || $(MAKE) demo
+	time $(PY) train_ppo_lag.py --seed 1 --out_dir out/ppo_lag_seed1
+	time $(PY) train_ppo_lag.py --algo ppo
+	time $(PY) train_ppo_lag.py --algo reward_shaping --shaping_coef 1.0
+	time $(PY) -m nanosafe.evaluate --compare out/sft out/ppo out/reward_shaping out/ppo_lag out/ppo_lag_seed1 \
+		--plot out/compare.png --out out/compare.json
 
 test: install
 	$(PY) -m pytest -q

@@ -1,19 +1,30 @@
 """
-Speed and memory benchmarks, printed as one table: the median of several timed runs
-(after warm-up) per row, and a ratio against a reference row measured in the same run.
+Speed and memory benchmarks. Only ratios measured in one run mean anything (these machines
+are noisy), so every table holds a reference measured beside what it is compared with.
 
-    python bench.py                                  # the 'medium' toy size (1.1M) on CPU, fp32
+    python bench.py                                  # our generation loop vs transformers' generate
+    python bench.py --ppo                            # one PPO / PPO-Lag iteration, per phase
+    python bench.py --ppo --trl /tmp/trl-venv/bin/python   # ... alternating with TRL's PPOTrainer
     python bench.py --device cuda --dtype bf16 --size large
 
-Adding a row (say, an SFT forward/backward step, or one PPO iteration) means writing
-one function that returns a Row and appending it to BENCHES at the bottom.
-Models are random, built from a config: nothing is downloaded, nothing is trained.
+--ppo runs train_ppo_lag.py itself (a subprocess per run) at the settings of TRL's anchor
+benchmark (../shared/bench/trl_ppo.py): random-init Llama models of the same shape, a
+303-token word vocabulary, 64 prompts of 12-16 tokens, exactly 32 new tokens (EOS held back
+with --min_new_tokens), temperature 1, one minibatch of 64. Its per-iteration seconds and
+phases come from the run's metrics.jsonl ("iteration_s", "time_s"); the first iteration is
+warm-up. Models are random, built from a config: nothing is downloaded, nothing is trained.
 """
 
 import argparse
+import json
+import os
 import platform
+import random
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import NamedTuple
 
@@ -24,134 +35,266 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from nanosafe.generate import generate
 from nanosafe.model import TOY_SIZES
 
-parser = argparse.ArgumentParser(description="nanosafe benchmarks")
-# What to run
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
-parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights and activations dtype")
-parser.add_argument("--size", choices=["small", "medium", "large"], default="medium",
-                    help="the toy world's sizes (nanosafe.model.TOY_SIZES): small hidden 64, 3 layers (the default toy policy, "
-                         "0.25M with the toy vocabulary); medium hidden 128, 4 layers (1.1M); large hidden 256, 6 layers (6.5M)")
-# Workload
-parser.add_argument("--batch_size", type=int, default=16, help="prompts per batch")
-parser.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per row (rows are left-padded to different lengths)")
-parser.add_argument("--new_tokens", type=int, default=64, help="max new tokens per row")
-# Measurement
-parser.add_argument("--runs", type=int, default=5, help="timed runs per row; the table shows their median")
-parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="generation: the weights' dtype; --ppo: train_ppo_lag.py --dtype (bf16 autocast, fp32 master weights)")
 parser.add_argument("--seed", type=int, default=0, help="seed for weights, prompts and sampling")
-parser.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads (0: torch's default). on a busy machine use fewer than the free cores: "
-                         "a descheduled OpenMP thread stalls every small matmul")
+parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (TRL's anchor uses 2)")
+parser.add_argument("--json", default=None, help="also write every number measured to this file")
+# generation
+parser.add_argument("--size", choices=["small", "medium", "large"], default="medium",
+                    help="generation: the toy sizes (nanosafe.model.TOY_SIZES): small 64/3, medium 128/4 (1.1M), large 256/6 (6.5M)")
+parser.add_argument("--batch_size", type=int, default=64, help="generation: prompts per batch")
+parser.add_argument("--prompt_len", type=int, default=32, help="generation: prompt tokens per row (rows left-padded to different lengths)")
+parser.add_argument("--new_tokens", type=int, default=64, help="generation: max new tokens per row")
+parser.add_argument("--runs", type=int, default=5, help="generation: timed runs per row; the table shows their median")
+parser.add_argument("--warmup", type=int, default=1, help="generation: untimed runs before the timed ones")
+# one PPO iteration
+parser.add_argument("--ppo", action="store_true", help="benchmark one PPO / PPO-Lag iteration of train_ppo_lag.py instead")
+parser.add_argument("--shapes", nargs="*", default=["128x4", "256x6"], help="--ppo: model shapes, hidden x layers (4 heads)")
+parser.add_argument("--epochs", nargs="*", type=int, default=[1, 4], help="--ppo: PPO epochs per iteration")
+parser.add_argument("--algos", nargs="*", default=["ppo", "ppo_lag"], choices=["ppo", "ppo_lag"], help="--ppo: which of ours to run")
+parser.add_argument("--iters", type=int, default=8, help="--ppo: iterations per run; the first is warm-up (TRL's anchor: 8)")
+parser.add_argument("--rounds", type=int, default=2, help="--ppo: runs of each configuration, alternating ours with TRL's")
+parser.add_argument("--trl", default=None, metavar="PYTHON", help="--ppo: a Python with trl 1.12.0 (../shared/bench/README.md) to run TRL's anchor beside ours")
+parser.add_argument("--trl_script", default=os.path.join(HERE, "..", "shared", "bench", "trl_ppo.py"), help="--ppo: TRL's anchor script")
 args = parser.parse_args()
 
 device = torch.device(args.device)
-dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 cuda = device.type == "cuda"
-if args.threads > 0:
-    torch.set_num_threads(args.threads)
 transformers.logging.set_verbosity_error()  # generate() warns about flags it ignores; not useful here
 
-# -----------------------------------------------------------------------------
-# the workload: a random tiny Llama and a left-padded batch of random prompts
 
-VOCAB, PAD, EOS = 300, 0, 2
+def versions():
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
+            f"{args.threads} cpu threads" + (f", {torch.cuda.get_device_name()}" if cuda else ""))
 
-torch.manual_seed(args.seed)
-hidden, layers, heads = TOY_SIZES[args.size]
-cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=args.prompt_len + args.new_tokens,
-                  pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, hidden_size=hidden, num_hidden_layers=layers,
-                  num_attention_heads=heads, intermediate_size=4 * hidden)
-model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-n_params = sum(p.numel() for p in model.parameters())
 
-# prompt lengths spread between half and the full length, so left padding is exercised
-B, P = args.batch_size, args.prompt_len
-lens = torch.linspace(P // 2, P, B).long()
-input_ids = torch.randint(3, VOCAB, (B, P))
-attention_mask = (torch.arange(P)[None, :] >= (P - lens)[:, None]).long()
-input_ids = input_ids.masked_fill(attention_mask == 0, PAD)
-input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+def med_range(xs):
+    return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
 
-# -----------------------------------------------------------------------------
-# measuring
 
+# =============================================================================
+# generation: our loop against transformers' generate, sampling at temperature 1
 
 class Row(NamedTuple):
     name: str
-    median: float  # higher is better for the units used here (things per second)
+    median: float  # things per second: higher is better
     unit: str
     peak_mb: float | None  # peak accelerator memory during the timed runs; None where not measurable
-    ref: str | None = None  # name of the row this one is divided by in the ratio column
+    ref: str | None = None  # the row this one is divided by in the ratio column
 
 
-def sync():
-    if cuda:
-        torch.cuda.synchronize()  # kernels are async: time the work, not the launch
+def bench_generation():
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    VOCAB, PAD, EOS = 300, 0, 2
+    torch.manual_seed(args.seed)
+    hidden, layers, heads = TOY_SIZES[args.size]
+    cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=args.prompt_len + args.new_tokens,
+                      pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=4 * hidden)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    # prompt lengths spread between half and the full length, so left padding is exercised
+    B, P = args.batch_size, args.prompt_len
+    lens = torch.linspace(P // 2, P, B).long()
+    input_ids = torch.randint(3, VOCAB, (B, P))
+    attention_mask = (torch.arange(P)[None, :] >= (P - lens)[:, None]).long()
+    input_ids = input_ids.masked_fill(attention_mask == 0, PAD).to(device)
+    attention_mask = attention_mask.to(device)
 
+    def measure(fn):
+        """fn() does one unit of work and returns how many tokens it made -> (median tokens/s, peak MB)"""
+        for _ in range(args.warmup):
+            fn()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rates = []
+        for _ in range(args.runs):
+            if cuda:
+                torch.cuda.synchronize()  # kernels are async: time the work, not the launch
+            t0 = time.perf_counter()
+            n = fn()
+            if cuda:
+                torch.cuda.synchronize()
+            rates.append(n / (time.perf_counter() - t0))
+        return statistics.median(rates), (torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
 
-def measure(fn):
-    """fn() does one unit of work and returns how many things it processed (e.g. tokens).
-    returns (median things/s over args.runs timed runs, peak memory in MB or None)."""
-    for _ in range(args.warmup):
-        fn()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    rates = []
-    for _ in range(args.runs):
-        sync()
-        t0 = time.perf_counter()
-        n = fn()
-        sync()
-        rates.append(n / (time.perf_counter() - t0))
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return statistics.median(rates), peak
+    def hf():
+        # transformers' own loop; its default top_k=50 switched off to do the same work as ours
+        out = model.generate(input_ids, attention_mask=attention_mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_id=EOS, pad_token_id=PAD)
+        return B * (out.size(1) - P)
 
-
-# -----------------------------------------------------------------------------
-# the benchmarks: each returns one Row
-
-def bench_generate_hf():
-    # the reference: transformers' own loop, sampling at temperature 1 with no top-k/top-p
-    # (its default top_k=50 must be switched off to do the same work as ours)
-    def run():
-        out = model.generate(input_ids, attention_mask=attention_mask, do_sample=True, top_k=0, top_p=1.0,
-                             temperature=1.0, max_new_tokens=args.new_tokens, eos_token_id=EOS, pad_token_id=PAD)
-        return B * (out.size(1) - P)  # every row costs a forward each step, finished or not
-    rate, peak = measure(run)
-    return Row("generate: transformers", rate, "new tok/s", peak)
-
-
-def bench_generate_ours():
     g = torch.Generator(device=device).manual_seed(args.seed)
 
-    def run():
+    def ours():
         out = generate(model, input_ids, attention_mask, args.new_tokens, eos_token_id=EOS, pad_token_id=PAD,
-                       temperature=1.0, top_k=0, top_p=1.0, generator=g)
+                       temperature=1.0, generator=g, min_new_tokens=args.new_tokens)
         return B * (out.size(1) - P)
-    rate, peak = measure(run)
-    return Row("generate: nanosafe", rate, "new tok/s", peak, ref="generate: transformers")
+
+    rows = [Row("generate: transformers", *measure(hf), "new tok/s"),
+            Row("generate: nanosafe", *measure(ours), "new tok/s", ref="generate: transformers")]
+    print(versions())
+    print(f"model: random Llama '{args.size}' ({n_params / 1e6:.2f}M params, vocab {VOCAB}), {args.device} {args.dtype}; "
+          f"batch {B}, prompt {P}, exactly {args.new_tokens} new tokens, sampling; median of {args.runs} runs after {args.warmup} warm-up\n")
+    by_name = {r.name: r for r in rows}
+    print(f"| {'benchmark':<24} | {'median':>10} | {'unit':<10} | {'ratio':>13} | {'peak mem':>9} |")
+    print(f"|{'-' * 26}|{'-' * 11}:|{'-' * 12}|{'-' * 14}:|{'-' * 10}:|")
+    for r in rows:
+        ratio = f"{r.median / by_name[r.ref].median:.2f}x ref" if r.ref else "ref"
+        peak = f"{r.peak_mb:.0f} MB" if r.peak_mb is not None else "n/a"
+        print(f"| {r.name:<24} | {r.median:>10.0f} | {r.unit:<10} | {ratio:>13} | {peak:>9} |")
+    if not cuda:  # ru_maxrss is the process's high-water mark (KiB on Linux), not per row
+        print(f"\nprocess peak RSS (all rows together): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    return {"versions": versions(), "rows": [r._asdict() for r in rows]}
 
 
-BENCHES = [bench_generate_hf, bench_generate_ours]
+# =============================================================================
+# one PPO iteration: train_ppo_lag.py at TRL's anchor settings, alternating with TRL
 
-# -----------------------------------------------------------------------------
-# run and print
+def word_tokenizer(n_words=300):
+    """a word-level tokenizer of <pad>, <eos>, <unk> + n_words words, as the anchor's; its chat
+    template is the prompt itself, so a prompt of n words is n tokens"""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+    words = [f"w{i}" for i in range(n_words)]
+    tok = Tokenizer(WordLevel(vocab={t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left")
+    hf.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return hf, words
 
-print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
-      f"{torch.get_num_threads()} cpu threads" + (f", {torch.cuda.get_device_name()}" if cuda else ""))
-print(f"model: random Llama '{args.size}' ({n_params / 1e6:.2f}M params, vocab {VOCAB}), {args.device} {args.dtype}; "
-      f"batch {B}, prompt {P}, {args.new_tokens} new tokens; median of {args.runs} runs after {args.warmup} warm-up")
-rows = {}
-for bench in BENCHES:
-    row = bench()
-    rows[row.name] = row
-print()
-print(f"| {'benchmark':<24} | {'median':>10} | {'unit':<10} | {'ratio':>13} | {'peak mem':>9} |")
-print(f"|{'-' * 26}|{'-' * 11}:|{'-' * 12}|{'-' * 14}:|{'-' * 10}:|")
-for row in rows.values():
-    ratio = f"{row.median / rows[row.ref].median:.2f}x ref" if row.ref else "ref"
-    peak = f"{row.peak_mb:.0f} MB" if row.peak_mb is not None else "n/a"
-    print(f"| {row.name:<24} | {row.median:>10.0f} | {row.unit:<10} | {ratio:>13} | {peak:>9} |")
-if not cuda:
-    # ru_maxrss is the process's high-water mark (KiB on Linux), not per row
-    print(f"\nprocess peak RSS (all rows together): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+def ppo_world(root, hidden, layers):
+    """random-init policy, reward model and cost model folders + 512 prompts -> their paths"""
+    from transformers import AutoModelForSequenceClassification
+    tok, words = word_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=4 * hidden, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=False)
+    paths = {}
+    for i, name in enumerate(["policy", "reward", "cost"]):
+        torch.manual_seed(args.seed + i)
+        if name == "policy":
+            m = LlamaForCausalLM(cfg)
+        else:
+            m = AutoModelForSequenceClassification.from_config(LlamaConfig(**cfg.to_dict(), num_labels=1))
+        paths[name] = os.path.join(root, name)
+        m.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    rng = random.Random(args.seed)
+    paths["prompts"] = os.path.join(root, "prompts.jsonl")
+    with open(paths["prompts"], "w") as f:
+        for _ in range(512):
+            f.write(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(rng.randint(12, 16)))}) + "\n")
+    return paths
+
+
+def run_child(cmd):
+    """-> (stdout, peak RSS of that child in MB): os.wait4 reports the child's own rusage"""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=HERE, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        _, status, usage = os.wait4(p.pid, 0)
+        out.seek(0), err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])} ... failed:\n{err.read()[-3000:]}")
+        return out.read(), usage.ru_maxrss / 1024
+
+
+def run_ours(world, algo, epochs, out_dir):
+    # --algo ppo without a cost model: the same work as TRL's PPO (no cost forward to log)
+    cmd = [sys.executable, "train_ppo_lag.py", "--algo", algo, "--model", world["policy"], "--reward_model", world["reward"],
+           *(["--cost_models"] if algo == "ppo" else ["--cost_models", world["cost"], "--thresholds", "0"]), "--train_data", world["prompts"], "--template", "chat",
+           "--rollout_batch_size", "64", "--minibatch_size", "64", "--micro_batch_size", "64", "--ppo_epochs", str(epochs),
+           "--max_new_tokens", "32", "--min_new_tokens", "32", "--temperature", "1", "--max_steps", str(args.iters),
+           "--eval_every", "0", "--show_every", "0", "--ckpt_every", str(10**6), "--threads", str(args.threads),
+           "--device", args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
+           "--seed", str(args.seed), "--out_dir", out_dir]
+    _, peak = run_child(cmd)
+    recs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    recs = [r for r in recs if "iteration_s" in r][1:]  # the first iteration is warm-up
+    phases = {k: statistics.median(r["time_s"].get(k, 0.0) for r in recs) for k in recs[0]["time_s"]}
+    return {"s_per_iter": [r["iteration_s"] for r in recs], "phases": phases, "peak_rss_mb": peak}
+
+
+def run_trl(hidden, layers, epochs):
+    cmd = [args.trl, os.path.abspath(args.trl_script), "--hidden", str(hidden), "--layers", str(layers), "--heads", "4",
+           "--ppo_epochs", str(epochs), "--iters", str(args.iters), "--threads", str(args.threads), "--seed", str(args.seed)]
+    out, peak = run_child(cmd)
+    res = json.loads(out.strip().splitlines()[-1])
+    iters = res["results"]["sec_per_iter_all"][res["settings"]["warmup_iters"]:]
+    return {"s_per_iter": iters, "phases": res.get("breakdown_median_s_per_iter", {}), "peak_rss_mb": peak}
+
+
+# what counts as model work in an iteration of ours: generation, forwards, backwards
+MODEL_WORK = ["generate", "ref_logprobs", "reward_cost_value_forwards", "train_forwards", "backward"]
+
+
+def bench_ppo():
+    if args.trl and not os.path.exists(args.trl_script):
+        sys.exit(f"error: --trl_script {args.trl_script}: no such file")
+    print(versions())
+    print(f"one iteration: 64 prompts of 12-16 tokens, exactly 32 new tokens, temperature 1, one minibatch of 64; "
+          f"{args.iters} iterations per run (the first is warm-up), {args.rounds} rounds alternating"
+          + (", TRL's PPOTrainer beside ours" if args.trl else "") + f"; {args.device} {args.dtype}")
+    results = []
+    with tempfile.TemporaryDirectory() as root:
+        for shape in args.shapes:
+            hidden, layers = map(int, shape.split("x"))
+            world = ppo_world(os.path.join(root, shape), hidden, layers)
+            for epochs in args.epochs:
+                runs = {}
+                for rnd in range(args.rounds):
+                    for who in (["trl"] if args.trl else []) + args.algos:
+                        r = run_trl(hidden, layers, epochs) if who == "trl" else \
+                            run_ours(world, who, epochs, os.path.join(root, f"run_{shape}_{epochs}_{who}_{rnd}"))
+                        runs.setdefault(who, []).append(r)
+                        print(f"  {shape} {epochs} epoch(s) {who:<8} round {rnd}: {med_range(r['s_per_iter'])} s/iteration", flush=True)
+                row = {"shape": shape, "epochs": epochs}
+                for who, rs in runs.items():
+                    s = [x for r in rs for x in r["s_per_iter"]]
+                    phases = {k: statistics.median(r["phases"].get(k, 0.0) for r in rs) for k in rs[0]["phases"]}
+                    row[who] = {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "all_s": s,
+                                "phases_s": phases, "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+                results.append(row)
+
+    print(f"\nseconds per iteration, median (min-max) over {args.rounds} x {args.iters - 1} iterations; "
+          "speed-up = TRL's median / ours")
+    head = ["shape", "epochs"] + (["TRL PPO"] if args.trl else []) + [f"nanosafe {a}" for a in args.algos]
+    head += [f"speed-up {a}" for a in args.algos] if args.trl else []
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for row in results:
+        who = (["trl"] if args.trl else []) + args.algos
+        cells = [row["shape"], str(row["epochs"])] + \
+                [f"{row[w]['median_s']:.3f} ({row[w]['min_s']:.2f}-{row[w]['max_s']:.2f})" for w in who]
+        cells += [f"{row['trl']['median_s'] / row[a]['median_s']:.2f}x" for a in args.algos] if args.trl else []
+        print("| " + " | ".join(cells) + " |")
+
+    print("\nwhere our time goes (median seconds per iteration and share; peak RSS of the whole run)")
+    for row in results:
+        for a in args.algos:
+            ph = row[a]["phases_s"]
+            total = sum(ph.values())
+            work = sum(ph.get(k, 0.0) for k in MODEL_WORK) / total
+            row[a]["model_work_share"] = work
+            parts = ", ".join(f"{k} {v:.3f} ({v / total:.0%})" for k, v in ph.items())
+            print(f"  {row['shape']} {row['epochs']} ep {a}: {parts} | generation+forwards+backwards {work:.0%} "
+                  f"| peak RSS {row[a]['peak_rss_mb']:.0f} MB" + (f" (TRL {row['trl']['peak_rss_mb']:.0f} MB)" if args.trl else ""))
+    return {"versions": versions(), "settings": vars(args), "results": results}
+
+
+if __name__ == "__main__":
+    report = bench_ppo() if args.ppo else bench_generation()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.json}")

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
-from nanosafe.model import (CheckpointError, checkpoint_kind, load_score_model, load_trainer_state, num_params, read_state, recover_checkpoint, resolve_template,
+from nanosafe.model import (ATTENTION_HELP, CheckpointError, place, checkpoint_kind, load_score_model, load_trainer_state, num_params, read_state, recover_checkpoint, resolve_template,
                             save_checkpoint)
 
 
@@ -73,6 +73,7 @@ class Config:
     dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast with fp32 master weights (the saved weights stay fp32)", choices=["float32", "bfloat16"])
     device: str = arg("auto", "cpu | cuda | auto")
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
+    attn_implementation: str = arg("auto", ATTENTION_HELP)
     eval_every: int = arg(0, "evaluate every N steps (0: once per epoch and at the end)")
     ckpt_every: int = arg(100, "checkpoint every N steps (atomic; --resume picks it up)")
     save_optimizer: bool = arg(False, "keep the optimiser state in the final checkpoint too, to --resume past the end (intermediate checkpoints always keep it)")
@@ -273,7 +274,7 @@ def main(cfg: Config):
         if init == "random":  # --model's architecture, fresh weights (seeded: the same on every rank)
             torch.manual_seed(cfg.seed)
             model.backbone.load_state_dict(type(model.backbone)(model.backbone.config).state_dict())
-    model.to(rt.device)
+    place(model, rt.device, cfg.attn_implementation)
     eval_records = load(eval_path) if eval_path else []
     template = resolve_template(cfg.template, out_dir if cfg.resume else cfg.model)
     eval_set = data.PreferenceDataset(eval_records, tok, cfg.max_length, cfg.truncate_prompts, template) if eval_records else None

@@ -28,7 +28,6 @@ no EMA actor, no advantage whitening (as the official PPO-Lag), no reward normal
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +39,7 @@ from nanosafe.config import arg
 from nanosafe.evaluate import gold_evaluate
 from nanosafe.generate import generate, response_mask
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange, PIDLagrange
-from nanosafe.model import (CheckpointError, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
+from nanosafe.model import (ATTENTION_HELP, CheckpointError, place, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
                             num_params, position_ids, read_state, recover_checkpoint, resolve_template, save_checkpoint)
 
 
@@ -64,10 +63,12 @@ class Config:
     device: str = arg("auto", "cpu | cuda | auto")
     dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast, fp32 master weights for the actor and critics, bf16 weights for the frozen models", choices=["float32", "bfloat16"])
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
+    attn_implementation: str = arg("auto", ATTENTION_HELP)
     # rollout
     max_steps: int = arg(350, "iterations (one rollout batch + its PPO updates each; the toy default fits in 10 minutes on 2 CPU threads)")
     rollout_batch_size: int = arg(128, "prompts per iteration per process (official: 16 per GPU; the toy world learns more per iteration from 128, see docs/findings.md)")
     max_new_tokens: int = arg(24, "answer length limit in tokens (official: 512)")
+    min_new_tokens: int = arg(0, "no EOS before this many tokens (bench.py uses it to generate exactly --max_new_tokens, as TRL's benchmark)")
     max_prompt_length: int = arg(48, "longer prompts are an error (or left-truncated with --truncate_prompts)")
     truncate_prompts: bool = arg(False, "left-truncate over-long prompts (the BOS and the last tokens stay) instead of stopping with an error")
     template: str | None = arg(None, "prompt template: safe_rlhf or chat (the tokenizer's own); default: the one --model, --reward_model and --cost_models were trained with (they must agree)", choices=["safe_rlhf", "chat"])
@@ -128,15 +129,18 @@ def action_values(critic, seq, attn, P):
 
 @torch.no_grad()
 def rollout(actor, items, tok, cfg, gen, device):
-    """Sample answers to prompt items (with input_ids) -> (seq [B, P + T], attn [B, P + T], mask [B, T], P).
-    The one place rollouts are made: training and calibration score exactly these token ids."""
+    """Sample answers to prompt items (with input_ids) -> (seq [B, P + T], attn [B, P + T], mask [B, T], P,
+    old_logp [B, T]). The one place rollouts are made: training and calibration score exactly these token
+    ids. old_logp, the log-probs PPO's ratio starts from, come with the samples (as TRL's): the official
+    code runs the actor over the answers once more, which gives the same numbers (a test checks it)."""
     batch = data.collate_prompts(items, tok.pad_token_id)
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     P = prompt_ids.shape[1]
-    seq = generate(actor, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+    seq, old_logp = generate(actor, prompt_ids, prompt_mask, cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen,
+                             min_new_tokens=cfg.min_new_tokens, return_logprobs=True)
     mask = response_mask(seq, P, tok.eos_token_id, tok.pad_token_id)  # [B, T] real actions, EOS included
-    return seq, torch.cat([prompt_mask, mask.long()], dim=1), mask, P
+    return seq, torch.cat([prompt_mask, mask.long()], dim=1), mask, P, old_logp
 
 
 @torch.no_grad()
@@ -226,7 +230,7 @@ def main(cfg: Config):
         critics[name], _ = load_score_model(os.path.join(out_dir, name) if cfg.resume else src, kind=kind,
                                             trust_remote_code=cfg.trust_remote_code)
     for m in [actor, ref, reward_model, *cost_models, *critics.values()]:
-        m.to(rt.device)
+        place(m, rt.device, cfg.attn_implementation)
     for m in [ref, reward_model, *cost_models]:
         m.eval().requires_grad_(False)
 
@@ -299,6 +303,7 @@ def main(cfg: Config):
     os.makedirs(out_dir, exist_ok=True)
     metrics = dist.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master, start_step if cfg.resume else None)
     guard = dist.NanGuard()
+    clock = dist.Stopwatch(rt.device)
     meta = {"kind": "policy", "stage": cfg.algo, "template": template, "thresholds": thresholds, "calibration": calib, "args": config.to_dict(cfg)}
 
     def gold_eval_now(step, n_samples=1):
@@ -322,19 +327,18 @@ def main(cfg: Config):
         rec = {"step": step}
         if gold and rt.master and (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
             rec.update(gold_eval_now(step))
-        t0 = time.time()
+        clock.reset()  # seconds per phase of this iteration -> metrics.jsonl "time_s" (bench.py reads them)
 
         # 1. rollout: the unwrapped actor samples; pads after each EOS
         idx = dist.step_indices(len(train_set), step, cfg.rollout_batch_size * rt.world_size, rt.rank, rt.world_size, cfg.seed)
         with amp():
-            seq, attn, mask, P = rollout(actor, [train_set[i] for i in idx], tok, cfg, gen, rt.device)
+            seq, attn, mask, P, old_logp = rollout(actor, [train_set[i] for i in idx], tok, cfg, gen, rt.device)
+        clock.lap("generate")
 
-        # 2. scores, old log-probs, reference log-probs, old values: eval-mode forwards
+        # 2. reference log-probs, scores, old values: eval-mode forwards
         with torch.no_grad(), amp():
-            actor.eval()
-            old_logp = action_logprobs(actor, seq, attn, P)
-            actor.train()
             ref_logp = action_logprobs(ref, seq, attn, P)
+            clock.lap("ref_logprobs")
             R = reward_model(seq, attn)[1]
             C = [cm(seq, attn)[1] for cm in cost_models]
             for c in critics.values():
@@ -342,6 +346,7 @@ def main(cfg: Config):
             old_values = {n: action_values(c, seq, attn, P) for n, c in critics.items()}
             for c in critics.values():
                 c.train()
+            clock.lap("reward_cost_value_forwards")
         if guard.bad(R, *C, old_logp, ref_logp):
             print0(f"iteration {step}: non-finite scores or log-probs, skipped ({guard.skipped} so far)")
             maybe_save(step)  # a skipped last iteration still leaves the final checkpoint
@@ -372,6 +377,7 @@ def main(cfg: Config):
             advantage = ppo.combined_advantage(adv["reward_critic"], [adv[f"cost_critic_{k}"] for k in range(K)], lam_values)
         else:
             advantage = adv["reward_critic"]
+        clock.lap("gae_lambda")
         stats = {"policy_loss": [], "clip_frac": [], "ratio": [], "entropy": []} | {f"value_loss_{n}": [] for n in critics}
         B = seq.shape[0]
         for _ in range(cfg.ppo_epochs):
@@ -391,7 +397,9 @@ def main(cfg: Config):
                             vl = ppo.value_loss(v, old_values[name][mi], ret[name][mi], mask[mi], cfg.clip_range_value)
                             loss = loss + vl  # separate models and optimisers: the sum only saves backward calls
                             stats[f"value_loss_{name}"].append(vl.detach())
+                        clock.lap("train_forwards")
                         (loss / n_micro).backward()
+                        clock.lap("backward")
                     micro_losses.append(loss.detach())
                     stats["policy_loss"].append(pl.detach())
                     stats["clip_frac"].append(st["clip_frac"])
@@ -408,6 +416,7 @@ def main(cfg: Config):
                     torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
                     critic_opts[name].step()
                     critic_opts[name].zero_grad(set_to_none=True)
+                clock.lap("optimizer_steps")
 
         # ---- log: the KL is the trained estimator, summed over each answer's tokens
         n_tokens = mask.sum(-1).float()
@@ -423,7 +432,10 @@ def main(cfg: Config):
             **{k: torch.stack(v).mean().item() for k, v in stats.items() if v},
             "skipped": guard.skipped,
         })
-        rec["tokens_per_s"] = n_tokens.sum().item() * rt.world_size / (time.time() - t0)
+        clock.lap("rest")
+        rec["time_s"] = {k: round(v, 5) for k, v in clock.laps.items()}
+        rec["iteration_s"] = clock.total()
+        rec["tokens_per_s"] = n_tokens.sum().item() * rt.world_size / rec["iteration_s"]
         rec["empty_frac"] = dist.all_reduce_mean((n_tokens <= 1).float().mean()).item()  # the EOS alone
         metrics.log(rec)
         start_len = start_len or rec["response_length"]

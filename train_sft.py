@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
 from nanosafe.evaluate import gold_eval, gold_evaluate
-from nanosafe.model import (CheckpointError, load_policy, load_trainer_state, num_params, recover_checkpoint, resolve_template, save_checkpoint,
+from nanosafe.model import (ATTENTION_HELP, CheckpointError, load_policy, place, load_trainer_state, num_params, recover_checkpoint, resolve_template, save_checkpoint,
                             TOY_SIZES, toy_model, toy_tokenizer)
 
 
@@ -54,6 +54,7 @@ class Config:
     dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast with fp32 master weights (the saved weights stay fp32)", choices=["float32", "bfloat16"])
     device: str = arg("auto", "cpu | cuda | auto")
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
+    attn_implementation: str = arg("auto", ATTENTION_HELP)
     # evaluation / checkpoints
     eval_every: int = arg(200, "held-out loss every N steps")
     ckpt_every: int = arg(200, "checkpoint every N steps (atomic; --resume picks it up)")
@@ -89,7 +90,7 @@ def main(cfg: Config):
     for ds in (train_set, eval_set):
         if ds is not None and ds.truncation_report():
             print0(ds.truncation_report())
-    model.to(rt.device, dtype=torch.float32)
+    place(model, rt.device, cfg.attn_implementation).float()
 
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
     print0(f"model: {num_params(model) / 1e6:.2f}M params | train {len(train_set)} examples ({train_path}) | "

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -248,3 +249,26 @@ class NanGuard:
                 f"{self.in_a_row} non-finite losses in a row: stopping. The last checkpoint saved is intact; "
                 f"try a lower learning rate, or check the data and the reward/cost models for inf scores.")
         return bad
+
+
+class Stopwatch:
+    """Where an iteration's time goes: lap(name) adds the seconds since the previous lap (or
+    reset()) to `name`, so the phases of one iteration sum to its wall time. CUDA kernels run
+    asynchronously, so on a GPU each lap first waits for them (a few syncs per iteration)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.reset()
+
+    def reset(self):
+        self.t, self.laps = time.perf_counter(), {}
+
+    def lap(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.t
+        self.t = now
+
+    def total(self) -> float:
+        return sum(self.laps.values())

@@ -63,12 +63,16 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 @torch.no_grad()
 def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pad_token_id,
-             temperature=1.0, top_k=0, top_p=1.0, generator=None) -> torch.LongTensor:
+             temperature=1.0, top_k=0, top_p=1.0, generator=None, min_new_tokens=0, return_logprobs=False):
     """
     input_ids, attention_mask: [B, P] left-padded prompts (pass the unwrapped model, not DDP).
     returns [B, P + T], T <= max_new_tokens (we stop once every row has emitted an EOS);
     each row keeps its EOS and is pad_token_id after it. the generator, if any, must live
-    on the model's device.
+    on the model's device. min_new_tokens: no EOS before that many tokens (as transformers'
+    MinNewTokensLengthLogitsProcessor: the EOS logits are -inf until then).
+    return_logprobs: also return log π(token) [B, T] of each new token under the model's own
+    logits (before temperature, top-k/p and min_new_tokens), float32, 0 after a row's EOS: the
+    log-probs a full forward over the output gives (PPO's old log-probs), without that forward.
     """
     eos = _eos_tensor(eos_token_id, input_ids.device)
     assert pad_token_id not in eos.tolist(), \
@@ -82,30 +86,40 @@ def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, 
     model.eval()  # dropout must be off while sampling
     try:
         B = input_ids.size(0)
-        mask = attention_mask.long()
-        position_ids = position_ids_from_mask(mask)
+        P = input_ids.size(1)
+        # the whole mask up front; step t passes a view of its first P + t columns
+        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens, dtype=torch.long)], dim=1)
+        position_ids = position_ids_from_mask(mask[:, :P])
         cache = DynamicCache(config=model.config)
         x = input_ids  # the first forward is the whole prompt (prefill), then one token at a time
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        new_tokens = []
-        for _ in range(max_new_tokens):
-            out = model(input_ids=x, attention_mask=mask, position_ids=position_ids,
+        # asking "is every row done?" makes a GPU wait for its queue; there, ask every 8 tokens
+        # (the rows already done only emit pads meanwhile). on a CPU it costs nothing: every token
+        check_every = 1 if input_ids.device.type == "cpu" else 8
+        new_tokens, logprobs = [], []
+        for t in range(max_new_tokens):
+            out = model(input_ids=x, attention_mask=mask[:, :P + t], position_ids=position_ids,
                         use_cache=True, **{cache_arg: cache}, **kwargs)
             cache = out.cache if cache_arg == "cache" else out.past_key_values
-            nxt = sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)
+            raw = out.logits[:, -1, :]
+            logits = raw.index_fill(-1, eos, float("-inf")) if t < min_new_tokens else raw
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
             nxt = torch.where(done, pad_token_id, nxt)  # finished rows only emit pad
             new_tokens.append(nxt)
+            if return_logprobs:
+                lp = raw.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+                logprobs.append(lp.masked_fill(done, 0.0))
             done = done | torch.isin(nxt, eos)
-            if done.all():  # a CPU-GPU sync each step; it lets a batch stop early
+            if (t + 1) % check_every == 0 and done.all():
                 break
             x = nxt[:, None]
             position_ids = position_ids[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
     finally:
         model.train(was_training)
-    if not new_tokens:
-        return input_ids.clone()
-    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    seq = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1) if new_tokens else input_ids.clone()
+    if not return_logprobs:
+        return seq
+    return seq, torch.stack(logprobs, dim=1) if logprobs else input_ids.new_zeros(input_ids.size(0), 0, dtype=torch.float32)
 
 
 def response_mask(sequences, prompt_len, eos_token_id, pad_token_id):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from _helpers import load_weights, max_abs_diff, read_jsonl, run_script, run_torchrun, tiny_args, tiny_world
+from nanosafe import dist
 from nanosafe.dist import step_indices
 from nanosafe.ppo import masked_mean, seq_mean
 
@@ -178,3 +179,18 @@ def test_two_processes_train_like_one_with_twice_the_batch(world, tmp_path, scri
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert m1[0]["loss"] != m1[-1]["loss"] and m1[0]["grad_norm"] > 0  # it trained: equal is not trivially equal
     assert not hung, DDP_EXIT_BUG
+
+
+def test_stopwatch_laps_sum_to_the_iteration(monkeypatch):
+    # a fake clock: each reading is the next of these seconds
+    ticks = iter([10.0, 10.5, 11.0, 12.5, 12.75, 20.0, 21.0])
+    monkeypatch.setattr(dist.time, "perf_counter", lambda: next(ticks))
+    clock = dist.Stopwatch("cpu")  # reset: 10.0
+    clock.lap("generate")  # 0.5
+    clock.lap("backward")  # 0.5
+    clock.lap("generate")  # 1.5 more: a name seen again adds up
+    clock.lap("rest")  # 0.25
+    assert clock.laps == {"generate": 2.0, "backward": 0.5, "rest": 0.25} and clock.total() == 2.75
+    clock.reset()  # 20.0
+    clock.lap("generate")
+    assert clock.laps == {"generate": 1.0}

@@ -242,3 +242,39 @@ def test_filters_match_hf_warpers():
     for p in (0.1, 0.5, 0.9, 0.99):
         want = TopPLogitsWarper(p)(None, logits.clone()).isfinite()
         assert torch.equal(top_p_filter(logits.softmax(-1), p) > 0, want)
+
+
+# -----------------------------------------------------------------------------
+# min_new_tokens and the log-probs that come with the samples
+
+def test_min_new_tokens_matches_hf(model):
+    # greedy with EOS held back for 6 tokens: transformers' MinNewTokensLengthLogitsProcessor, token for token.
+    # eos is the token greedy decoding picks first in most rows, so holding it back changes the output
+    ids, mask = prompts()
+    first = generate(model, ids, mask, 1, eos_token_id=V, pad_token_id=PAD, temperature=0)[:, -1]
+    eos = int(first.mode().values)
+    ours = generate(model, ids, mask, N, eos_token_id=eos, pad_token_id=PAD, temperature=0, min_new_tokens=6)
+    hf = model.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=6, do_sample=False,
+                        eos_token_id=eos, pad_token_id=PAD)
+    check_same_as_hf(ours, hf)
+    assert not (ours[:, ids.size(1):ids.size(1) + 6] == eos).any()
+    assert not torch.equal(ours, generate(model, ids, mask, N, eos_token_id=eos, pad_token_id=PAD, temperature=0))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7, top_p=0.8), dict(top_k=5, min_new_tokens=3)])
+def test_returned_logprobs_equal_a_full_forward(model, kw):
+    # PPO's old log-probs come from generation instead of a second forward: they must be the
+    # log-probs of the untempered, unfiltered model over [prompt | answer], as a full forward gives
+    ids, mask = prompts(lens=(2, 5, 7, 3))
+    eos = list(range(1, 8))  # several EOS ids: rows end at different steps
+    seq, lp = generate(model, ids, mask, N, eos_token_id=eos, pad_token_id=PAD, return_logprobs=True,
+                       generator=torch.Generator().manual_seed(3), **kw)
+    P = ids.size(1)
+    real = response_mask(seq, P, eos, PAD)
+    assert lp.shape == real.shape and lp.dtype == torch.float32
+    attn = torch.cat([mask, real.long()], dim=1)
+    with torch.no_grad():
+        logits = model(seq, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits[:, P - 1:-1]
+    want = logits.log_softmax(-1).gather(-1, seq[:, P:, None]).squeeze(-1)
+    torch.testing.assert_close(lp[real], want[real], atol=1e-5, rtol=1e-5)
+    assert (lp[~real] == 0).all() and (~real).any()

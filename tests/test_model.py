@@ -315,3 +315,19 @@ def test_recover_after_a_crash_between_the_renames(tok, tiny_policy, tmp_path):
     assert siblings(out) == ["run"]
     with pytest.raises(CheckpointError, match="nothing to resume"):
         model.load_trainer_state(str(tmp_path / "other"))
+
+
+def test_place_uses_eager_attention_on_cpu_with_the_same_outputs(tok, tiny_policy, score_model):
+    # the kernel changes, the numbers do not: a left-padded batch through sdpa and eager
+    ids, mask = data.pad_left(pair_seqs(tok), tok.pad_token_id)
+    pol, sm = copy.deepcopy(tiny_policy).eval(), copy.deepcopy(score_model).eval()
+    with torch.no_grad():
+        want = pol(ids, attention_mask=mask, position_ids=model.position_ids(mask)).logits, sm(ids, mask)[0]
+        assert model.place(pol, "cpu") is pol and model.place(sm, "cpu") is sm
+        assert pol.config._attn_implementation == "eager" and sm.hf.config._attn_implementation == "eager"
+        got = pol(ids, attention_mask=mask, position_ids=model.position_ids(mask)).logits, sm(ids, mask)[0]
+        for g, w, m in zip(got, want, [mask, mask]):
+            real = m.bool()
+            torch.testing.assert_close(g[real], w[real], atol=1e-5, rtol=1e-5)
+    model.place(pol, "cpu", "sdpa")  # an explicit name wins over auto
+    assert pol.config._attn_implementation == "sdpa"
