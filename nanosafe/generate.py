@@ -61,7 +61,9 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+# inference mode, not just no_grad: no version counters or view tracking on the ~10 small tensors
+# each token makes. its outputs can't be saved for a backward, but indexing them (seq[mi]) makes normal tensors
+@torch.inference_mode()
 def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pad_token_id,
              temperature=1.0, top_k=0, top_p=1.0, generator=None, min_new_tokens=0, return_logprobs=False):
     """
