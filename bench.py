@@ -57,6 +57,8 @@ parser.add_argument("--ppo", action="store_true", help="benchmark one PPO / PPO-
 parser.add_argument("--shapes", nargs="*", default=["128x4", "256x6"], help="--ppo: model shapes, hidden x layers (4 heads)")
 parser.add_argument("--epochs", nargs="*", type=int, default=[1, 4], help="--ppo: PPO epochs per iteration")
 parser.add_argument("--algos", nargs="*", default=["ppo", "ppo_lag"], choices=["ppo", "ppo_lag"], help="--ppo: which of ours to run")
+parser.add_argument("--ppo_dtypes", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="--ppo: our runs' compute (bf16: autocast with fp32 master weights); TRL's anchor runs fp32")
 parser.add_argument("--iters", type=int, default=8, help="--ppo: iterations per run; the first is warm-up (TRL's anchor: 8)")
 parser.add_argument("--rounds", type=int, default=2, help="--ppo: runs of each configuration, alternating ours with TRL's")
 parser.add_argument("--trl", default=None, metavar="PYTHON", help="--ppo: a Python with trl 1.12.0 (../shared/bench/README.md) to run TRL's anchor beside ours")
@@ -137,8 +139,9 @@ def bench_generation():
                        temperature=1.0, generator=g, min_new_tokens=args.new_tokens)
         return B * (out.size(1) - P)
 
-    rows = [Row("generate: transformers", *measure(hf), "new tok/s"),
-            Row("generate: nanosafe", *measure(ours), "new tok/s", ref="generate: transformers")]
+    (hf_rate, hf_peak), (our_rate, our_peak) = measure(hf), measure(ours)
+    rows = [Row("generate: transformers", hf_rate, "new tok/s", hf_peak),
+            Row("generate: nanosafe", our_rate, "new tok/s", our_peak, ref="generate: transformers")]
     print(versions())
     print(f"model: random Llama '{args.size}' ({n_params / 1e6:.2f}M params, vocab {VOCAB}), {args.device} {args.dtype}; "
           f"batch {B}, prompt {P}, exactly {args.new_tokens} new tokens, sampling; median of {args.runs} runs after {args.warmup} warm-up\n")
@@ -209,14 +212,14 @@ def run_child(cmd):
         return out.read(), usage.ru_maxrss / 1024
 
 
-def run_ours(world, algo, epochs, out_dir):
+def run_ours(world, algo, dtype, epochs, out_dir):
     # --algo ppo without a cost model: the same work as TRL's PPO (no cost forward to log)
     cmd = [sys.executable, "train_ppo_lag.py", "--algo", algo, "--model", world["policy"], "--reward_model", world["reward"],
            *(["--cost_models"] if algo == "ppo" else ["--cost_models", world["cost"], "--thresholds", "0"]), "--train_data", world["prompts"], "--template", "chat",
            "--rollout_batch_size", "64", "--minibatch_size", "64", "--micro_batch_size", "64", "--ppo_epochs", str(epochs),
            "--max_new_tokens", "32", "--min_new_tokens", "32", "--temperature", "1", "--max_steps", str(args.iters),
            "--eval_every", "0", "--show_every", "0", "--ckpt_every", str(10**6), "--threads", str(args.threads),
-           "--device", args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
+           "--device", args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype],
            "--seed", str(args.seed), "--out_dir", out_dir]
     _, peak = run_child(cmd)
     recs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
@@ -244,8 +247,9 @@ def bench_ppo():
     print(versions())
     print(f"one iteration: 64 prompts of 12-16 tokens, exactly 32 new tokens, temperature 1, one minibatch of 64; "
           f"{args.iters} iterations per run (the first is warm-up), {args.rounds} rounds alternating"
-          + (", TRL's PPOTrainer beside ours" if args.trl else "") + f"; {args.device} {args.dtype}")
+          + (", TRL's PPOTrainer (fp32) beside ours" if args.trl else "") + f"; {args.device}")
     results = []
+    ours = [f"{a} {d}" for d in args.ppo_dtypes for a in args.algos]  # "ppo fp32", "ppo_lag bf16", ...
     with tempfile.TemporaryDirectory() as root:
         for shape in args.shapes:
             hidden, layers = map(int, shape.split("x"))
@@ -253,9 +257,9 @@ def bench_ppo():
             for epochs in args.epochs:
                 runs = {}
                 for rnd in range(args.rounds):
-                    for who in (["trl"] if args.trl else []) + args.algos:
+                    for who in (["trl"] if args.trl else []) + ours:
                         r = run_trl(hidden, layers, epochs) if who == "trl" else \
-                            run_ours(world, who, epochs, os.path.join(root, f"run_{shape}_{epochs}_{who}_{rnd}"))
+                            run_ours(world, *who.split(" "), epochs, os.path.join(root, f"run_{shape}_{epochs}_{who.replace(' ', '_')}_{rnd}"))
                         runs.setdefault(who, []).append(r)
                         print(f"  {shape} {epochs} epoch(s) {who:<8} round {rnd}: {med_range(r['s_per_iter'])} s/iteration", flush=True)
                 row = {"shape": shape, "epochs": epochs}
@@ -268,20 +272,20 @@ def bench_ppo():
 
     print(f"\nseconds per iteration, median (min-max) over {args.rounds} x {args.iters - 1} iterations; "
           "speed-up = TRL's median / ours")
-    head = ["shape", "epochs"] + (["TRL PPO"] if args.trl else []) + [f"nanosafe {a}" for a in args.algos]
-    head += [f"speed-up {a}" for a in args.algos] if args.trl else []
+    head = ["shape", "epochs"] + (["TRL PPO fp32"] if args.trl else []) + [f"nanosafe {a}" for a in ours]
+    head += [f"speed-up {a}" for a in ours] if args.trl else []
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for row in results:
-        who = (["trl"] if args.trl else []) + args.algos
+        who = (["trl"] if args.trl else []) + ours
         cells = [row["shape"], str(row["epochs"])] + \
                 [f"{row[w]['median_s']:.3f} ({row[w]['min_s']:.2f}-{row[w]['max_s']:.2f})" for w in who]
-        cells += [f"{row['trl']['median_s'] / row[a]['median_s']:.2f}x" for a in args.algos] if args.trl else []
+        cells += [f"{row['trl']['median_s'] / row[a]['median_s']:.2f}x" for a in ours] if args.trl else []
         print("| " + " | ".join(cells) + " |")
 
     print("\nwhere our time goes (median seconds per iteration and share; peak RSS of the whole run)")
     for row in results:
-        for a in args.algos:
+        for a in ours:
             ph = row[a]["phases_s"]
             total = sum(ph.values())
             work = sum(ph.get(k, 0.0) for k in MODEL_WORK) / total
