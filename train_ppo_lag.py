@@ -25,6 +25,7 @@ Deliberate simplifications (see README): one rollout per prompt, no ptx (pretrai
 no EMA actor, no advantage whitening (as the official PPO-Lag), no reward normalisation.
 """
 
+import inspect
 import json
 import os
 import sys
@@ -113,8 +114,13 @@ class Config:
 
 def action_logprobs(model, seq, attn, P, with_entropy=False):
     """log π(a_t | s_t) for the response tokens seq[:, P:] -> [B, T] (and the entropy per token)."""
-    logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).logits
-    logits = logits[:, P - 1:-1].float()  # the logits at position i predict token i + 1
+    T = seq.shape[1] - P
+    # the logits at position i predict token i + 1, so positions P-1 .. L-2 are needed; models that
+    # can skip the rest do (a real vocabulary's projection of every prompt position is wasted work)
+    takes = "logits_to_keep" in inspect.signature(getattr(model, "module", model).forward).parameters
+    logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn), use_cache=False,
+                   **({"logits_to_keep": T + 1} if takes else {})).logits
+    logits = logits[:, -(T + 1):-1].float()
     lp = ppo.logprobs_from_logits(logits, seq[:, P:])
     if not with_entropy:
         return lp
