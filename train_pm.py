@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
-from nanosafe.model import (ATTENTION_HELP, CheckpointError, place, checkpoint_kind, load_score_model, load_trainer_state, num_params, read_state, recover_checkpoint, resolve_template,
+from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, CheckpointError, gradient_checkpointing, place, checkpoint_kind, load_score_model, load_trainer_state, num_params, read_state, recover_checkpoint, resolve_template,
                             save_checkpoint)
 
 
@@ -74,6 +74,7 @@ class Config:
     device: str = arg("auto", "cpu | cuda | auto")
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
     attn_implementation: str = arg("auto", ATTENTION_HELP)
+    gradient_checkpointing: bool = arg(False, GRAD_CKPT_HELP)
     eval_every: int = arg(0, "evaluate every N steps (0: once per epoch and at the end)")
     ckpt_every: int = arg(100, "checkpoint every N steps (atomic; --resume picks it up)")
     save_optimizer: bool = arg(False, "keep the optimiser state in the final checkpoint too, to --resume past the end (intermediate checkpoints always keep it)")
@@ -275,6 +276,8 @@ def main(cfg: Config):
             torch.manual_seed(cfg.seed)
             model.backbone.load_state_dict(type(model.backbone)(model.backbone.config).state_dict())
     place(model, rt.device, cfg.attn_implementation)
+    if cfg.gradient_checkpointing:
+        gradient_checkpointing(model)
     eval_records = load(eval_path) if eval_path else []
     template = resolve_template(cfg.template, out_dir if cfg.resume else cfg.model)
     eval_set = data.PreferenceDataset(eval_records, tok, cfg.max_length, cfg.truncate_prompts, template) if eval_records else None

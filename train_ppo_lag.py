@@ -40,7 +40,7 @@ from nanosafe.config import arg
 from nanosafe.evaluate import gold_evaluate
 from nanosafe.generate import generate, response_mask
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange, PIDLagrange
-from nanosafe.model import (ATTENTION_HELP, CheckpointError, place, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
+from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, CheckpointError, gradient_checkpointing, place, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
                             num_params, position_ids, read_state, recover_checkpoint, resolve_template, save_checkpoint)
 
 
@@ -65,6 +65,7 @@ class Config:
     dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast, fp32 master weights for the actor and critics, bf16 weights for the frozen models", choices=["float32", "bfloat16"])
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
     attn_implementation: str = arg("auto", ATTENTION_HELP)
+    gradient_checkpointing: bool = arg(False, GRAD_CKPT_HELP)
     # rollout
     max_steps: int = arg(350, "iterations (one rollout batch + its PPO updates each; the toy default fits in 10 minutes on 2 CPU threads)")
     rollout_batch_size: int = arg(128, "prompts per iteration per process (official: 16 per GPU; the toy world learns more per iteration from 128, see docs/findings.md)")
@@ -239,6 +240,9 @@ def main(cfg: Config):
         place(m, rt.device, cfg.attn_implementation)
     for m in [ref, reward_model, *cost_models]:
         m.eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:  # the trained models only
+        for m in [actor, *critics.values()]:
+            gradient_checkpointing(m)
 
     # ---- the multipliers and their thresholds (a resumed run keeps the d it started with:
     #      calibrating again on the half-trained actor would quietly move the constraint)

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
 from nanosafe.evaluate import gold_eval, gold_evaluate
-from nanosafe.model import (ATTENTION_HELP, CheckpointError, load_policy, place, load_trainer_state, num_params, recover_checkpoint, resolve_template, save_checkpoint,
+from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, CheckpointError, gradient_checkpointing, load_policy, place, load_trainer_state, num_params, recover_checkpoint, resolve_template, save_checkpoint,
                             TOY_SIZES, toy_model, toy_tokenizer)
 
 
@@ -55,6 +55,7 @@ class Config:
     device: str = arg("auto", "cpu | cuda | auto")
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
     attn_implementation: str = arg("auto", ATTENTION_HELP)
+    gradient_checkpointing: bool = arg(False, GRAD_CKPT_HELP)
     # evaluation / checkpoints
     eval_every: int = arg(200, "held-out loss every N steps")
     ckpt_every: int = arg(200, "checkpoint every N steps (atomic; --resume picks it up)")
@@ -91,6 +92,8 @@ def main(cfg: Config):
         if ds is not None and ds.truncation_report():
             print0(ds.truncation_report())
     place(model, rt.device, cfg.attn_implementation).float()
+    if cfg.gradient_checkpointing:
+        gradient_checkpointing(model)
 
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
     print0(f"model: {num_params(model) / 1e6:.2f}M params | train {len(train_set)} examples ({train_path}) | "

@@ -280,6 +280,22 @@ def load_score_model(path: str, kind: str = None, init_from_policy: bool = False
     check_vocab(hf, tok, path)
     return ScoreModel(hf, kind or ("reward" if found in ("policy", "score") else found)), tok
 
+GRAD_CKPT_HELP = ("recompute each transformer block's activations in the backward instead of keeping them "
+                  "(transformers' own, non-reentrant): the trained models' activation memory for about one more forward")
+
+
+def gradient_checkpointing(model):
+    """Turn on transformers' gradient checkpointing (non-reentrant) for a policy or a ScoreModel; it
+    acts only in training mode, so sampling keeps its KV cache."""
+    hf = model.hf if isinstance(model, ScoreModel) else model
+    kw = {"use_reentrant": False}
+    if hasattr(hf, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    return model
+
+
 ATTENTION_HELP = ("attention kernel: auto = eager on a CPU (under bf16 autocast its backward is ~2x faster than sdpa's "
                   "there: python bench.py --ppo --dtype bf16), transformers' default (sdpa) elsewhere; or any transformers name")
 

@@ -194,3 +194,15 @@ def test_stopwatch_laps_sum_to_the_iteration(monkeypatch):
     clock.reset()  # 20.0
     clock.lap("generate")
     assert clock.laps == {"generate": 1.0}
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_pm.py"])
+def test_gradient_checkpointing_flag_ends_at_the_same_weights(world, tmp_path, script):
+    # the flag reaches the trained model and changes memory, not results (fp32)
+    outs = []
+    for i, extra in enumerate([{}, {"gradient_checkpointing": True}]):
+        out = tmp_path / f"run{i}"
+        r = run_script(script, tiny_args(world, script, out, max_steps=4, **extra))
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(load_weights(out))
+    assert max_abs_diff(*outs) <= 1e-5

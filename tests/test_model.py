@@ -331,3 +331,27 @@ def test_place_uses_eager_attention_on_cpu_with_the_same_outputs(tok, tiny_polic
             torch.testing.assert_close(g[real], w[real], atol=1e-5, rtol=1e-5)
     model.place(pol, "cpu", "sdpa")  # an explicit name wins over auto
     assert pol.config._attn_implementation == "sdpa"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tok, tiny_policy, score_model):
+    # a policy's token loss and a score model's pairwise loss, with and without checkpointing
+    ids, mask = data.pad_left(pair_seqs(tok), tok.pad_token_id)
+
+    def grads(m, loss_fn):
+        # GPT-2 has dropout: the same seed draws the same masks, and checkpointing must replay them
+        torch.manual_seed(0)
+        m.train().zero_grad()
+        loss_fn(m).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    policy_loss = lambda m: m(ids, attention_mask=mask, position_ids=model.position_ids(mask)).logits.logsumexp(-1)[mask.bool()].mean()
+    score_loss = lambda m: -torch.nn.functional.logsigmoid(m(ids, mask)[1][0] - m(ids, mask)[1][1])
+    for m, loss_fn in [(copy.deepcopy(tiny_policy), policy_loss), (copy.deepcopy(score_model), score_loss)]:
+        want = grads(m, loss_fn)
+        model.gradient_checkpointing(m)
+        hf = m.hf if isinstance(m, ScoreModel) else m
+        assert getattr(hf, "is_activation_checkpointing", None) or hf.is_gradient_checkpointing
+        got = grads(m, loss_fn)
+        assert want.keys() == got.keys() and len(want) > 4
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-6, msg=n)
