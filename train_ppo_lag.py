@@ -25,7 +25,6 @@ Deliberate simplifications (see README): one rollout per prompt, no ptx (pretrai
 no EMA actor, no advantage whitening (as the official PPO-Lag), no reward normalisation.
 """
 
-import inspect
 import json
 import os
 import sys
@@ -38,7 +37,7 @@ from tqdm import tqdm
 from nanosafe import config, data, dist, ppo, toy
 from nanosafe.config import arg
 from nanosafe.evaluate import gold_evaluate
-from nanosafe.generate import generate, response_mask
+from nanosafe.generate import forward_params, generate, response_mask
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange, PIDLagrange
 from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, CheckpointError, gradient_checkpointing, place, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
                             num_params, position_ids, read_state, recover_checkpoint, resolve_template, save_checkpoint)
@@ -118,9 +117,8 @@ def action_logprobs(model, seq, attn, P, with_entropy=False):
     T = seq.shape[1] - P
     # the logits at position i predict token i + 1, so positions P-1 .. L-2 are needed; models that
     # can skip the rest do (a real vocabulary's projection of every prompt position is wasted work)
-    takes = "logits_to_keep" in inspect.signature(getattr(model, "module", model).forward).parameters
-    logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn), use_cache=False,
-                   **({"logits_to_keep": T + 1} if takes else {})).logits
+    keep = {"logits_to_keep": T + 1} if "logits_to_keep" in forward_params(model) else {}
+    logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn), use_cache=False, **keep).logits
     logits = logits[:, -(T + 1):-1].float()
     lp = ppo.logprobs_from_logits(logits, seq[:, P:])
     if not with_entropy:

@@ -16,6 +16,14 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from nanosafe.ppo import logprobs_from_logits
+
+
+def forward_params(model):
+    """The keyword arguments a model's forward takes (a DDP-wrapped model's too): the optional ones
+    (logits_to_keep, the cache's name) differ between architectures and transformers versions."""
+    return inspect.signature(getattr(model, "module", model).forward).parameters
+
 
 def _eos_tensor(eos_token_id, device):
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -80,7 +88,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, 
     assert pad_token_id not in eos.tolist(), \
         f"pad_token_id ({pad_token_id}) must differ from eos_token_id: pad == eos masks the EOS and breaks scoring"
     # only the last position's logits are needed; most transformers models can skip the rest
-    params = inspect.signature(model.forward).parameters
+    params = forward_params(model)
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
 
@@ -109,8 +117,8 @@ def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, 
             nxt = torch.where(done, pad_token_id, nxt)  # finished rows only emit pad
             new_tokens.append(nxt)
             if return_logprobs:
-                lp = raw.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
-                logprobs.append(lp.masked_fill(done, 0.0))
+                # the formula training's new log-probs use, so the PPO ratio starts at exactly 1 in fp32
+                logprobs.append(logprobs_from_logits(raw, nxt).masked_fill(done, 0.0))
             done = done | torch.isin(nxt, eos)
             if (t + 1) % check_every == 0 and done.all():
                 break

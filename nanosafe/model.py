@@ -280,6 +280,12 @@ def load_score_model(path: str, kind: str = None, init_from_policy: bool = False
     check_vocab(hf, tok, path)
     return ScoreModel(hf, kind or ("reward" if found in ("policy", "score") else found)), tok
 
+
+def _hf(model):
+    """the transformers model itself: a policy, or the one inside a ScoreModel"""
+    return model.hf if isinstance(model, ScoreModel) else model
+
+
 GRAD_CKPT_HELP = ("recompute each transformer block's activations in the backward instead of keeping them "
                   "(transformers' own, non-reentrant): the trained models' activation memory for about one more forward")
 
@@ -287,7 +293,7 @@ GRAD_CKPT_HELP = ("recompute each transformer block's activations in the backwar
 def gradient_checkpointing(model):
     """Turn on transformers' gradient checkpointing (non-reentrant) for a policy or a ScoreModel; it
     acts only in training mode, so sampling keeps its KV cache."""
-    hf = model.hf if isinstance(model, ScoreModel) else model
+    hf = _hf(model)
     kw = {"use_reentrant": False}
     if hasattr(hf, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
@@ -297,12 +303,12 @@ def gradient_checkpointing(model):
 
 
 ATTENTION_HELP = ("attention kernel: auto = eager on a CPU (under bf16 autocast its backward is ~2x faster than sdpa's "
-                  "there: python bench.py --ppo --dtype bf16), transformers' default (sdpa) elsewhere; or any transformers name")
+                  "there: python bench.py --ppo), transformers' default (sdpa) elsewhere; or any transformers name")
 
 
 def place(model, device, attn_implementation: str = "auto"):
     """model.to(device) with the attention kernel for that device; a policy or a ScoreModel."""
-    hf = model.hf if isinstance(model, ScoreModel) else model
+    hf = _hf(model)
     if attn_implementation == "auto":
         attn_implementation = "eager" if torch.device(device).type == "cpu" else None
     if attn_implementation and hf.config._attn_implementation != attn_implementation:
@@ -352,7 +358,7 @@ def _checkpoint_file(path) -> bool:
 
 def _save_model(path, model, tok, state):
     os.makedirs(path, exist_ok=True)
-    (model.hf if isinstance(model, ScoreModel) else model).save_pretrained(path, safe_serialization=True)
+    _hf(model).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     with open(os.path.join(path, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
