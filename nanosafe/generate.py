@@ -16,8 +16,6 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-from nanosafe.ppo import logprobs_from_logits
-
 
 def forward_params(model):
     """The keyword arguments a model's forward takes (a DDP-wrapped model's too): the optional ones
@@ -117,8 +115,8 @@ def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, 
             nxt = torch.where(done, pad_token_id, nxt)  # finished rows only emit pad
             new_tokens.append(nxt)
             if return_logprobs:
-                # the formula training's new log-probs use, so the PPO ratio starts at exactly 1 in fp32
-                logprobs.append(logprobs_from_logits(raw, nxt).masked_fill(done, 0.0))
+                lp = raw.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
+                logprobs.append(lp.masked_fill(done, 0.0))
             done = done | torch.isin(nxt, eos)
             if (t + 1) % check_every == 0 and done.all():
                 break
