@@ -6,6 +6,7 @@ are noisy), so every table holds a reference measured beside what it is compared
     python bench.py --ppo                            # one PPO / PPO-Lag iteration, per phase
     python bench.py --ppo --trl /tmp/trl-venv/bin/python   # ... alternating with TRL's PPOTrainer
     python bench.py --device cuda --dtype bf16 --size large
+    python bench.py --memory --real_model FOLDER      # peak memory: full, gradient checkpointing, LoRA
 
 --ppo runs train_ppo_lag.py itself (a subprocess per run) at the settings of TRL's anchor
 benchmark (../shared/bench/trl_ppo.py): random-init Llama models of the same shape, a
@@ -63,6 +64,10 @@ parser.add_argument("--iters", type=int, default=8, help="--ppo: iterations per 
 parser.add_argument("--rounds", type=int, default=2, help="--ppo: runs of each configuration, alternating ours with TRL's")
 parser.add_argument("--trl", default=None, metavar="PYTHON", help="--ppo: a Python with trl 1.12.0 (../shared/bench/README.md) to run TRL's anchor beside ours")
 parser.add_argument("--trl_script", default=os.path.join(HERE, "..", "shared", "bench", "trl_ppo.py"), help="--ppo: TRL's anchor script")
+# memory
+parser.add_argument("--memory", action="store_true", help="peak memory of a PPO-Lag run: full fine-tuning, --gradient_checkpointing, --lora_rank 8")
+parser.add_argument("--real_model", default=None, metavar="FOLDER",
+                    help="--memory: also a real causal LM folder (e.g. SmolLM2-135M-Instruct; README: Memory), with score models made from it")
 args = parser.parse_args()
 
 device = torch.device(args.device)
@@ -296,8 +301,66 @@ def bench_ppo():
     return {"versions": versions(), "settings": vars(args), "results": results}
 
 
+# =============================================================================
+# peak memory: the same PPO-Lag run in full fine-tuning, with gradient checkpointing, with LoRA
+
+MEMORY_MODES = {"full": [], "gradient checkpointing": ["--gradient_checkpointing"], "LoRA r=8": ["--lora_rank", "8"]}
+
+
+def real_world(root, folder):
+    """reward and cost folders made from a real policy folder (its backbone + a fresh head) and 64 short prompts"""
+    from nanosafe.model import ScoreModel, load_policy, save_checkpoint
+    policy, tok = load_policy(folder)
+    paths = {"policy": folder}
+    for i, name in enumerate(["reward", "cost"]):
+        torch.manual_seed(args.seed + i)
+        paths[name] = os.path.join(root, name)
+        save_checkpoint(paths[name], ScoreModel.from_policy(policy, name), tok, {"kind": name, "template": "chat"})
+    topics = ["bread", "a bicycle", "tax forms", "a garden", "chess", "a resume", "the moon", "soup"]
+    paths["prompts"] = os.path.join(root, "prompts.jsonl")
+    with open(paths["prompts"], "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"prompt": f"How do I get better at {topics[i % len(topics)]}? Give me {i % 5 + 2} tips."}) + "\n")
+    return paths
+
+
+def bench_memory():
+    print(versions())
+    worlds = [("toy medium (1.2M, 128x4)", dict(rollouts=64, new_tokens=64, iters=3), lambda root: ppo_world(root, 128, 4))]
+    if args.real_model:
+        worlds.append((os.path.basename(args.real_model.rstrip("/")), dict(rollouts=8, new_tokens=32, iters=2),
+                       lambda root: real_world(root, args.real_model)))
+    results = []
+    with tempfile.TemporaryDirectory() as root:
+        for name, s, build in worlds:
+            world = build(os.path.join(root, name.split()[0]))
+            row = {"model": name, "settings": s}
+            for mode, flags in MEMORY_MODES.items():
+                out_dir = os.path.join(root, f"run_{len(results)}_{mode.split()[0]}")
+                cmd = [sys.executable, "train_ppo_lag.py", "--model", world["policy"], "--reward_model", world["reward"],
+                       "--cost_models", world["cost"], "--thresholds", "0", "--train_data", world["prompts"], "--template", "chat",
+                       "--rollout_batch_size", str(s["rollouts"]), "--minibatch_size", str(s["rollouts"]), "--micro_batch_size", str(s["rollouts"]),
+                       "--max_new_tokens", str(s["new_tokens"]), "--min_new_tokens", str(s["new_tokens"]), "--max_steps", str(s["iters"]),
+                       "--eval_every", "0", "--show_every", "0", "--ckpt_every", str(10**6), "--threads", str(args.threads),
+                       "--device", args.device, "--seed", str(args.seed), "--out_dir", out_dir, *flags]
+                _, peak = run_child(cmd)
+                recs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+                secs = statistics.median(r["iteration_s"] for r in recs if "iteration_s" in r)
+                row[mode] = {"peak_rss_mb": peak, "s_per_iter": secs}
+                print(f"  {name} {mode}: peak RSS {peak:.0f} MB, {secs:.2f} s/iteration", flush=True)
+            results.append(row)
+    print("\npeak resident memory of the whole PPO-Lag process (6 models, 3 optimisers), MB; in brackets: vs full")
+    print("| model | rollouts x new tokens | " + " | ".join(MEMORY_MODES) + " |")
+    print("|---|---|" + "---|" * len(MEMORY_MODES))
+    for row in results:
+        full = row["full"]["peak_rss_mb"]
+        cells = [f"{row[m]['peak_rss_mb']:.0f}" + ("" if m == "full" else f" ({row[m]['peak_rss_mb'] - full:+.0f})") for m in MEMORY_MODES]
+        print(f"| {row['model']} | {row['settings']['rollouts']} x {row['settings']['new_tokens']} | " + " | ".join(cells) + " |")
+    return {"versions": versions(), "settings": vars(args), "results": results}
+
+
 if __name__ == "__main__":
-    report = bench_ppo() if args.ppo else bench_generation()
+    report = bench_memory() if args.memory else bench_ppo() if args.ppo else bench_generation()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
-from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, CheckpointError, gradient_checkpointing, place, checkpoint_kind, load_score_model, load_trainer_state, num_params, read_state, recover_checkpoint, resolve_template,
+from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, CheckpointError, plain_weights, gradient_checkpointing, place, checkpoint_kind, load_score_model, load_trainer_state, num_params, read_state, recover_checkpoint, resolve_template,
                             save_checkpoint)
 
 
@@ -75,6 +75,7 @@ class Config:
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
     attn_implementation: str = arg("auto", ATTENTION_HELP)
     gradient_checkpointing: bool = arg(False, GRAD_CKPT_HELP)
+    fsdp: bool = arg(False, dist.FSDP_HELP)
     eval_every: int = arg(0, "evaluate every N steps (0: once per epoch and at the end)")
     ckpt_every: int = arg(100, "checkpoint every N steps (atomic; --resume picks it up)")
     save_optimizer: bool = arg(False, "keep the optimiser state in the final checkpoint too, to --resume past the end (intermediate checkpoints always keep it)")
@@ -229,6 +230,7 @@ def report(ev):
 
 def main(cfg: Config):
     rt = dist.init(cfg.seed, cfg.device, cfg.threads)
+    dist.check_fsdp(rt, cfg.fsdp)
     print0 = dist.print0
     amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # the model itself stays fp32: master weights
     if cfg.eval_only:
@@ -278,6 +280,8 @@ def main(cfg: Config):
     place(model, rt.device, cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         gradient_checkpointing(model)
+    if cfg.fsdp:  # before the optimiser: it must hold the sharded parameters
+        dist.shard(model, getattr(torch, cfg.dtype))
     eval_records = load(eval_path) if eval_path else []
     template = resolve_template(cfg.template, out_dir if cfg.resume else cfg.model)
     eval_set = data.PreferenceDataset(eval_records, tok, cfg.max_length, cfg.truncate_prompts, template) if eval_records else None
@@ -285,10 +289,11 @@ def main(cfg: Config):
         print0(eval_set.truncation_report())
 
     if cfg.eval_only:
-        if rt.master and eval_set is not None:
-            ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
-            print0(json.dumps(report(ev), indent=1))
-            print0(score_figure(cfg.kind, ev, os.path.join(cfg.model, "score_distribution.png")))
+        with dist.gathered(model):  # every rank enters (FSDP gathers the weights), rank 0 evaluates
+            if rt.master and eval_set is not None:
+                ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
+                print0(json.dumps(report(ev), indent=1))
+                print0(score_figure(cfg.kind, ev, os.path.join(cfg.model, "score_distribution.png")))
         dist.cleanup()
         return
 
@@ -316,11 +321,11 @@ def main(cfg: Config):
     start_step = 0
     if cfg.resume:
         state = load_trainer_state(out_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(model, optimizer, state["optimizer"], out_dir)
         dist.set_rng_state(state["rng"][rt.rank])
         start_step = state["step"]
         print0(f"resumed from {out_dir} at step {start_step}")
-    ddp_model = DDP(model) if rt.ddp else model
+    ddp_model = DDP(model) if rt.ddp and not cfg.fsdp else model  # FSDP shards the model in place
     os.makedirs(out_dir, exist_ok=True)
     metrics = dist.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master, start_step if cfg.resume else None)
     guard = dist.NanGuard()
@@ -340,7 +345,7 @@ def main(cfg: Config):
         micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
         for i, mi in enumerate(micro):
             b = {k: v.to(rt.device) for k, v in data.collate_pref([train_set[j] for j in mi], tok.pad_token_id).items()}
-            with ddp_model.no_sync() if rt.ddp and i < len(micro) - 1 else nullcontext():
+            with dist.no_sync([ddp_model], rt.ddp and i < len(micro) - 1):
                 with amp():
                     l = pair_loss(cfg.kind, ddp_model, b, cfg).sum()
                 # a mean over the global batch of pairs, however it is split (DDP averages over ranks)
@@ -354,23 +359,28 @@ def main(cfg: Config):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+            rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": dist.value(grad_norm),
                    "pairs_per_s": (step + 1 - start_step) * global_batch / (time.time() - t0), "skipped": guard.skipped}
-            if eval_set is not None and ((step + 1) % eval_every == 0 or step + 1 == max_steps) and rt.master:
-                ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
-                rec.update({f"eval_{k}": v for k, v in report(ev).items()})
+            if eval_set is not None and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
+                with dist.gathered(model):
+                    if rt.master:
+                        ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
+                        rec.update({f"eval_{k}": v for k, v in report(ev).items()})
             metrics.log(rec)
             pbar.set_postfix(loss=f"{rec['loss']:.3f}", **({"acc": f"{rec['eval_accuracy']:.3f}"} if "eval_accuracy" in rec else {}), refresh=False)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == max_steps:
             rngs = dist.gather_rng_states()
+            final = step + 1 == max_steps and not cfg.save_optimizer
+            weights, opt_state = plain_weights(model), None if final else dist.optimizer_state(model, optimizer)  # every rank: FSDP gathers
             if rt.master:
-                final = step + 1 == max_steps and not cfg.save_optimizer
                 save_checkpoint(out_dir, model, tok, dict(meta, step=step + 1),
-                                None if final else {"optimizer": optimizer.state_dict(), "step": step + 1, "rng": rngs})
+                                None if final else {"optimizer": opt_state, "step": step + 1, "rng": rngs}, weights={"": weights})
 
     # ---- summary
+    if dist.broadcast_object(ev is None) and eval_set is not None:  # one decision for all ranks: they all enter
+        with dist.gathered(model):
+            ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp) if rt.master else None
     if rt.master and eval_set is not None:
-        ev = ev or evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
         summary = dict(report(ev), steps=max_steps, skipped_steps=guard.skipped)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

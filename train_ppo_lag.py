@@ -39,7 +39,7 @@ from nanosafe.config import arg
 from nanosafe.evaluate import gold_evaluate
 from nanosafe.generate import forward_params, generate, response_mask
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange, PIDLagrange
-from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, CheckpointError, gradient_checkpointing, place, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
+from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, LORA_HELP, CheckpointError, adapters_off, add_lora, load_lora_state, lora_layers, lora_state, plain_weights, gradient_checkpointing, place, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
                             num_params, position_ids, read_state, recover_checkpoint, resolve_template, save_checkpoint)
 
 
@@ -65,6 +65,10 @@ class Config:
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
     attn_implementation: str = arg("auto", ATTENTION_HELP)
     gradient_checkpointing: bool = arg(False, GRAD_CKPT_HELP)
+    fsdp: bool = arg(False, dist.FSDP_HELP)
+    lora_rank: int = arg(0, LORA_HELP)
+    lora_alpha: float = arg(0.0, "LoRA scale numerator: the adapters' output is multiplied by alpha / rank (0: 2 x rank)")
+    lora_targets: list[str] = arg([], "module names to put adapters on (e.g. q_proj v_proj); default: every linear layer but the output projection and the score heads")
     # rollout
     max_steps: int = arg(350, "iterations (one rollout batch + its PPO updates each; the toy default fits in 10 minutes on 2 CPU threads)")
     rollout_batch_size: int = arg(128, "prompts per iteration per process (official: 16 per GPU; the toy world learns more per iteration from 128, see docs/findings.md)")
@@ -175,6 +179,7 @@ def show_rollouts(step, seq, mask, P, R, C, tok, n=2):
 
 def main(cfg: Config):
     rt = dist.init(cfg.seed, cfg.device, cfg.threads)
+    dist.check_fsdp(rt, cfg.fsdp)
     print0 = dist.print0
     dtype = getattr(torch, cfg.dtype)  # the frozen models' weights; the trained ones stay fp32 (master weights)
     amp = dist.autocast(rt.device, dtype)
@@ -189,6 +194,9 @@ def main(cfg: Config):
         raise config.ConfigError(f"--thresholds has {len(cfg.thresholds)} values but --cost_models has {K} folders: one threshold per cost model")
     if cfg.algo == "reward_shaping" and K == 0:
         raise config.ConfigError("--algo reward_shaping needs --cost_models")
+    lora = cfg.lora_rank > 0
+    if lora and cfg.fsdp:
+        raise config.ConfigError("--lora_rank with --fsdp is not supported: LoRA makes a model fit on each GPU, FSDP shards one that does not; pick one")
     if cfg.rollout_batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
         raise config.ConfigError(f"batch sizes must nest: rollout_batch_size ({cfg.rollout_batch_size}) = k·minibatch_size "
                                  f"({cfg.minibatch_size}), minibatch_size = m·micro_batch_size ({cfg.micro_batch_size})")
@@ -212,9 +220,10 @@ def main(cfg: Config):
     # ---- models: actor + frozen reference, frozen reward / cost models, trainable critics
     if cfg.resume:
         recover_checkpoint(out_dir)  # a crash between save_checkpoint's two renames
-    actor_path = out_dir if cfg.resume else cfg.model
+    actor_path = out_dir if cfg.resume and not lora else cfg.model  # LoRA resumes from the base and the saved adapters
     actor, tok = load_policy(actor_path, trust_remote_code=cfg.trust_remote_code)
-    ref, _ = load_policy(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    # LoRA: the reference is the actor itself, run with its adapters off (one backbone in memory, not two)
+    ref = actor if lora else load_policy(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)[0]
     reward_model, rtok = load_score_model(cfg.reward_model, kind="reward", dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     check_same_tokenizer(tok, rtok, cfg.model, cfg.reward_model)
     cost_models = []
@@ -232,15 +241,21 @@ def main(cfg: Config):
     critics = {}
     for name, src in critic_dirs.items():
         kind = "reward" if name == "reward_critic" else "cost"
-        critics[name], _ = load_score_model(os.path.join(out_dir, name) if cfg.resume else src, kind=kind,
+        critics[name], _ = load_score_model(os.path.join(out_dir, name) if cfg.resume and not lora else src, kind=kind,
                                             trust_remote_code=cfg.trust_remote_code)
     for m in [actor, ref, reward_model, *cost_models, *critics.values()]:
         place(m, rt.device, cfg.attn_implementation)
-    for m in [ref, reward_model, *cost_models]:
+    for m in [reward_model, *cost_models] + ([] if lora else [ref]):
         m.eval().requires_grad_(False)
+    if lora:  # adapters on the actor and the critics; only they (and the critics' heads) train
+        for m in [actor, *critics.values()]:
+            add_lora(m, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if cfg.gradient_checkpointing:  # the trained models only
         for m in [actor, *critics.values()]:
             gradient_checkpointing(m)
+    if cfg.fsdp:  # all six kinds of model, before the optimisers (they must hold the sharded parameters)
+        for m in [actor, *critics.values(), ref, reward_model, *cost_models]:
+            dist.shard(m, dtype)
 
     # ---- the multipliers and their thresholds (a resumed run keeps the d it started with:
     #      calibrating again on the half-trained actor would quietly move the constraint)
@@ -259,12 +274,13 @@ def main(cfg: Config):
                                          f"not separate safe from unsafe and d cannot be calibrated as 'cost > 0 is unsafe'; pass --thresholds")
             # on rank 0, then broadcast (its error too, so no rank waits forever): every rank holds the same d
             d = info = err = None
-            if rt.master:
-                try:
-                    with amp():
-                        d, info = calibrate_threshold(actor, cm, train_set.items[:256], tok, cfg, rt.device, cfg.cost_models[k])
-                except config.ConfigError as e:
-                    err = str(e)
+            with dist.gathered(actor, cm):  # every rank enters (FSDP gathers the weights), rank 0 calibrates
+                if rt.master:
+                    try:
+                        with amp():
+                            d, info = calibrate_threshold(actor, cm, train_set.items[:256], tok, cfg, rt.device, cfg.cost_models[k])
+                    except config.ConfigError as e:
+                        err = str(e)
             d, info, err = dist.broadcast_object((d, info, err))
             if err:
                 raise config.ConfigError(err)
@@ -283,15 +299,21 @@ def main(cfg: Config):
         lambdas, windows = [], []
 
     # ---- optimisers; the batch hierarchy
-    actor_opt = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    critic_opts = {n: torch.optim.AdamW(c.parameters(), lr=cfg.critic_lr, betas=(0.9, 0.95), weight_decay=cfg.critic_weight_decay)
+    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
+    actor_opt = torch.optim.AdamW(trainable(actor), lr=cfg.actor_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    critic_opts = {n: torch.optim.AdamW(trainable(c), lr=cfg.critic_lr, betas=(0.9, 0.95), weight_decay=cfg.critic_weight_decay)
                    for n, c in critics.items()}
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # rollout sampling, per rank
     start_step = 0
     if state is not None:
-        actor_opt.load_state_dict(state["actor_opt"])
+        if lora != bool(state.get("lora")):
+            raise config.ConfigError(f"{out_dir} was trained {'with' if state.get('lora') else 'without'} --lora_rank; resume it with the flags it was started with")
+        if lora:
+            for n, m in {"": actor, **critics}.items():
+                load_lora_state(m, state["lora"][n], out_dir)
+        dist.load_optimizer_state(actor, actor_opt, state["actor_opt"], out_dir)
         for n, o in critic_opts.items():
-            o.load_state_dict(state["critic_opts"][n])
+            dist.load_optimizer_state(critics[n], o, state["critic_opts"][n], out_dir)
         for lam, s in zip(lambdas, state["lambdas"]):
             lam.load_state_dict(s)
         for w, s in zip(windows, state["windows"][rt.rank]):
@@ -300,11 +322,13 @@ def main(cfg: Config):
         gen.set_state(state["gen"][rt.rank])
         start_step = state["step"]
         print0(f"resumed from {out_dir} at iteration {start_step}")
-    ddp_actor = DDP(actor) if rt.ddp else actor
-    ddp_critics = {n: DDP(c) if rt.ddp else c for n, c in critics.items()}
+    ddp = rt.ddp and not cfg.fsdp  # FSDP shards the models in place
+    ddp_actor = DDP(actor) if ddp else actor
+    ddp_critics = {n: DDP(c) if ddp else c for n, c in critics.items()}
     n_mini = cfg.rollout_batch_size // cfg.minibatch_size
     n_micro = cfg.minibatch_size // cfg.micro_batch_size
-    print0(f"{cfg.algo}: actor {num_params(actor) / 1e6:.2f}M params from {cfg.model} | {len(train_set)} prompts | "
+    print0(f"{cfg.algo}: actor {num_params(actor) / 1e6:.2f}M params from {cfg.model}"
+           + (f" ({sum(p.numel() for p in trainable(actor)) / 1e6:.3f}M in LoRA adapters of rank {cfg.lora_rank})" if lora else "") + f" | {len(train_set)} prompts | "
            f"per iteration: {cfg.rollout_batch_size} rollouts x {rt.world_size} procs -> {cfg.ppo_epochs} epochs x {n_mini} minibatches "
            f"of {cfg.minibatch_size} ({n_micro} micro-batches of {cfg.micro_batch_size}) = {cfg.ppo_epochs * n_mini} optimizer steps | "
            f"{cfg.max_steps} iterations | critics: {', '.join(critics)}")
@@ -333,19 +357,21 @@ def main(cfg: Config):
     pbar = dist.progress(range(start_step, cfg.max_steps), rt.master, initial=start_step, total=cfg.max_steps, desc=cfg.algo)
     for step in pbar:
         rec = {"step": step}
-        if gold and rt.master and (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
-            rec.update(gold_eval_now(step))
+        if gold and (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0)):
+            with dist.gathered(actor):  # every rank enters (FSDP gathers the weights), rank 0 evaluates
+                rec.update(gold_eval_now(step) if rt.master else {})
         clock.reset()  # seconds per phase of this iteration -> metrics.jsonl "time_s" (bench.py reads them)
 
         # 1. rollout: the unwrapped actor samples; pads after each EOS
         idx = dist.step_indices(len(train_set), step, cfg.rollout_batch_size * rt.world_size, rt.rank, rt.world_size, cfg.seed)
-        with amp():
+        with amp(), dist.gathered(actor):  # FSDP: the actor gathered once for all its tokens, not per token
             seq, attn, mask, P, old_logp = rollout(actor, [train_set[i] for i in idx], tok, cfg, gen, rt.device)
         clock.lap("generate")
 
         # 2. reference log-probs, scores, old values: eval-mode forwards
         with torch.no_grad(), amp():
-            ref_logp = action_logprobs(ref, seq, attn, P)
+            with adapters_off(ref):  # LoRA: ref is the actor, run as its base model; otherwise a no-op
+                ref_logp = action_logprobs(ref, seq, attn, P)
             clock.lap("ref_logprobs")
             R = reward_model(seq, attn)[1]
             C = [cm(seq, attn)[1] for cm in cost_models]
@@ -394,7 +420,7 @@ def main(cfg: Config):
                 micro_losses = []  # every micro-batch's loss is checked: one nan poisons the accumulated gradient
                 for i, mi in enumerate(mb.split(cfg.micro_batch_size)):
                     last = i == n_micro - 1
-                    with _maybe_no_sync([ddp_actor, *ddp_critics.values()], rt.ddp and not last):
+                    with dist.no_sync([ddp_actor, *ddp_critics.values()], rt.ddp and not last):
                         with amp():
                             new_logp, ent = action_logprobs(ddp_actor, seq[mi], attn[mi], P, with_entropy=True)
                         pl, st = ppo.policy_loss(new_logp, old_logp[mi], advantage[mi], mask[mi], cfg.clip_range_ratio)
@@ -465,15 +491,17 @@ def main(cfg: Config):
     summary = {"algo": cfg.algo, "iterations": cfg.max_steps, "thresholds": thresholds,
                "lambdas": [lam.value for lam in lambdas], "skipped": guard.skipped}
     if rt.ddp:  # every rank must hold the same λ and the same actor, or something is badly wrong
-        mine = [lam.value for lam in lambdas] + [sum(p.double().sum().item() for p in actor.parameters())]
+        mine = [lam.value for lam in lambdas] + [dist.param_checksum(actor)]
         states = dist.gather_objects(mine)
         if any(s != states[0] for s in states):
             raise RuntimeError(f"ranks disagree on λ / actor parameters: {states}")
         summary["ranks_agree"] = states
+    with dist.gathered(actor):  # every rank enters (FSDP gathers the weights), rank 0 evaluates
+        if gold and rt.master:
+            with amp():
+                summary["final"] = gold_evaluate(actor, tok, eval_prompts, n_samples=cfg.final_eval_samples, max_new_tokens=cfg.max_new_tokens,
+                                                 seed=cfg.seed + 10**6, device=rt.device, template=template)
     if gold and rt.master:
-        with amp():
-            summary["final"] = gold_evaluate(actor, tok, eval_prompts, n_samples=cfg.final_eval_samples, max_new_tokens=cfg.max_new_tokens,
-                                             seed=cfg.seed + 10**6, device=rt.device, template=template)
         metrics.log({"step": cfg.max_steps, "final": True, **summary["final"]})
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -483,34 +511,23 @@ def main(cfg: Config):
 
 
 def save(out_dir, actor, critics, tok, meta, step, actor_opt, critic_opts, lambdas, windows, thresholds, gen, rt, policy_only=False):
-    """The policy as an HF folder, the critics beside it, and everything a resumed run needs (or the policy only)."""
+    """The policy as an HF folder, the critics beside it, and everything a resumed run needs (or the policy only).
+    Every rank calls it: the RNG states, windows and (under FSDP) the weights and optimiser states are gathered."""
     rngs = dist.gather_rng_states()
     gens = dist.gather_objects(gen.get_state())
     wins = dist.gather_objects([w.state_dict() for w in windows])
+    models = {"": actor} if policy_only else {"": actor, **critics}
+    weights = {sub: plain_weights(m) for sub, m in models.items()}
+    opt_states = None if policy_only else {n: dist.optimizer_state(critics[n], o) for n, o in critic_opts.items()} | {"": dist.optimizer_state(actor, actor_opt)}
     if rt.master:
-        trainer_state = {"step": step, "actor_opt": actor_opt.state_dict(),
-                         "critic_opts": {n: o.state_dict() for n, o in critic_opts.items()},
-                         "lambdas": [lam.state_dict() for lam in lambdas], "windows": wins, "thresholds": thresholds,
-                         "rng": rngs, "gen": gens}
-        extra = {n: (c, tok, {"kind": c.kind, "role": "critic", "step": step}) for n, c in critics.items()}
-        if policy_only:
-            trainer_state, extra = None, None
-        save_checkpoint(out_dir, actor, tok, dict(meta, step=step), trainer_state, extra)
-
-
-class _maybe_no_sync:
-    """DDP's no_sync() on several models at once (only while accumulating micro-batches)."""
-
-    def __init__(self, models, active):
-        self.ctxs = [m.no_sync() for m in models] if active else []
-
-    def __enter__(self):
-        for c in self.ctxs:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.ctxs):
-            c.__exit__(*exc)
+        trainer_state = extra = None
+        if not policy_only:
+            trainer_state = {"step": step, "actor_opt": opt_states[""], "critic_opts": {n: opt_states[n] for n in critic_opts},
+                             "lora": {sub: lora_state(m) for sub, m in models.items()} if lora_layers(actor) else None,
+                             "lambdas": [lam.state_dict() for lam in lambdas], "windows": wins, "thresholds": thresholds,
+                             "rng": rngs, "gen": gens}
+            extra = {n: (c, tok, {"kind": c.kind, "role": "critic", "step": step}) for n, c in critics.items()}
+        save_checkpoint(out_dir, actor, tok, dict(meta, step=step), trainer_state, extra, weights)
 
 
 if __name__ == "__main__":

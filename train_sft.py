@@ -12,7 +12,6 @@ Writes out/sft: a Hugging Face folder (safetensors + tokenizer), nanosafe.json, 
 
 import json
 import os
-from contextlib import nullcontext
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanosafe import config, data, dist, toy
 from nanosafe.config import arg
 from nanosafe.evaluate import gold_eval, gold_evaluate
-from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, CheckpointError, gradient_checkpointing, load_policy, place, load_trainer_state, num_params, recover_checkpoint, resolve_template, save_checkpoint,
+from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, CheckpointError, plain_weights, gradient_checkpointing, load_policy, place, load_trainer_state, num_params, recover_checkpoint, resolve_template, save_checkpoint,
                             TOY_SIZES, toy_model, toy_tokenizer)
 
 
@@ -56,6 +55,7 @@ class Config:
     threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
     attn_implementation: str = arg("auto", ATTENTION_HELP)
     gradient_checkpointing: bool = arg(False, GRAD_CKPT_HELP)
+    fsdp: bool = arg(False, dist.FSDP_HELP)
     # evaluation / checkpoints
     eval_every: int = arg(200, "held-out loss every N steps")
     ckpt_every: int = arg(200, "checkpoint every N steps (atomic; --resume picks it up)")
@@ -65,6 +65,7 @@ class Config:
 
 def main(cfg: Config):
     rt = dist.init(cfg.seed, cfg.device, cfg.threads)
+    dist.check_fsdp(rt, cfg.fsdp)
     print0 = dist.print0
     amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # the model itself stays fp32: master weights
 
@@ -94,6 +95,8 @@ def main(cfg: Config):
     place(model, rt.device, cfg.attn_implementation).float()
     if cfg.gradient_checkpointing:
         gradient_checkpointing(model)
+    if cfg.fsdp:  # before the optimiser: it must hold the sharded parameters
+        dist.shard(model, getattr(torch, cfg.dtype))
 
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
     print0(f"model: {num_params(model) / 1e6:.2f}M params | train {len(train_set)} examples ({train_path}) | "
@@ -104,11 +107,11 @@ def main(cfg: Config):
     start_step = 0
     if cfg.resume:
         state = load_trainer_state(cfg.out_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(model, optimizer, state["optimizer"], cfg.out_dir)
         dist.set_rng_state(state["rng"][rt.rank])
         start_step = state["step"]
         print0(f"resumed from {cfg.out_dir} at step {start_step}")
-    ddp_model = DDP(model) if rt.ddp else model
+    ddp_model = DDP(model) if rt.ddp and not cfg.fsdp else model  # FSDP shards the model in place
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics = dist.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), rt.master, start_step if cfg.resume else None)
     guard = dist.NanGuard()
@@ -128,21 +131,24 @@ def main(cfg: Config):
         return loss, (labels != -100).sum()
 
     @torch.no_grad()
-    def eval_loss():
+    def eval_loss():  # ranks may run different numbers of batches: under FSDP the parameters are gathered first
         model.eval()
         tot, n = torch.zeros(1, device=rt.device), torch.zeros(1, device=rt.device)
-        for i in range(rt.rank * cfg.batch_size, len(eval_set), cfg.batch_size * rt.world_size):
-            l, c = token_losses(model, batch(range(i, min(i + cfg.batch_size, len(eval_set))), eval_set))
-            tot += l
-            n += c
+        with dist.gathered(model):
+            for i in range(rt.rank * cfg.batch_size, len(eval_set), cfg.batch_size * rt.world_size):
+                l, c = token_losses(model, batch(range(i, min(i + cfg.batch_size, len(eval_set))), eval_set))
+                tot += l
+                n += c
         model.train()
         return (dist.all_reduce_sum(tot) / dist.all_reduce_sum(n)).item()
 
     def save(step, rngs):
+        final = step == cfg.max_steps and not cfg.save_optimizer  # a final folder without 2x its size in AdamW state
+        weights, opt_state = plain_weights(model), None if final else dist.optimizer_state(model, optimizer)  # every rank: FSDP gathers
         if rt.master:
-            final = step == cfg.max_steps and not cfg.save_optimizer  # a final folder without 2x its size in AdamW state
-            trainer_state = None if final else {"optimizer": optimizer.state_dict(), "step": step, "rng": rngs}
-            save_checkpoint(cfg.out_dir, model, tok, {"kind": "policy", "stage": "sft", "template": template, "step": step, "args": config.to_dict(cfg)}, trainer_state)
+            trainer_state = None if final else {"optimizer": opt_state, "step": step, "rng": rngs}
+            save_checkpoint(cfg.out_dir, model, tok, {"kind": "policy", "stage": "sft", "template": template, "step": step, "args": config.to_dict(cfg)},
+                            trainer_state, weights={"": weights})
 
     # ---- train
     model.train()
@@ -161,7 +167,7 @@ def main(cfg: Config):
         loss_sum = torch.zeros((), device=rt.device)
         for i, b in enumerate(micro):
             sync = i == len(micro) - 1
-            with ddp_model.no_sync() if rt.ddp and not sync else nullcontext():
+            with dist.no_sync([ddp_model], rt.ddp and not sync):
                 l, _ = token_losses(ddp_model, b)
                 (l * rt.world_size / n_tokens).backward()
             loss_sum += l.detach()
@@ -174,7 +180,7 @@ def main(cfg: Config):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+            rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": dist.value(grad_norm),
                    "tokens_per_s": tokens * rt.world_size / (time.time() - t0), "skipped": guard.skipped}
             if eval_set is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
                 rec["eval_loss"] = eval_loss()
@@ -185,12 +191,14 @@ def main(cfg: Config):
 
     # ---- summary: does the policy imitate its data?
     summary = {"steps": cfg.max_steps, "final_loss": rec.get("loss"), "eval_loss": rec.get("eval_loss"), "skipped_steps": guard.skipped}
+    with dist.gathered(model):  # every rank enters (FSDP gathers the weights), rank 0 samples
+        if toy_world and cfg.gold_samples > 0 and rt.master:
+            # the policy on held-out prompts (new templates included) vs the answers it was trained on
+            prompts = sorted({r["prompt"] for r in data.load_sft(eval_path)})
+            with amp():
+                summary["policy"] = gold_evaluate(model, tok, prompts, n_samples=cfg.gold_samples, max_new_tokens=cfg.max_length,
+                                                  seed=cfg.seed, device=rt.device, template=template)
     if toy_world and cfg.gold_samples > 0 and rt.master:
-        # the policy on held-out prompts (new templates included) vs the answers it was trained on
-        prompts = sorted({r["prompt"] for r in data.load_sft(eval_path)})
-        with amp():
-            summary["policy"] = gold_evaluate(model, tok, prompts, n_samples=cfg.gold_samples, max_new_tokens=cfg.max_length,
-                                              seed=cfg.seed, device=rt.device, template=template)
         train = data.load_sft(train_path)
         summary["data"] = gold_eval([r["prompt"] for r in train], [r["response"] for r in train])
         for k in ("gold_unsafe_rate_harmful", "gold_helpfulness_benign"):

@@ -25,6 +25,7 @@ import transformers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
+from nanosafe import dist
 from nanosafe.generate import position_ids_from_mask as position_ids  # positions that skip left padding
 
 # the floor the code needs: 4.55 fails on DynamicCache(config=...) and from_pretrained(dtype=...) (checked in a venv)
@@ -318,15 +319,18 @@ def place(model, device, attn_implementation: str = "auto"):
 # -----------------------------------------------------------------------------
 # checkpoints: written to a temporary folder, then renamed into place
 
-def save_checkpoint(out_dir: str, model, tok, state: dict, trainer_state: dict = None, extra: dict = None):
+def save_checkpoint(out_dir: str, model, tok, state: dict, trainer_state: dict = None, extra: dict = None, weights: dict = None):
     """Write an HF folder (safetensors + tokenizer) + nanosafe.json (+ trainer_state.pt for resume,
-    + extra sub-models as {subfolder: (model, tok)}) atomically: a crash mid-save leaves the
-    previous checkpoint intact and never a half-written one where a loader would look."""
+    + extra sub-models as {subfolder: (model, tok, state)}) atomically: a crash mid-save leaves the
+    previous checkpoint intact and never a half-written one where a loader would look. Under FSDP
+    `weights` holds the gathered (or LoRA-merged) state dicts ({"": the model's, subfolder: an extra's}, from
+    plain_weights) and the folders are the same plain HF folders."""
     tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
+    weights = weights or {}
     shutil.rmtree(tmp, ignore_errors=True)
-    _save_model(tmp, model, tok, state)
+    _save_model(tmp, model, tok, state, weights.get(""))
     for sub, (m, t, s) in (extra or {}).items():
-        _save_model(os.path.join(tmp, sub), m, t, s)
+        _save_model(os.path.join(tmp, sub), m, t, s, weights.get(sub))
     if trainer_state is not None:
         torch.save(trainer_state, os.path.join(tmp, TRAINER_FILE))
     if os.path.exists(out_dir):
@@ -356,9 +360,19 @@ def _checkpoint_file(path) -> bool:
     return name in CHECKPOINT_FILES or name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
 
 
-def _save_model(path, model, tok, state):
+def plain_weights(model) -> dict | None:
+    """The weights to save when the model in memory is not a plain HF model: under FSDP its
+    shards gathered (every rank must call this; rank 0 saves), under LoRA its adapters merged
+    into the base weights. None otherwise (save_pretrained reads the model itself)."""
+    sd = dist.full_state_dict(model)
+    if sd is not None and isinstance(model, ScoreModel):  # the ScoreModel wrapper is the FSDP root
+        sd = {k.removeprefix("hf."): v for k, v in sd.items()}
+    return sd if sd is not None else merged_weights(model)
+
+
+def _save_model(path, model, tok, state, weights=None):
     os.makedirs(path, exist_ok=True)
-    _hf(model).save_pretrained(path, safe_serialization=True)
+    _hf(model).save_pretrained(path, safe_serialization=True, state_dict=weights)
     tok.save_pretrained(path)
     with open(os.path.join(path, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
@@ -386,3 +400,85 @@ def load_trainer_state(out_dir: str) -> dict:
 
 def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# LoRA (--lora_rank): peft's adapters injected into the model in place, so it keeps its class,
+# forward and checkpoint layout; peft is imported only when asked for
+
+LORA_HELP = ("train LoRA adapters of this rank (peft, an optional dependency) on the actor and the critics instead of "
+             "all their weights; the reference policy is the actor with its adapters switched off (one backbone in memory, "
+             "not two); the saved folders have the adapters merged in (plain HF folders). 0: full fine-tuning")
+
+
+def lora_layers(model) -> list:
+    """(name, layer) of every LoRA-wrapped layer of a policy or ScoreModel (peft's layers, found by what they have)."""
+    return [(n, m) for n, m in _hf(model).named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")]
+
+
+def add_lora(model, rank: int, alpha: float = 0, targets=None):
+    """LoRA adapters (B = 0 at the start, so the model's outputs do not change) on every linear layer
+    of a policy (not its output projection) or a ScoreModel (not its head, which trains whole), or on
+    the modules named in `targets`. Only the adapters (and a score head) stay trainable."""
+    try:
+        import peft
+    except ImportError:
+        raise CheckpointError("--lora_rank needs peft, an optional dependency: pip install peft") from None
+    score = isinstance(model, ScoreModel)
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=list(targets) if targets else "all-linear",
+                          exclude_modules=["score"] if score else None)
+    peft.inject_adapter_in_model(cfg, _hf(model))
+    if not lora_layers(model):
+        raise CheckpointError(f"--lora_targets {targets}: no such linear layers in {type(_hf(model)).__name__}")
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n or (score and n.startswith("hf.score.")))
+    return model
+
+
+class adapters_off:
+    """Run a LoRA model as its base model (the adapters switched off); a no-op for any other model.
+    Under LoRA the reference policy is the actor inside this block."""
+
+    def __init__(self, model):
+        self.model, self.layers = model, [m for _, m in lora_layers(model)]
+
+    def __enter__(self):
+        self.training = self.model.training
+        if self.layers:  # the reference runs in eval mode, as a separate frozen model would (dropout off)
+            self.model.eval()
+        for m in self.layers:
+            m.enable_adapters(False)
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.enable_adapters(True)
+        if self.layers:
+            self.model.train(self.training)
+
+
+def lora_state(model) -> dict:
+    """The trained tensors of a LoRA model (its adapters, a score model's head): what a resume needs beside the base folder."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_lora_state(model, state: dict, where: str):
+    params = dict(model.named_parameters())
+    if set(state) != {n for n, p in params.items() if p.requires_grad}:
+        raise CheckpointError(f"{where}: its LoRA state does not match this model's adapters (different --lora_rank or --lora_targets?)")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def merged_weights(model) -> dict | None:
+    """LoRA: the base weights with each adapter's delta (scale · B·A) added, under the plain HF names
+    (no peft wrappers), so the saved folder loads with AutoModelFor... alone. None without LoRA."""
+    layers = lora_layers(model)
+    if not layers:
+        return None
+    hf = _hf(model)
+    out = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in hf.state_dict().items() if ".lora_" not in k}
+    with torch.no_grad():
+        for name, m in layers:
+            out[f"{name}.weight"] = (m.base_layer.weight + m.get_delta_weight(m.active_adapters[0])).detach().clone()
+    return out

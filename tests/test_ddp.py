@@ -160,12 +160,14 @@ DDP_EXIT_BUG = ("BUG (intermittent): the torchrun job wrote its final checkpoint
 K = 3  # optimizer steps
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 @pytest.mark.parametrize("script,kw", [("train_sft.py", {}), ("train_pm.py", {"kind": "cost"})], ids=["sft", "cost_model"])
-def test_two_processes_train_like_one_with_twice_the_batch(world, tmp_path, script, kw):
+def test_two_processes_train_like_one_with_twice_the_batch(world, tmp_path, script, kw, fsdp):
+    """DDP replicates the model, --fsdp shards it (FSDP2): either way the same parameters as one process"""
     one, two = tmp_path / "one", tmp_path / "two"
     r = run_script(script, tiny_args(world, script, one, batch_size=8, max_steps=K, **kw))
     assert r.returncode == 0, r.stderr[-3000:]
-    rc, hung, log = run_torchrun(script, tiny_args(world, script, two, batch_size=4, max_steps=K, **kw), two, K,
+    rc, hung, log = run_torchrun(script, tiny_args(world, script, two, batch_size=4, max_steps=K, fsdp=fsdp, **kw), two, K,
                                  tmp_path / "torchrun.log")
     assert rc == 0 or hung, log[-3000:]
     assert "global batch 8 = 4 x 1 accum x 2 procs" in log

@@ -162,20 +162,127 @@ def test_two_constraints(stages):
     assert r["lambda_1"] > 1.0 > r["lambda_0"]
 
 
-def test_ppo_lag_ddp_ranks_agree(stages):
+def descendants(pid) -> list:
+    """Every live descendant of a process, from /proc (Linux)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        try:
+            ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+        except (ValueError, OSError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def torchrun_ppo(t, out, *extra, kill_at_step=None):
+    """train_ppo_lag.py under torchrun, 2 CPU processes (gloo). kill_at_step: SIGKILL the whole job
+    (launcher and workers) once a checkpoint of at least that step is on disk."""
+    import signal
     import socket
+    import time
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t = stages
-    p = subprocess.run([str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
-                        "train_ppo_lag.py", "--model", t / "sft", "--reward_model", t / "rm", "--cost_models", t / "cm",
-                        "--data_dir", t / "data", "--out_dir", t / "ddp", *PPO_TINY, "--max_steps", "2",
-                        "--thresholds", "-1.0"]], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    summary = json.load(open(t / "ddp" / "summary.json"))
-    states = summary["ranks_agree"]
-    assert len(states) == 2 and states[0] == states[1]  # λ and the actor's parameter sum, per rank
+    cmd = [str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+                            "train_ppo_lag.py", "--model", t / "sft", "--reward_model", t / "rm", "--cost_models", t / "cm",
+                            "--data_dir", t / "data", "--out_dir", t / out, *PPO_TINY, *extra]]
+    log = open(t / f"{out}.log", "a")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    state = t / out / "nanosafe.json"
+    try:
+        while kill_at_step is not None and p.poll() is None and not (state.exists() and json.load(open(state))["step"] >= kill_at_step):
+            time.sleep(0.01)
+        if kill_at_step is not None:  # the workers run in sessions of their own: kill -9 every process of the job
+            for pid in [p.pid, *descendants(p.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        rc = p.wait(timeout=600)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    log.close()
+    text = (t / f"{out}.log").read_text()
+    assert kill_at_step is not None or rc == 0, text[-3000:]
+    return text
+
+
+def test_ppo_lag_with_lora_end_to_end_and_resume(stages):
+    """--lora_rank 8: adapters on the actor and both critics, the reference = the actor with its adapters
+    off; the saved folders are plain merged HF folders; 3 iterations straight == 2, stop, --resume to 3."""
+    pytest.importorskip("peft")
+    t, args = stages, ["--thresholds", "-1.0", "--eval_every", 0, "--lora_rank", 8, "--save_optimizer"]
+    out = ppo(t, "lora", "--max_steps", 3, *args).stdout
+    assert "in LoRA adapters of rank 8" in out
+    ppo(t, "lora_cut", "--max_steps", 2, *args)
+    out = ppo(t, "lora_cut", "--max_steps", 3, *args, "--resume").stdout
+    assert f"resumed from {t / 'lora_cut'} at iteration 2" in out
+    from transformers import AutoModelForCausalLM
+    actor = AutoModelForCausalLM.from_pretrained(t / "lora")  # transformers alone: no peft names left
+    assert not any("lora" in n for n, _ in actor.named_parameters())
+    start, a, b = (load_file(t / d / "model.safetensors") for d in ("sft", "lora", "lora_cut"))
+    assert a.keys() == start.keys()
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    assert moved > 1e-4, moved  # the adapters trained and were merged in
+    assert torch.equal(a["model.embed_tokens.weight"], start["model.embed_tokens.weight"])  # not an adapted layer: untouched
+    for sub in ["", "reward_critic", "cost_critic_0"]:
+        x, y = load_file(t / "lora" / sub / "model.safetensors"), load_file(t / "lora_cut" / sub / "model.safetensors")
+        assert all(torch.equal(x[k], y[k]) for k in x), sub
+    # a resume without the flag is refused in one line
+    p = ppo(t, "lora_cut", "--max_steps", 4, "--thresholds", "-1.0", "--resume", check=False)
+    assert p.returncode == 1 and "--lora_rank" in p.stderr, p.stderr[-2000:]
+
+
+def test_ppo_lag_fsdp_equals_ddp(stages):
+    """--fsdp (FSDP2: all six models sharded, the actor gathered for generation) runs PPO-Lag exactly as DDP
+    does: the same λ and actor parameters after 3 iterations on the same seed, and each run's ranks agree."""
+    t, args = stages, ["--max_steps", 3, "--thresholds", "-1.0", "--eval_every", 2]
+    torchrun_ppo(t, "ddp", *args)
+    log = torchrun_ppo(t, "fsdp", *args, "--fsdp")
+    assert "gold: helpfulness" in log  # rank 0 evaluated inside the gathered block without hanging the other rank
+    sd, sf = json.load(open(t / "ddp" / "summary.json")), json.load(open(t / "fsdp" / "summary.json"))
+    for s in (sd, sf):
+        assert len(s["ranks_agree"]) == 2 and s["ranks_agree"][0] == s["ranks_agree"][1]  # λ and the actor's parameter sum, per rank
+    assert sd["lambdas"] == pytest.approx(sf["lambdas"], abs=1e-5) and sd["lambdas"] != [1.0]
+    a, b = load_file(t / "ddp" / "model.safetensors"), load_file(t / "fsdp" / "model.safetensors")
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-5, f"actor parameters differ by {diff:.2e}"
+    start = load_file(t / "sft" / "model.safetensors")
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # it trained: equal is not trivially equal
+    # the saved folder is a plain HF folder
+    from transformers import AutoModelForCausalLM
+    assert type(AutoModelForCausalLM.from_pretrained(t / "fsdp")).__name__ == "LlamaForCausalLM"
+
+
+def test_ppo_fsdp_sigkill_then_resume_is_exact(stages):
+    """SIGKILL a --fsdp PPO-Lag job after a checkpoint; --resume --fsdp ends where an uninterrupted --fsdp run ends
+    (actor, critics, λ; the optimiser states gathered to one file and scattered back)."""
+    t, steps = stages, 4
+    args = ["--max_steps", steps, "--thresholds", "-1.0", "--eval_every", 0, "--fsdp", "--save_optimizer"]
+    torchrun_ppo(t, "f_full", *args)
+    torchrun_ppo(t, "f_cut", *args, kill_at_step=2)
+    from nanosafe.model import recover_checkpoint
+    recover_checkpoint(str(t / "f_cut"))
+    killed_at = json.load(open(t / "f_cut" / "nanosafe.json"))["step"]
+    assert 2 <= killed_at < steps, killed_at
+    log = torchrun_ppo(t, "f_cut", *args, "--resume")
+    assert f"resumed from {t / 'f_cut'} at iteration {killed_at}" in log
+    for sub in ["", "reward_critic", "cost_critic_0"]:
+        a, b = load_file(t / "f_full" / sub / "model.safetensors"), load_file(t / "f_cut" / sub / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    sa = torch.load(t / "f_full" / "trainer_state.pt", weights_only=True)
+    sb = torch.load(t / "f_cut" / "trainer_state.pt", weights_only=True)
+    assert sa["lambdas"] == sb["lambdas"] and "fsdp" in sa["actor_opt"]
+    # a DDP run refuses to resume an --fsdp checkpoint, in one line
+    p = ppo(t, "f_cut", "--max_steps", steps + 1, "--thresholds", "-1.0", "--resume", check=False)
+    assert p.returncode == 1 and "saved with --fsdp" in p.stderr, p.stderr[-2000:]
 
 
 def test_ppo_sigkill_then_resume_is_exact(stages):

@@ -355,3 +355,45 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok, tiny_policy, score
         assert want.keys() == got.keys() and len(want) > 4
         for n in want:
             torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-6, msg=n)
+
+# -----------------------------------------------------------------------------
+# LoRA (peft, optional)
+
+
+def test_lora_adapters_merge_into_a_plain_folder_with_the_same_outputs(tok, tiny_policy, score_model, tmp_path):
+    """add_lora starts at the model's own outputs (B = 0) and trains only the adapters (and a score
+    head); adapters_off is the base model exactly; the merged folder loads with transformers alone
+    (no peft names) and gives the adapter model's outputs (llama's linears, GPT-2's Conv1D)."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    ids, mask = data.pad_left(pair_seqs(tok), tok.pad_token_id)
+    pos = model.position_ids(mask)
+    policy_out = lambda m: m(ids, attention_mask=mask, position_ids=pos).logits
+    score_out = lambda m: m(ids, mask)[0]
+    for m, out, kind in [(tiny_policy.eval(), policy_out, "policy"), (score_model, score_out, "reward")]:
+        with torch.no_grad():
+            base = out(m).clone()
+        model.add_lora(m, rank=4, alpha=8)
+        trained = [n for n, p in m.named_parameters() if p.requires_grad]
+        assert trained and all("lora_" in n or n.startswith("hf.score.") for n in trained), trained
+        assert (kind == "reward") == any(n.startswith("hf.score.") for n in trained)  # a score head trains whole
+        with torch.no_grad():
+            torch.testing.assert_close(out(m), base, atol=0, rtol=0)  # B = 0: nothing changed yet
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.3)  # as if trained
+            adapted = out(m).clone()
+            assert (adapted - base).abs().max() > 1e-2
+            with model.adapters_off(m):
+                torch.testing.assert_close(out(m), base, atol=0, rtol=0)
+            torch.testing.assert_close(out(m), adapted, atol=0, rtol=0)  # switched back on
+        path = str(tmp_path / kind)
+        model.save_checkpoint(path, m, tok, {"kind": kind}, weights={"": model.plain_weights(m)})
+        if kind == "policy":
+            loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+        else:
+            loaded = model.load_score_model(path, kind="reward")[0].eval()
+        names = [n for n, _ in loaded.named_parameters()]
+        assert not any("lora" in n or "base_layer" in n for n in names)
+        with torch.no_grad():
+            torch.testing.assert_close(out(loaded), adapted, atol=1e-5, rtol=1e-5)
