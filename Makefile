@@ -31,6 +31,7 @@ compare: install install-plot
 		--plot out/compare.png --out out/compare.json
 
 test: install
+	@$(PY) -c "import peft" 2>/dev/null || $(PY) -m pip install -q peft || echo "no peft: the LoRA tests will skip"
 	$(PY) -m pytest -q
 
 clean:

@@ -283,7 +283,11 @@ def shard(model, compute_dtype=torch.float32):
     `.hf`). bf16 compute is FSDP's MixedPrecisionPolicy: fp32 sharded parameters, blocks
     gathered in bf16, gradients reduced in fp32. Build the optimiser after this, on the
     sharded parameters."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # public from torch 2.6 on
+        from nanosafe.config import ConfigError
+        raise ConfigError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch {torch.__version__}") from None
     hf = getattr(model, "hf", model)
     names = set(getattr(hf, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]

@@ -397,3 +397,10 @@ def test_lora_adapters_merge_into_a_plain_folder_with_the_same_outputs(tok, tiny
         assert not any("lora" in n or "base_layer" in n for n in names)
         with torch.no_grad():
             torch.testing.assert_close(out(loaded), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_without_peft_is_one_clear_error(tiny_policy, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(CheckpointError, match="pip install peft"):
+        model.add_lora(tiny_policy, rank=4)

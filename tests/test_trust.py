@@ -422,3 +422,8 @@ def test_a_later_stage_refuses_another_template_than_its_input_was_trained_with(
     assert "trained with --template safe_rlhf" in err
     r = pm(model=tmp_path / "sft")  # no --template: the input's
     assert r.returncode == 0 and read_state(str(tmp_path / "out"))["template"] == "safe_rlhf"
+
+
+def test_fsdp_without_torchrun_is_one_clear_error(sft, tmp_path):
+    r = sft(fsdp=True)
+    assert_refused(r, tmp_path / "out", "--fsdp", "torchrun --nproc_per_node")
