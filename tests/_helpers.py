@@ -213,6 +213,7 @@ def _serve_forks():
     sys.path.insert(0, str(ROOT))
     import train_pm  # noqa: F401  (the slow imports, done once; children inherit them)
     import train_sft  # noqa: F401
+    import train_ppo_lag  # noqa: F401
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)

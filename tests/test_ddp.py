@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import load_weights, max_abs_diff, read_jsonl, run_script, run_torchrun, tiny_args, tiny_world
+from _helpers import ForkServer, load_weights, max_abs_diff, read_jsonl, run_torchrun, tiny_args, tiny_world
 from nanosafe import dist
 from nanosafe.dist import step_indices
 from nanosafe.ppo import masked_mean, seq_mean
@@ -20,6 +20,13 @@ from nanosafe.ppo import masked_mean, seq_mean
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return tiny_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fs():
+    """single-process runs start in a forked child that has already imported torch (~4 s a run)"""
+    with ForkServer() as server:
+        yield server
 
 # -----------------------------------------------------------------------------
 # which examples each rank trains on
@@ -162,10 +169,10 @@ K = 3  # optimizer steps
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 @pytest.mark.parametrize("script,kw", [("train_sft.py", {}), ("train_pm.py", {"kind": "cost"})], ids=["sft", "cost_model"])
-def test_two_processes_train_like_one_with_twice_the_batch(world, tmp_path, script, kw, fsdp):
+def test_two_processes_train_like_one_with_twice_the_batch(world, fs, tmp_path, script, kw, fsdp):
     """DDP replicates the model, --fsdp shards it (FSDP2): either way the same parameters as one process"""
     one, two = tmp_path / "one", tmp_path / "two"
-    r = run_script(script, tiny_args(world, script, one, batch_size=8, max_steps=K, **kw))
+    r = fs.capture(script, tiny_args(world, script, one, batch_size=8, max_steps=K, **kw), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rc, hung, log = run_torchrun(script, tiny_args(world, script, two, batch_size=4, max_steps=K, fsdp=fsdp, **kw), two, K,
                                  tmp_path / "torchrun.log")
@@ -199,12 +206,12 @@ def test_stopwatch_laps_sum_to_the_iteration(monkeypatch):
 
 
 @pytest.mark.parametrize("script", ["train_sft.py", "train_pm.py"])
-def test_gradient_checkpointing_flag_ends_at_the_same_weights(world, tmp_path, script):
+def test_gradient_checkpointing_flag_ends_at_the_same_weights(world, fs, tmp_path, script):
     # the flag reaches the trained model and changes memory, not results (fp32)
     outs = []
     for i, extra in enumerate([{}, {"gradient_checkpointing": True}]):
         out = tmp_path / f"run{i}"
-        r = run_script(script, tiny_args(world, script, out, max_steps=4, **extra))
+        r = fs.capture(script, tiny_args(world, script, out, max_steps=4, **extra), tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(load_weights(out))
     assert max_abs_diff(*outs) <= 1e-5

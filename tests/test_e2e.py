@@ -12,14 +12,30 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _helpers import ForkServer
 from nanosafe import model
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+_fork = {}  # the module's ForkServer: stage scripts start in a forked child that has already imported torch (~4 s a run)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fork_server(tmp_path_factory):
+    with ForkServer() as fs:
+        _fork.update(server=fs, folder=tmp_path_factory.mktemp("fork_logs"))
+        yield fs
+        _fork.clear()
+
+
 def run(*args, check=True):
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    """`python *args` from the repository root (a stage script through the fork server), output as text"""
+    if _fork and str(args[0]).endswith(".py"):
+        p = _fork["server"].capture(str(args[0]), [str(a) for a in args[1:]], _fork["folder"], timeout=600)
+    else:
+        p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -30,7 +46,7 @@ def metrics(d):
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
+def stages(tmp_path_factory, fork_server):
     """A tiny SFT policy, reward model and cost model on the toy world."""
     t = tmp_path_factory.mktemp("e2e")
     data = t / "data"
