@@ -229,6 +229,17 @@ def torchrun_ppo(t, out, *extra, kill_at_step=None):
     return text
 
 
+def assert_resumed_exactly(full, cut):
+    """An interrupted-and-resumed PPO-Lag run ends bit-identical to the uninterrupted one: actor, critics, λ.
+    Returns both trainer states for further checks."""
+    for sub in ["", "reward_critic", "cost_critic_0"]:
+        a, b = load_file(full / sub / "model.safetensors"), load_file(cut / sub / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    sa, sb = (torch.load(d / "trainer_state.pt", weights_only=True) for d in (full, cut))
+    assert sa["lambdas"] == sb["lambdas"]
+    return sa, sb
+
+
 def test_ppo_lag_with_lora_end_to_end_and_resume(stages):
     """--lora_rank 8: adapters on the actor and both critics, the reference = the actor with its adapters
     off; the saved folders are plain merged HF folders; 3 iterations straight == 2, stop, --resume to 3."""
@@ -247,9 +258,7 @@ def test_ppo_lag_with_lora_end_to_end_and_resume(stages):
     moved = max((a[k] - start[k]).abs().max().item() for k in a)
     assert moved > 1e-4, moved  # the adapters trained and were merged in
     assert torch.equal(a["model.embed_tokens.weight"], start["model.embed_tokens.weight"])  # not an adapted layer: untouched
-    for sub in ["", "reward_critic", "cost_critic_0"]:
-        x, y = load_file(t / "lora" / sub / "model.safetensors"), load_file(t / "lora_cut" / sub / "model.safetensors")
-        assert all(torch.equal(x[k], y[k]) for k in x), sub
+    assert_resumed_exactly(t / "lora", t / "lora_cut")
     # a resume without the flag is refused in one line
     p = ppo(t, "lora_cut", "--max_steps", 4, "--thresholds", "-1.0", "--resume", check=False)
     assert p.returncode == 1 and "--lora_rank" in p.stderr, p.stderr[-2000:]
@@ -285,12 +294,8 @@ def test_ppo_lag_fsdp_equals_ddp_and_resumes_exactly_after_sigkill(stages):
     assert 2 <= killed_at < steps, killed_at
     log = torchrun_ppo(t, "f_cut", *args, "--fsdp", "--resume")
     assert f"resumed from {t / 'f_cut'} at iteration {killed_at}" in log
-    for sub in ["", "reward_critic", "cost_critic_0"]:
-        x, y = load_file(t / "fsdp" / sub / "model.safetensors"), load_file(t / "f_cut" / sub / "model.safetensors")
-        assert all(torch.equal(x[k], y[k]) for k in x), sub
-    sa = torch.load(t / "fsdp" / "trainer_state.pt", weights_only=True)
-    sb = torch.load(t / "f_cut" / "trainer_state.pt", weights_only=True)
-    assert sa["lambdas"] == sb["lambdas"] and "fsdp" in sa["actor_opt"]
+    sa, _ = assert_resumed_exactly(t / "fsdp", t / "f_cut")
+    assert "fsdp" in sa["actor_opt"]
     # a DDP run refuses to resume an --fsdp checkpoint, in one line
     p = ppo(t, "f_cut", "--max_steps", steps + 1, "--thresholds", "-1.0", "--resume", check=False)
     assert p.returncode == 1 and "saved with --fsdp" in p.stderr, p.stderr[-2000:]
@@ -320,12 +325,8 @@ def test_ppo_sigkill_then_resume_is_exact(stages):
     assert 3 <= killed_at < steps, killed_at
     out = ppo(t, "k_cut", "--max_steps", steps, *args, "--resume", "--save_optimizer").stdout
     assert f"resumed from {t / 'k_cut'} at iteration {killed_at}" in out
-    for sub in ["", "reward_critic", "cost_critic_0"]:
-        a, b = load_file(t / "k_full" / sub / "model.safetensors"), load_file(t / "k_cut" / sub / "model.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), sub
-    sa = torch.load(t / "k_full" / "trainer_state.pt", weights_only=True)
-    sb = torch.load(t / "k_cut" / "trainer_state.pt", weights_only=True)
-    assert sa["lambdas"] == sb["lambdas"] and sa["windows"] == sb["windows"] and torch.equal(sa["gen"][0], sb["gen"][0])
+    sa, sb = assert_resumed_exactly(t / "k_full", t / "k_cut")
+    assert sa["windows"] == sb["windows"] and torch.equal(sa["gen"][0], sb["gen"][0])
     assert [r["step"] for r in metrics(t / "k_cut") if not r.get("final")] == list(range(steps))
 
 
