@@ -217,18 +217,26 @@ def run_child(cmd):
         return out.read(), usage.ru_maxrss / 1024
 
 
-def run_ours(world, algo, dtype, epochs, out_dir):
-    # --algo ppo without a cost model: the same work as TRL's PPO (no cost forward to log)
-    cmd = [sys.executable, "train_ppo_lag.py", "--algo", algo, "--model", world["policy"], "--reward_model", world["reward"],
-           *(["--cost_models"] if algo == "ppo" else ["--cost_models", world["cost"], "--thresholds", "0"]), "--train_data", world["prompts"], "--template", "chat",
-           "--rollout_batch_size", "64", "--minibatch_size", "64", "--micro_batch_size", "64", "--ppo_epochs", str(epochs),
-           "--max_new_tokens", "32", "--min_new_tokens", "32", "--temperature", "1", "--max_steps", str(args.iters),
-           "--eval_every", "0", "--show_every", "0", "--ckpt_every", str(10**6), "--threads", str(args.threads),
-           "--device", args.device, "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype],
-           "--seed", str(args.seed), "--out_dir", out_dir]
+def run_train_ppo(world, out_dir, rollouts, new_tokens, iters, *flags):
+    """train_ppo_lag.py on a bench world: one minibatch of `rollouts`, exactly `new_tokens` new tokens, no
+    evaluation, display or checkpoint between iterations -> (its iteration records, the child's peak RSS in MB)"""
+    cmd = [sys.executable, "train_ppo_lag.py", "--model", world["policy"], "--reward_model", world["reward"],
+           "--train_data", world["prompts"], "--template", "chat", "--rollout_batch_size", str(rollouts),
+           "--minibatch_size", str(rollouts), "--micro_batch_size", str(rollouts), "--max_new_tokens", str(new_tokens),
+           "--min_new_tokens", str(new_tokens), "--max_steps", str(iters), "--eval_every", "0", "--show_every", "0",
+           "--ckpt_every", str(10**6), "--threads", str(args.threads), "--device", args.device, "--seed", str(args.seed),
+           "--out_dir", out_dir, *flags]
     _, peak = run_child(cmd)
     recs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    recs = [r for r in recs if "iteration_s" in r][1:]  # the first iteration is warm-up
+    return [r for r in recs if "iteration_s" in r], peak
+
+
+def run_ours(world, algo, dtype, epochs, out_dir):
+    # --algo ppo without a cost model: the same work as TRL's PPO (no cost forward to log)
+    recs, peak = run_train_ppo(world, out_dir, 64, 32, args.iters, "--algo", algo,
+                               *(["--cost_models"] if algo == "ppo" else ["--cost_models", world["cost"], "--thresholds", "0"]),
+                               "--ppo_epochs", str(epochs), "--temperature", "1", "--dtype", {"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    recs = recs[1:]  # the first iteration is warm-up
     phases = {k: statistics.median(r["time_s"].get(k, 0.0) for r in recs) for k in recs[0]["time_s"]}
     return {"s_per_iter": [r["iteration_s"] for r in recs], "phases": phases, "peak_rss_mb": peak}
 
@@ -337,15 +345,9 @@ def bench_memory():
             row = {"model": name, "settings": s}
             for mode, flags in MEMORY_MODES.items():
                 out_dir = os.path.join(root, f"run_{len(results)}_{mode.split()[0]}")
-                cmd = [sys.executable, "train_ppo_lag.py", "--model", world["policy"], "--reward_model", world["reward"],
-                       "--cost_models", world["cost"], "--thresholds", "0", "--train_data", world["prompts"], "--template", "chat",
-                       "--rollout_batch_size", str(s["rollouts"]), "--minibatch_size", str(s["rollouts"]), "--micro_batch_size", str(s["rollouts"]),
-                       "--max_new_tokens", str(s["new_tokens"]), "--min_new_tokens", str(s["new_tokens"]), "--max_steps", str(s["iters"]),
-                       "--eval_every", "0", "--show_every", "0", "--ckpt_every", str(10**6), "--threads", str(args.threads),
-                       "--device", args.device, "--seed", str(args.seed), "--out_dir", out_dir, *flags]
-                _, peak = run_child(cmd)
-                recs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-                secs = statistics.median(r["iteration_s"] for r in recs if "iteration_s" in r)
+                recs, peak = run_train_ppo(world, out_dir, s["rollouts"], s["new_tokens"], s["iters"],
+                                           "--cost_models", world["cost"], "--thresholds", "0", *flags)
+                secs = statistics.median(r["iteration_s"] for r in recs)
                 row[mode] = {"peak_rss_mb": peak, "s_per_iter": secs}
                 print(f"  {name} {mode}: peak RSS {peak:.0f} MB, {secs:.2f} s/iteration", flush=True)
             results.append(row)

@@ -289,11 +289,12 @@ def main(cfg: Config):
         print0(eval_set.truncation_report())
 
     if cfg.eval_only:
-        with dist.gathered(model):  # every rank enters (FSDP gathers the weights), rank 0 evaluates
-            if rt.master and eval_set is not None:
-                ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
-                print0(json.dumps(report(ev), indent=1))
-                print0(score_figure(cfg.kind, ev, os.path.join(cfg.model, "score_distribution.png")))
+        if eval_set is not None:
+            with dist.gathered(model):  # every rank enters (FSDP gathers the weights), rank 0 evaluates
+                if rt.master:
+                    ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
+                    print0(json.dumps(report(ev), indent=1))
+                    print0(score_figure(cfg.kind, ev, os.path.join(cfg.model, "score_distribution.png")))
         dist.cleanup()
         return
 
@@ -377,7 +378,7 @@ def main(cfg: Config):
                                 None if final else {"optimizer": opt_state, "step": step + 1, "rng": rngs}, weights={"": weights})
 
     # ---- summary
-    if dist.broadcast_object(ev is None) and eval_set is not None:  # one decision for all ranks: they all enter
+    if eval_set is not None and dist.broadcast_object(ev is None):  # one decision for all ranks: they all enter
         with dist.gathered(model):
             ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp) if rt.master else None
     if rt.master and eval_set is not None:

@@ -250,6 +250,7 @@ def main(cfg: Config):
     if lora:  # adapters on the actor and the critics; only they (and the critics' heads) train
         for m in [actor, *critics.values()]:
             add_lora(m, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    as_reference = adapters_off(ref)  # its layers found once, not every iteration
     if cfg.gradient_checkpointing:  # the trained models only
         for m in [actor, *critics.values()]:
             gradient_checkpointing(m)
@@ -370,7 +371,7 @@ def main(cfg: Config):
 
         # 2. reference log-probs, scores, old values: eval-mode forwards
         with torch.no_grad(), amp():
-            with adapters_off(ref):  # LoRA: ref is the actor, run as its base model; otherwise a no-op
+            with as_reference:  # LoRA: ref is the actor, run as its base model; otherwise a no-op
                 ref_logp = action_logprobs(ref, seq, attn, P)
             clock.lap("ref_logprobs")
             R = reward_model(seq, attn)[1]
@@ -496,11 +497,12 @@ def main(cfg: Config):
         if any(s != states[0] for s in states):
             raise RuntimeError(f"ranks disagree on λ / actor parameters: {states}")
         summary["ranks_agree"] = states
-    with dist.gathered(actor):  # every rank enters (FSDP gathers the weights), rank 0 evaluates
-        if gold and rt.master:
-            with amp():
-                summary["final"] = gold_evaluate(actor, tok, eval_prompts, n_samples=cfg.final_eval_samples, max_new_tokens=cfg.max_new_tokens,
-                                                 seed=cfg.seed + 10**6, device=rt.device, template=template)
+    if gold:
+        with dist.gathered(actor):  # every rank enters (FSDP gathers the weights), rank 0 evaluates
+            if rt.master:
+                with amp():
+                    summary["final"] = gold_evaluate(actor, tok, eval_prompts, n_samples=cfg.final_eval_samples, max_new_tokens=cfg.max_new_tokens,
+                                                     seed=cfg.seed + 10**6, device=rt.device, template=template)
     if gold and rt.master:
         metrics.log({"step": cfg.max_steps, "final": True, **summary["final"]})
         with open(os.path.join(out_dir, "summary.json"), "w") as f:

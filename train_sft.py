@@ -191,14 +191,16 @@ def main(cfg: Config):
 
     # ---- summary: does the policy imitate its data?
     summary = {"steps": cfg.max_steps, "final_loss": rec.get("loss"), "eval_loss": rec.get("eval_loss"), "skipped_steps": guard.skipped}
-    with dist.gathered(model):  # every rank enters (FSDP gathers the weights), rank 0 samples
-        if toy_world and cfg.gold_samples > 0 and rt.master:
-            # the policy on held-out prompts (new templates included) vs the answers it was trained on
-            prompts = sorted({r["prompt"] for r in data.load_sft(eval_path)})
-            with amp():
-                summary["policy"] = gold_evaluate(model, tok, prompts, n_samples=cfg.gold_samples, max_new_tokens=cfg.max_length,
-                                                  seed=cfg.seed, device=rt.device, template=template)
-    if toy_world and cfg.gold_samples > 0 and rt.master:
+    gold = toy_world and cfg.gold_samples > 0
+    if gold:
+        with dist.gathered(model):  # every rank enters (FSDP gathers the weights), rank 0 samples
+            if rt.master:
+                # the policy on held-out prompts (new templates included) vs the answers it was trained on
+                prompts = sorted({r["prompt"] for r in data.load_sft(eval_path)})
+                with amp():
+                    summary["policy"] = gold_evaluate(model, tok, prompts, n_samples=cfg.gold_samples, max_new_tokens=cfg.max_length,
+                                                      seed=cfg.seed, device=rt.device, template=template)
+    if gold and rt.master:
         train = data.load_sft(train_path)
         summary["data"] = gold_eval([r["prompt"] for r in train], [r["response"] for r in train])
         for k in ("gold_unsafe_rate_harmful", "gold_helpfulness_benign"):

@@ -351,9 +351,14 @@ class no_sync:
                 m.set_requires_gradient_sync(True)
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP parameter, FSDP's gradient norm) gathered into a plain tensor; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def value(t) -> float:
-    """A scalar tensor's number; a DTensor (FSDP's gradient norm) is read as its full value."""
-    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+    """A scalar tensor's number, read whole under FSDP."""
+    return float(_whole(t))
 
 
 _FULL = dict(full_state_dict=True, cpu_offload=True)
@@ -391,7 +396,7 @@ def load_optimizer_state(model, optimizer, state: dict, where: str):
 
 def param_checksum(model) -> float:
     """Sum of every parameter (gathered when sharded): equal on every rank of a healthy run."""
-    return sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum()) for p in model.parameters())
+    return sum(float(_whole(p).detach().double().sum()) for p in model.parameters())
 
 
 FSDP_HELP = ("shard every trained and frozen model's parameters (and the gradients and AdamW state) over the torchrun "

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _helpers import ForkServer
+from _helpers import ForkServer, free_port
 from nanosafe import model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,12 +199,8 @@ def torchrun_ppo(t, out, *extra, kill_at_step=None):
     """train_ppo_lag.py under torchrun, 2 CPU processes (gloo). kill_at_step: SIGKILL the whole job
     (launcher and workers) once a checkpoint of at least that step is on disk."""
     import signal
-    import socket
     import time
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+    cmd = [str(a) for a in [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", free_port(),
                             "train_ppo_lag.py", "--model", t / "sft", "--reward_model", t / "rm", "--cost_models", t / "cm",
                             "--data_dir", t / "data", "--out_dir", t / out, *PPO_TINY, *extra]]
     log = open(t / f"{out}.log", "a")
