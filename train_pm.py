@@ -10,6 +10,7 @@ Stage 2 of Safe RLHF: the preference models. Helpfulness and harmlessness are le
     python train_pm.py --kind cost                   # toy world -> out/cm
     python train_pm.py --kind cost --no_sign_loss    # the ablation: no sign term, no meaningful zero
     python train_pm.py --kind cost --category violence --out_dir out/cm_violence   # one harm category
+    python train_pm.py --kind cost --categories all --out_dir out/cm_k5     # one backbone, one output per category
     python train_pm.py --eval_only --model out/cm    # accuracy + the score-distribution figure
     torchrun --nproc_per_node=2 train_pm.py --kind reward
 
@@ -46,6 +47,9 @@ class Config:
     eval_data: str | None = arg(None, "held-out pairs; default: the toy world's pref_test.jsonl")
     data_dir: str = arg("data/toy", "where the toy world's files live (written if missing)")
     category: str | None = arg(None, "cost model for one harm category only (uses response_i_harm_category)")
+    categories: list[str] = arg([], "cost model with one output per harm category on one backbone (the pairwise and sign terms "
+                                "per category, from response_i_harm_category): category names, or 'all' (the toy world's 5, "
+                                "PKU-SafeRLHF's 19); train_ppo_lag.py takes it as one constraint per category")
     sign_loss: bool = arg(True, "cost model: add the sign term -log σ(s·c) (official: on); --no_sign_loss to ablate")
     drop_bad: bool = arg(False, "drop pairs with identical responses or contradictory safety labels (default: keep, report)")
     seed: int = arg(0, "random seed")
@@ -114,6 +118,9 @@ def pair_loss(kind, model, b, cfg):
     c0, c1 = pair_scores(model, b)
     if kind == "reward":
         return reward_loss(c0, c1, b["better_response_id"], cfg.reg)
+    if "category_labels" in b:  # [B, 3, K]: K cost models' losses on one backbone, summed
+        L = b["category_labels"]
+        return cost_loss(c0, c1, L[:, 0], L[:, 1], L[:, 2], cfg.reg, cfg.sign_loss).sum(-1)
     return cost_loss(c0, c1, b["safer_response_id"], b["is_safe_0"], b["is_safe_1"], cfg.reg, cfg.sign_loss)
 
 
@@ -129,6 +136,37 @@ def for_category(records, cat):
         out.append(dict(r, is_response_0_safe=not h0, is_response_1_safe=not h1, safer_response_id=None if h0 == h1 else int(h0),
                         _category=cat))
     return out
+
+def category_names(records, asked):
+    """--categories: the names asked for, or 'all' -> every category the pairs are labelled with."""
+    found = sorted({c for r in records for i in (0, 1) for c in (r.get(f"response_{i}_harm_category") or {})})
+    names = found if asked == ["all"] else list(asked)
+    if not names:
+        raise data.DataError(f"{records[0]['_where'] if records else 'the data'}: --categories all: the pairs have no "
+                             f"response_i_harm_category labels")
+    return names
+
+
+def category_labels(records, names):
+    """[N, 3, K] long: per pair and category, the safer id, is_safe_0 and is_safe_1 (-1: none), as for_category."""
+    rows = []
+    for r in records:
+        per = [for_category([r], c)[0] for c in names]
+        rows.append([[-1 if x[key] is None else int(x[key]) for x in per]
+                     for key in ("safer_response_id", "is_response_0_safe", "is_response_1_safe")])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class Column(torch.nn.Module):
+    """Output k of a K-output score model, as a one-output model: how each category is evaluated."""
+
+    def __init__(self, model, k):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, input_ids, attention_mask):
+        scores, end = self.model(input_ids, attention_mask)
+        return scores[..., self.k], end[:, self.k]
 
 # -----------------------------------------------------------------------------
 # evaluation
@@ -163,6 +201,17 @@ def evaluate(kind, model, records, dataset, tok, device, amp=nullcontext, batch_
     if records and toy.in_world(records[0]["prompt"]):
         out["oracle_accuracy"] = oracle_accuracy(kind, records)
     return out
+
+
+def evaluate_categories(model, records, tok, device, amp, cfg, template):
+    """A K-output cost model: each output evaluated as a one-category cost model; their means on top."""
+    per = {}
+    for k, cat in enumerate(model.names):
+        recs = for_category(records, cat)
+        ds = data.PreferenceDataset(recs, tok, cfg.max_length, cfg.truncate_prompts, template)
+        per[cat] = report(evaluate("cost", Column(model, k), recs, ds, tok, device, amp))
+    out = {key: sum(r[key] for r in per.values()) / len(per) for key in per[model.names[0]] if key != "n_pairs"}
+    return dict(out, n_pairs=len(records), categories=per)
 
 
 def oracle_accuracy(kind, records):
@@ -236,15 +285,11 @@ def main(cfg: Config):
     if cfg.eval_only:
         cfg.kind = checkpoint_kind(cfg.model) if checkpoint_kind(cfg.model) in ("reward", "cost") else cfg.kind
     out_dir = cfg.out_dir or ("out/rm" if cfg.kind == "reward" else "out/cm")
+    if cfg.categories and (cfg.kind != "cost" or cfg.category):
+        raise config.ConfigError("--categories trains a cost model with one output per category: use it with --kind cost and without --category")
 
     # ---- data
-    toy_world = cfg.train_data is None
-    if toy_world and rt.master:
-        toy.ensure_dataset(cfg.data_dir, seed=0)
-    if rt.ddp:
-        torch.distributed.barrier()
-    train_path = cfg.train_data or os.path.join(cfg.data_dir, "pref_train.jsonl")
-    eval_path = cfg.eval_data or (os.path.join(cfg.data_dir, "pref_test.jsonl") if toy_world else None)
+    _, train_path, eval_path = toy.data_paths(cfg, rt, "pref")
 
     def load(path):
         records, rep = data.load_preference(path, drop_bad=cfg.drop_bad)
@@ -260,11 +305,16 @@ def main(cfg: Config):
             raise CheckpointError(f"{out_dir}: nothing to resume from; run without --resume")
     elif not os.path.isdir(cfg.model):
         raise CheckpointError(f"{cfg.model}: no such checkpoint. Run stage 1 first: python train_sft.py")
+    train_records = None if cfg.eval_only else load(train_path)
+    names = category_names(train_records, cfg.categories) if cfg.categories else None
     if cfg.resume:
         model, tok = load_score_model(out_dir, kind=cfg.kind, trust_remote_code=cfg.trust_remote_code)
+        if model.names != (names or []):
+            raise config.ConfigError(f"{out_dir} has outputs {model.names or '(one)'}, --categories asks for {names or '(one)'}; "
+                                     f"resume with the flags it was started with")
     else:
         model, tok = load_score_model(cfg.model, kind=cfg.kind, init_from_policy=not cfg.eval_only,
-                                      trust_remote_code=cfg.trust_remote_code)
+                                      trust_remote_code=cfg.trust_remote_code, labels=names)
     init = read_state(out_dir).get("init") if cfg.resume else None  # what the run being resumed chose
     if not cfg.resume and not cfg.eval_only:
         init = cfg.init
@@ -288,20 +338,29 @@ def main(cfg: Config):
     if eval_set is not None and eval_set.truncation_report():
         print0(eval_set.truncation_report())
 
+
+    def run_eval():  # rank 0 only
+        if model.names:  # a K-output cost model: each output as a one-category cost model
+            return evaluate_categories(model, eval_records, tok, rt.device, amp, cfg, template)
+        return evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
+
+    def figure(ev, folder):
+        return "" if model.names else score_figure(cfg.kind, ev, os.path.join(folder, "score_distribution.png"))
+
     if cfg.eval_only:
         if eval_set is not None:
             with dist.gathered(model):  # every rank enters (FSDP gathers the weights), rank 0 evaluates
                 if rt.master:
-                    ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
+                    ev = run_eval()
                     print0(json.dumps(report(ev), indent=1))
-                    print0(score_figure(cfg.kind, ev, os.path.join(cfg.model, "score_distribution.png")))
+                    print0(figure(ev, cfg.model))
         dist.cleanup()
         return
 
-    train_records = load(train_path)
     train_set = data.PreferenceDataset(train_records, tok, cfg.max_length, cfg.truncate_prompts, template)
     if train_set.truncation_report():
         print0(train_set.truncation_report())
+    cat_labels = category_labels(train_records, names) if names else None  # [N, 3, K]
     # the sign term needs safe/unsafe labels; without them it is off, and the folder says so
     sign_loss = cfg.kind == "cost" and cfg.sign_loss and any(r["is_response_0_safe"] is not None for r in train_records)
     if cfg.kind == "cost" and cfg.sign_loss and not sign_loss:
@@ -316,7 +375,7 @@ def main(cfg: Config):
     eval_every = cfg.eval_every or steps_per_epoch
     print0(f"{cfg.kind} model: {num_params(model) / 1e6:.2f}M params from {cfg.model} | {len(train_set)} pairs | "
            f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {rt.world_size} procs | {max_steps} steps"
-           + (f" | category {cfg.category}" if cfg.category else "") + ("" if sign_loss or cfg.kind == "reward" else " | no sign loss"))
+           + (f" | category {cfg.category}" if cfg.category else "") + (f" | {len(names)} categories: {' '.join(names)}" if names else "") + ("" if sign_loss or cfg.kind == "reward" else " | no sign loss"))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start_step = 0
@@ -330,7 +389,7 @@ def main(cfg: Config):
     os.makedirs(out_dir, exist_ok=True)
     metrics = dist.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master, start_step if cfg.resume else None)
     guard = dist.NanGuard()
-    meta = {"kind": cfg.kind, "template": template, "category": cfg.category, "sign_loss": sign_loss if cfg.kind == "cost" else None, "init": init, "args": config.to_dict(cfg)}
+    meta = {"kind": cfg.kind, "template": template, "category": cfg.category, "categories": names, "sign_loss": sign_loss if cfg.kind == "cost" else None, "init": init, "args": config.to_dict(cfg)}
 
     # ---- train
     model.train()
@@ -346,6 +405,8 @@ def main(cfg: Config):
         micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
         for i, mi in enumerate(micro):
             b = {k: v.to(rt.device) for k, v in data.collate_pref([train_set[j] for j in mi], tok.pad_token_id).items()}
+            if cat_labels is not None:
+                b["category_labels"] = cat_labels[mi].to(rt.device)
             with dist.no_sync([ddp_model], rt.ddp and i < len(micro) - 1):
                 with amp():
                     l = pair_loss(cfg.kind, ddp_model, b, cfg).sum()
@@ -365,7 +426,7 @@ def main(cfg: Config):
             if eval_set is not None and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
                 with dist.gathered(model):
                     if rt.master:
-                        ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
+                        ev = run_eval()
                         rec.update({f"eval_{k}": v for k, v in report(ev).items()})
             metrics.log(rec)
             pbar.set_postfix(loss=f"{rec['loss']:.3f}", **({"acc": f"{rec['eval_accuracy']:.3f}"} if "eval_accuracy" in rec else {}), refresh=False)
@@ -380,13 +441,13 @@ def main(cfg: Config):
     # ---- summary
     if eval_set is not None and dist.broadcast_object(ev is None):  # one decision for all ranks: they all enter
         with dist.gathered(model):
-            ev = evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp) if rt.master else None
+            ev = run_eval() if rt.master else None
     if rt.master and eval_set is not None:
         summary = dict(report(ev), steps=max_steps, skipped_steps=guard.skipped)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         print0(json.dumps(summary, indent=1))
-        print0(score_figure(cfg.kind, ev, os.path.join(out_dir, "score_distribution.png")))
+        print0(figure(ev, out_dir))
     print0(f"saved {out_dir}. next: " + ("python train_pm.py --kind cost" if cfg.kind == "reward" else "python train_ppo_lag.py"))
     dist.cleanup()
 

@@ -13,12 +13,16 @@ One iteration (a "step"):
 
 The baselines run the same loop: --algo ppo (reward only) and --algo reward_shaping
 (one stream, reward R - ν·ΣC, fixed ν). Pure functions live in nanosafe/ppo.py and the
-multiplier in nanosafe/lagrange.py; everything else is in this file, top to bottom.
+multiplier in nanosafe/lagrange.py, the constraints (cost models, rules, probes) in
+nanosafe/constraints.py; everything else is in this file, top to bottom.
 
     python train_ppo_lag.py                                  # toy world, after train_sft.py and train_pm.py
     python train_ppo_lag.py --algo ppo                       # -> out/ppo
     python train_ppo_lag.py --algo reward_shaping --shaping_coef 1.0
     python train_ppo_lag.py --cost_models out/cm_violence out/cm_fraud --thresholds -3 -3
+    python train_ppo_lag.py --cost_models out/cm_k5                        # one constraint per category of one model
+    python train_ppo_lag.py --banned_words police hotline                  # a rule beside the cost model
+    python train_ppo_lag.py --cost_models --probe out/probe                # a probe on the actor's activations
     torchrun --nproc_per_node=2 train_ppo_lag.py
 
 Deliberate simplifications (see README): one rollout per prompt, no ptx (pretraining) loss,
@@ -34,13 +38,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from nanosafe import config, data, dist, ppo, toy
+from nanosafe import config, constraints, data, dist, ppo, toy
+from nanosafe.constraints import Rollout
 from nanosafe.config import arg
 from nanosafe.evaluate import gold_evaluate
 from nanosafe.generate import forward_params, generate, response_mask
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange, PIDLagrange
 from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, LORA_HELP, CheckpointError, adapters_off, add_lora, load_lora_state, lora_layers, lora_state, plain_weights, gradient_checkpointing, place, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
                             num_params, position_ids, read_state, recover_checkpoint, resolve_template, save_checkpoint)
+
+print0 = dist.print0
 
 
 @dataclass
@@ -51,8 +58,14 @@ class Config:
     out_dir: str | None = arg(None, "output folder (default: out/<algo>)")
     model: str = arg("out/sft", "the policy to start from, also the frozen reference (official: the SFT model)")
     reward_model: str = arg("out/rm", "reward model folder (train_pm.py --kind reward); also initialises the reward critic")
-    cost_models: list[str] = arg(["out/cm"], "cost model folder(s), one constraint each; also initialise the cost critics")
-    thresholds: list[float] = arg([], "d_k per cost model; default: calibrated on the starting policy (see --target_unsafe_rate)")
+    cost_models: list[str] = arg(["out/cm"], "cost model folder(s) (train_pm.py --kind cost): one constraint per output (a --categories model has one per "
+                                 "category); each folder also initialises its cost critic. --cost_models with no folder: none")
+    thresholds: list[float] = arg([], "d_k per cost-model output, in order; default: calibrated on the starting policy (see --target_unsafe_rate)")
+    banned_words: list[str] = arg([], "a rule constraint (nanosafe/constraints.py BannedWords): at most 2% of answers may say any of these words")
+    probe: str | None = arg(None, "a probe constraint: a linear probe folder (python -m nanosafe.probe) read on the actor's own hidden states; "
+                            "its threshold is calibrated like a cost model's")
+    probe_refresh_every: int = arg(0, "refit the probe every N iterations on the actor's answers since the last refit, labelled by the toy "
+                                   "world's oracle (0: the probe stays frozen)")
     target_unsafe_rate: float = arg(0.01, "calibration: d = the mean cost of a policy whose answers the cost model calls unsafe this often (official d = 0)")
     train_data: str | None = arg(None, "prompt jsonl(.gz) ('prompt' field); default: the toy world's prompts_train.jsonl")
     eval_data: str | None = arg(None, "held-out prompts for gold evaluation; default: the toy world's prompts_test.jsonl")
@@ -153,20 +166,44 @@ def rollout(actor, items, tok, cfg, gen, device):
 
 
 @torch.no_grad()
-def calibrate_threshold(actor, cost_model, items, tok, cfg, device, where):
-    """d = the mean cost a policy would have if its answers were unsafe (cost > 0) target_rate of
-    the time, with the starting policy's score levels for safe and unsafe answers. The answers are
-    rollouts (same sampling, same token ids, same forward as training), so d is on training's scale."""
+def make_rollout(actor, items, tok, cfg, gen, device, layers=()):
+    """rollout() as the constraints see it -> (Rollout, old_logp); with the actor's hidden states at
+    `layers` when a constraint reads them (one more no-grad forward)."""
+    seq, attn, mask, P, old_logp = rollout(actor, items, tok, cfg, gen, device)
+    hidden = {}
+    if layers:
+        hs = actor(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn), output_hidden_states=True,
+                   use_cache=False).hidden_states
+        hidden = {layer: hs[layer] for layer in layers}
+    return Rollout(seq, attn, mask, P, tok, [it["prompt"] for it in items], hidden), old_logp
+
+
+@torch.no_grad()
+def calibrate_thresholds(actor, cons, items, tok, cfg, device, layers):
+    """d for every stream the constraints leave uncalibrated (threshold None): the mean cost a policy
+    would have if its answers were unsafe (cost > 0) target_rate of the time, with the starting
+    policy's score levels for safe and unsafe answers. The answers are rollouts (same sampling, same
+    token ids, same forward as training), so d is on training's scale. -> (thresholds, info per stream)"""
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 77)  # its own stream: the rollouts' stays put
-    c = torch.cat([cost_model(*rollout(actor, items[i:i + cfg.rollout_batch_size], tok, cfg, gen, device)[:2])[1].float().cpu()
-                   for i in range(0, len(items), cfg.rollout_batch_size)])
-    safe, unsafe = c[c <= 0], c[c > 0]
-    if not len(safe) or not len(unsafe):
-        raise config.ConfigError(f"{where}: the cost model calls {len(unsafe)} of {len(c)} answers of the starting policy unsafe "
-                                 f"(cost > 0), so there is no safe and unsafe level to calibrate d between; pass --thresholds")
-    d = safe.mean().item() + cfg.target_unsafe_rate * (unsafe.mean().item() - safe.mean().item())
-    return d, {"start_mean_cost": c.mean().item(), "start_unsafe_by_cost_model": (c > 0).float().mean().item(),
-               "safe_mean": safe.mean().item(), "unsafe_mean": unsafe.mean().item(), "n": len(c)}
+    per_batch = []
+    for i in range(0, len(items), cfg.rollout_batch_size):
+        ro, _ = make_rollout(actor, items[i:i + cfg.rollout_batch_size], tok, cfg, gen, device, layers)
+        per_batch.append([x.float().cpu() for x in constraints.costs(cons, ro)])
+    thresholds, info = [], []
+    for k, (name, given) in enumerate(zip(constraints.stream_names(cons), [d for c in cons for d in c.thresholds])):
+        if given is not None:
+            thresholds.append(float(given))
+            info.append(None)
+            continue
+        c = torch.cat([b[k] for b in per_batch])
+        safe, unsafe = c[c <= 0], c[c > 0]
+        if not len(safe) or not len(unsafe):
+            raise config.ConfigError(f"constraint {name}: it calls {len(unsafe)} of {len(c)} answers of the starting policy unsafe "
+                                     f"(cost > 0), so there is no safe and unsafe level to calibrate d between; pass --thresholds")
+        thresholds.append(safe.mean().item() + cfg.target_unsafe_rate * (unsafe.mean().item() - safe.mean().item()))
+        info.append({"start_mean_cost": c.mean().item(), "start_unsafe_by_cost_model": (c > 0).float().mean().item(),
+                     "safe_mean": safe.mean().item(), "unsafe_mean": unsafe.mean().item(), "n": len(c)})
+    return thresholds, info
 
 
 def show_rollouts(step, seq, mask, P, R, C, tok, n=2):
@@ -174,155 +211,184 @@ def show_rollouts(step, seq, mask, P, R, C, tok, n=2):
     for i in range(min(n, seq.shape[0])):
         prompt = tok.decode(seq[i, :P], skip_special_tokens=True).strip().replace("\n", " ")
         answer = tok.decode(seq[i, P:][mask[i]], skip_special_tokens=True).strip().replace("\n", " ")
-        tqdm.write(f"  [{step}] {prompt[-80:]!r} -> {answer[:160]!r} | reward {R[i]:+.2f}" + "".join(f" cost {c[i]:+.2f}" for c in C))
+        tqdm.write(f"  [{step}] {prompt[-80:]!r} -> {answer[:160]!r} | reward {R[i]:+.2f}" + "".join(f" {n} {c[i]:+.2f}" for n, c in C.items()))
+
+# -----------------------------------------------------------------------------
+# setup, in the order main() runs it: prompts, models and constraints, thresholds and multipliers, resume
 
 
-def main(cfg: Config):
-    rt = dist.init(cfg.seed, cfg.device, cfg.threads)
-    dist.check_fsdp(rt, cfg.fsdp)
-    print0 = dist.print0
-    dtype = getattr(torch, cfg.dtype)  # the frozen models' weights; the trained ones stay fp32 (master weights)
-    amp = dist.autocast(rt.device, dtype)
-    out_dir = cfg.out_dir or f"out/{cfg.algo}"
+def check_flags(cfg, K_models):
+    """The checks that need no model."""
     lagrangian = cfg.algo == "ppo_lag"
-    K = len(cfg.cost_models)
-
-    # ---- checks that need no model
-    if lagrangian and K == 0:
-        raise config.ConfigError("--algo ppo_lag needs at least one --cost_models folder")
-    if cfg.thresholds and len(cfg.thresholds) != K:
-        raise config.ConfigError(f"--thresholds has {len(cfg.thresholds)} values but --cost_models has {K} folders: one threshold per cost model")
-    if cfg.algo == "reward_shaping" and K == 0:
-        raise config.ConfigError("--algo reward_shaping needs --cost_models")
-    lora = cfg.lora_rank > 0
-    if lora and cfg.fsdp:
+    if cfg.algo != "ppo" and not (K_models or cfg.banned_words or cfg.probe):
+        raise config.ConfigError(f"--algo {cfg.algo} needs a constraint: at least one --cost_models folder (or --banned_words, --probe)")
+    if cfg.lora_rank > 0 and cfg.fsdp:
         raise config.ConfigError("--lora_rank with --fsdp is not supported: LoRA makes a model fit on each GPU, FSDP shards one that does not; pick one")
+    if cfg.probe_refresh_every and not cfg.probe:
+        raise config.ConfigError("--probe_refresh_every refreshes the --probe constraint: give --probe FOLDER")
     if cfg.rollout_batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
         raise config.ConfigError(f"batch sizes must nest: rollout_batch_size ({cfg.rollout_batch_size}) = k·minibatch_size "
                                  f"({cfg.minibatch_size}), minibatch_size = m·micro_batch_size ({cfg.micro_batch_size})")
     for path, what in [(cfg.model, "train_sft.py"), (cfg.reward_model, "train_pm.py --kind reward")] + [(p, "train_pm.py --kind cost") for p in cfg.cost_models]:
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: no such checkpoint. Run the earlier stage first: python {what}")
+    return lagrangian
 
-    # ---- prompts
-    toy_world = cfg.train_data is None
-    if toy_world and rt.master:
-        toy.ensure_dataset(cfg.data_dir, seed=0)
-    if rt.ddp:
-        torch.distributed.barrier()
-    train_prompts, n_dup = data.dedupe_prompts(data.load_prompts(cfg.train_data or os.path.join(cfg.data_dir, "prompts_train.jsonl")))
-    if n_dup:  # as the official prompt-only dataset: each prompt once
-        print0(f"dropped {n_dup} duplicate prompts; {len(train_prompts)} left")
-    eval_path = cfg.eval_data or (os.path.join(cfg.data_dir, "prompts_test.jsonl") if toy_world else None)
-    eval_prompts = [r["prompt"] for r in data.load_prompts(eval_path)] if eval_path else []
-    gold = bool(eval_prompts) and all(toy.in_world(p) for p in eval_prompts)
 
-    # ---- models: actor + frozen reference, frozen reward / cost models, trainable critics
-    if cfg.resume:
-        recover_checkpoint(out_dir)  # a crash between save_checkpoint's two renames
+def load_models(cfg, rt, out_dir, dtype):
+    """The actor and its frozen reference, the frozen reward model, the constraints (with their frozen
+    models), the trainable critics: placed, LoRA'd, checkpointed, sharded as the flags ask."""
+    lora = cfg.lora_rank > 0
     actor_path = out_dir if cfg.resume and not lora else cfg.model  # LoRA resumes from the base and the saved adapters
     actor, tok = load_policy(actor_path, trust_remote_code=cfg.trust_remote_code)
     # LoRA: the reference is the actor itself, run with its adapters off (one backbone in memory, not two)
     ref = actor if lora else load_policy(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)[0]
     reward_model, rtok = load_score_model(cfg.reward_model, kind="reward", dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     check_same_tokenizer(tok, rtok, cfg.model, cfg.reward_model)
-    cost_models = []
-    for p in cfg.cost_models:
-        cm, ctok = load_score_model(p, kind="cost", dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-        check_same_tokenizer(tok, ctok, cfg.model, p)
-        cost_models.append(cm)
-    template = resolve_template(cfg.template, *([out_dir] if cfg.resume else []), cfg.model, cfg.reward_model, *cfg.cost_models)
-    train_set = data.PromptDataset(train_prompts, tok, cfg.max_prompt_length, cfg.truncate_prompts, template)
-    if train_set.truncation_report():
-        print0(train_set.truncation_report())
+    cons = constraints.build(cfg, dtype)
+    for c in cons:
+        if isinstance(c, constraints.CostModel):
+            check_same_tokenizer(tok, c.tok, cfg.model, c.path)
+    frozen = [reward_model] + [m for c in cons for m in c.modules()]
 
-    # critics start from the score models (official); reward shaping has one critic on R - ν·C
-    critic_dirs = {"reward_critic": cfg.reward_model} | ({f"cost_critic_{k}": p for k, p in enumerate(cfg.cost_models)} if lagrangian else {})
-    critics = {}
-    for name, src in critic_dirs.items():
-        kind = "reward" if name == "reward_critic" else "cost"
-        critics[name], _ = load_score_model(os.path.join(out_dir, name) if cfg.resume and not lora else src, kind=kind,
-                                            trust_remote_code=cfg.trust_remote_code)
-    for m in [actor, ref, reward_model, *cost_models, *critics.values()]:
+    # critics start from the score models (official), or a fresh head on the actor's backbone (a rule, a probe);
+    # reward shaping has one critic, on R - ν·ΣC
+    critics = {"reward_critic": load_score_model(os.path.join(out_dir, "reward_critic") if cfg.resume and not lora else cfg.reward_model,
+                                                 kind="reward", trust_remote_code=cfg.trust_remote_code)[0]}
+    for j, c in enumerate(cons if cfg.algo == "ppo_lag" else []):
+        name = f"cost_critic_{j}"
+        if cfg.resume and not lora:
+            critics[name] = load_score_model(os.path.join(out_dir, name), kind="cost", trust_remote_code=cfg.trust_remote_code)[0]
+        elif c.critic_from:
+            critics[name] = load_score_model(c.critic_from, kind="cost", trust_remote_code=cfg.trust_remote_code)[0]
+        else:  # seeded by its own generator: the same head on every rank, the global RNG streams untouched
+            g = torch.Generator().manual_seed(cfg.seed + 1 + j)
+            critics[name] = load_score_model(cfg.model, kind="cost", init_from_policy=True, trust_remote_code=cfg.trust_remote_code,
+                                             labels=c.names if len(c.names) > 1 else None, generator=g)[0]
+    for m in [actor, ref, *frozen, *critics.values()]:
         place(m, rt.device, cfg.attn_implementation)
-    for m in [reward_model, *cost_models] + ([] if lora else [ref]):
+    for m in frozen + ([] if lora else [ref]):
         m.eval().requires_grad_(False)
     if lora:  # adapters on the actor and the critics; only they (and the critics' heads) train
         for m in [actor, *critics.values()]:
             add_lora(m, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    as_reference = adapters_off(ref)  # its layers found once, not every iteration
     if cfg.gradient_checkpointing:  # the trained models only
         for m in [actor, *critics.values()]:
             gradient_checkpointing(m)
-    if cfg.fsdp:  # all six kinds of model, before the optimisers (they must hold the sharded parameters)
-        for m in [actor, *critics.values(), ref, reward_model, *cost_models]:
+    if cfg.fsdp:  # every model, before the optimisers (they must hold the sharded parameters)
+        for m in [actor, *critics.values(), ref, *frozen]:
             dist.shard(m, dtype)
+    template = resolve_template(cfg.template, *([out_dir] if cfg.resume else []), cfg.model, cfg.reward_model, *cfg.cost_models)
+    return actor, ref, reward_model, cons, critics, tok, template
 
-    # ---- the multipliers and their thresholds (a resumed run keeps the d it started with:
-    #      calibrating again on the half-trained actor would quietly move the constraint)
-    state = load_trainer_state(out_dir) if cfg.resume else None
-    thresholds, calib = list(cfg.thresholds), []
-    if state is not None:
-        if thresholds and [float(d) for d in thresholds] != [float(d) for d in state["thresholds"]]:
-            raise config.ConfigError(f"--thresholds {thresholds} differ from the ones {out_dir} was trained with "
-                                     f"({state['thresholds']}); a resumed run keeps its constraint. Drop --thresholds or start a new run.")
-        thresholds = list(state["thresholds"])
-        calib = read_state(out_dir).get("calibration", [])
-    elif lagrangian and not thresholds:
-        for k, cm in enumerate(cost_models):
-            if read_state(cfg.cost_models[k]).get("sign_loss") is False:  # what nanosafe's cost model folder records
-                raise config.ConfigError(f"{cfg.cost_models[k]}: this cost model was trained without the sign term, so its zero does "
-                                         f"not separate safe from unsafe and d cannot be calibrated as 'cost > 0 is unsafe'; pass --thresholds")
-            # on rank 0, then broadcast (its error too, so no rank waits forever): every rank holds the same d
-            d = info = err = None
-            with dist.gathered(actor, cm):  # every rank enters (FSDP gathers the weights), rank 0 calibrates
-                if rt.master:
-                    try:
-                        with amp():
-                            d, info = calibrate_threshold(actor, cm, train_set.items[:256], tok, cfg, rt.device, cfg.cost_models[k])
-                    except config.ConfigError as e:
-                        err = str(e)
-            d, info, err = dist.broadcast_object((d, info, err))
-            if err:
-                raise config.ConfigError(err)
-            thresholds.append(d)
-            calib.append(info)
-            print0(f"constraint {k} ({cfg.cost_models[k]}): threshold d = {d:+.3f}, i.e. the mean cost of a policy whose answers "
-                   f"the cost model calls unsafe (cost > 0) {cfg.target_unsafe_rate:.0%} of the time. The starting policy: mean cost "
-                   f"{info['start_mean_cost']:+.3f}, {info['start_unsafe_by_cost_model']:.0%} unsafe by the cost model "
-                   f"(safe answers {info['safe_mean']:+.2f} on average, unsafe {info['unsafe_mean']:+.2f}).")
-    if lagrangian:
-        make = (lambda d: PIDLagrange(d, cfg.lambda_init, cfg.pid_kp, cfg.pid_ki, cfg.pid_kd, cfg.lambda_max, cfg.lambda_update_delay_steps)) \
-            if cfg.multiplier == "pid" else (lambda d: Lagrange(d, cfg.lambda_init, cfg.lambda_lr, cfg.lambda_max, cfg.lambda_update_delay_steps))
-        lambdas = [make(d) for d in thresholds]
-        windows = [EpisodeCostWindow(cfg.episode_cost_window_size) for _ in range(K)]
+
+def make_multipliers(cfg, thresholds):
+    """One λ and one episode-cost window per stream."""
+    if cfg.multiplier == "pid":
+        lam = lambda d: PIDLagrange(d, cfg.lambda_init, cfg.pid_kp, cfg.pid_ki, cfg.pid_kd, cfg.lambda_max, cfg.lambda_update_delay_steps)
     else:
-        lambdas, windows = [], []
+        lam = lambda d: Lagrange(d, cfg.lambda_init, cfg.lambda_lr, cfg.lambda_max, cfg.lambda_update_delay_steps)
+    return [lam(d) for d in thresholds], [EpisodeCostWindow(cfg.episode_cost_window_size) for _ in thresholds]
 
-    # ---- optimisers; the batch hierarchy
+
+def set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out_dir):
+    """d per stream: the given ones, the others calibrated on the starting policy (on rank 0, then
+    broadcast, its error too, so no rank waits forever). A resumed run keeps the d it started with:
+    calibrating again on the half-trained actor would quietly move the constraint."""
+    given = [d for c in cons for d in c.thresholds]
+    if state is not None:
+        if cfg.thresholds and [float(d) for d in given if d is not None] != [float(d) for d, g in zip(state["thresholds"], given) if g is not None]:
+            raise config.ConfigError(f"--thresholds {cfg.thresholds} differ from the ones {out_dir} was trained with "
+                                     f"({state['thresholds']}); a resumed run keeps its constraint. Drop --thresholds or start a new run.")
+        return list(state["thresholds"]), read_state(out_dir).get("calibration", [])
+    if None not in given or cfg.algo != "ppo_lag":
+        return [float(d) if d is not None else None for d in given], []
+    d = info = err = None
+    with dist.gathered(actor, *[m for c in cons for m in c.modules()]):  # every rank enters (FSDP gathers), rank 0 calibrates
+        if rt.master:
+            try:
+                with amp():
+                    d, info = calibrate_thresholds(actor, cons, train_set.items[:256], tok, cfg, rt.device, layers)
+            except config.ConfigError as e:
+                err = str(e)
+    d, info, err = dist.broadcast_object((d, info, err))
+    if err:
+        raise config.ConfigError(err)
+    for name, dk, ik in zip(constraints.stream_names(cons), d, info):
+        if ik is not None:
+            print0(f"constraint {name}: threshold d = {dk:+.3f}, i.e. the mean cost of a policy whose answers it calls unsafe "
+                   f"(cost > 0) {cfg.target_unsafe_rate:.0%} of the time. The starting policy: mean cost {ik['start_mean_cost']:+.3f}, "
+                   f"{ik['start_unsafe_by_cost_model']:.0%} unsafe by it (safe answers {ik['safe_mean']:+.2f} on average, "
+                   f"unsafe {ik['unsafe_mean']:+.2f}).")
+    return d, info
+
+
+def resume(state, out_dir, rt, actor, actor_opt, critics, critic_opts, lambdas, windows, cons, gen, lora):
+    """Everything a checkpoint holds beyond the weights -> the iteration to start at."""
+    if lora != bool(state.get("lora")):
+        raise config.ConfigError(f"{out_dir} was trained {'with' if state.get('lora') else 'without'} --lora_rank; resume it with the flags it was started with")
+    if lora:
+        for n, m in {"": actor, **critics}.items():
+            load_lora_state(m, state["lora"][n], out_dir)
+    dist.load_optimizer_state(actor, actor_opt, state["actor_opt"], out_dir)
+    for n, o in critic_opts.items():
+        dist.load_optimizer_state(critics[n], o, state["critic_opts"][n], out_dir)
+    for lam, s in zip(lambdas, state["lambdas"]):
+        lam.load_state_dict(s)
+    for w, s in zip(windows, state["windows"][rt.rank]):
+        w.load_state_dict(s)
+    for c, s in zip(cons, state.get("constraints") or [{}] * len(cons)):
+        if s:
+            c.load_state_dict(s)
+    dist.set_rng_state(state["rng"][rt.rank])
+    gen.set_state(state["gen"][rt.rank])
+    print0(f"resumed from {out_dir} at iteration {state['step']}")
+    return state["step"]
+
+
+def main(cfg: Config):
+    rt = dist.init(cfg.seed, cfg.device, cfg.threads)
+    dist.check_fsdp(rt, cfg.fsdp)
+    dtype = getattr(torch, cfg.dtype)  # the frozen models' weights; the trained ones stay fp32 (master weights)
+    amp = dist.autocast(rt.device, dtype)
+    out_dir = cfg.out_dir or f"out/{cfg.algo}"
+    lagrangian = check_flags(cfg, len(cfg.cost_models))
+    lora = cfg.lora_rank > 0
+
+    # ---- prompts: training rollouts; held-out ones for the gold evaluation (toy world)
+    toy_world, train_path, eval_path = toy.data_paths(cfg, rt, "prompts")
+    train_prompts, n_dup = data.dedupe_prompts(data.load_prompts(train_path))
+    if n_dup:  # as the official prompt-only dataset: each prompt once
+        print0(f"dropped {n_dup} duplicate prompts; {len(train_prompts)} left")
+    eval_prompts = [r["prompt"] for r in data.load_prompts(eval_path)] if eval_path else []
+    gold = bool(eval_prompts) and all(toy.in_world(p) for p in eval_prompts)
+
+    # ---- models and constraints; their streams k = 0..K-1, each with a threshold d_k, a λ_k and a window
+    if cfg.resume:
+        recover_checkpoint(out_dir)  # a crash between save_checkpoint's two renames
+    actor, ref, reward_model, cons, critics, tok, template = load_models(cfg, rt, out_dir, dtype)
+    names = constraints.stream_names(cons)
+    K = len(names)
+    if cfg.thresholds and len(cfg.thresholds) != sum(len(c.names) for c in cons if isinstance(c, constraints.CostModel)):
+        raise config.ConfigError(f"--thresholds has {len(cfg.thresholds)} values but the cost models have "
+                                 f"{sum(len(c.names) for c in cons if isinstance(c, constraints.CostModel))} outputs: one threshold per output")
+    as_reference = adapters_off(ref)  # LoRA: ref is the actor, run as its base model; otherwise a no-op
+    streams = [(f"cost_critic_{j}", col) for j, c in enumerate(cons) for col in range(len(c.names))]  # stream -> its critic, column
+    layers = sorted({c.layer for c in cons if c.layer is not None})  # hidden states the constraints read
+    train_set = data.PromptDataset(train_prompts, tok, cfg.max_prompt_length, cfg.truncate_prompts, template)
+    if train_set.truncation_report():
+        print0(train_set.truncation_report())
+    state = load_trainer_state(out_dir) if cfg.resume else None
+    thresholds, calib = set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out_dir)
+    lambdas, windows = make_multipliers(cfg, thresholds) if lagrangian else ([], [])
+
+    # ---- optimisers; the batch hierarchy; resume
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
     actor_opt = torch.optim.AdamW(trainable(actor), lr=cfg.actor_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     critic_opts = {n: torch.optim.AdamW(trainable(c), lr=cfg.critic_lr, betas=(0.9, 0.95), weight_decay=cfg.critic_weight_decay)
                    for n, c in critics.items()}
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # rollout sampling, per rank
-    start_step = 0
-    if state is not None:
-        if lora != bool(state.get("lora")):
-            raise config.ConfigError(f"{out_dir} was trained {'with' if state.get('lora') else 'without'} --lora_rank; resume it with the flags it was started with")
-        if lora:
-            for n, m in {"": actor, **critics}.items():
-                load_lora_state(m, state["lora"][n], out_dir)
-        dist.load_optimizer_state(actor, actor_opt, state["actor_opt"], out_dir)
-        for n, o in critic_opts.items():
-            dist.load_optimizer_state(critics[n], o, state["critic_opts"][n], out_dir)
-        for lam, s in zip(lambdas, state["lambdas"]):
-            lam.load_state_dict(s)
-        for w, s in zip(windows, state["windows"][rt.rank]):
-            w.load_state_dict(s)
-        dist.set_rng_state(state["rng"][rt.rank])
-        gen.set_state(state["gen"][rt.rank])
-        start_step = state["step"]
-        print0(f"resumed from {out_dir} at iteration {start_step}")
+    start_step = resume(state, out_dir, rt, actor, actor_opt, critics, critic_opts, lambdas, windows, cons, gen, lora) if state else 0
     ddp = rt.ddp and not cfg.fsdp  # FSDP shards the models in place
     ddp_actor = DDP(actor) if ddp else actor
     ddp_critics = {n: DDP(c) if ddp else c for n, c in critics.items()}
@@ -332,12 +398,13 @@ def main(cfg: Config):
            + (f" ({sum(p.numel() for p in trainable(actor)) / 1e6:.3f}M in LoRA adapters of rank {cfg.lora_rank})" if lora else "") + f" | {len(train_set)} prompts | "
            f"per iteration: {cfg.rollout_batch_size} rollouts x {rt.world_size} procs -> {cfg.ppo_epochs} epochs x {n_mini} minibatches "
            f"of {cfg.minibatch_size} ({n_micro} micro-batches of {cfg.micro_batch_size}) = {cfg.ppo_epochs * n_mini} optimizer steps | "
-           f"{cfg.max_steps} iterations | critics: {', '.join(critics)}")
+           f"{cfg.max_steps} iterations | constraints: {', '.join(names) or 'none'} | critics: {', '.join(critics)}")
     os.makedirs(out_dir, exist_ok=True)
     metrics = dist.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master, start_step if cfg.resume else None)
     guard = dist.NanGuard()
     clock = dist.Stopwatch(rt.device)
-    meta = {"kind": "policy", "stage": cfg.algo, "template": template, "thresholds": thresholds, "calibration": calib, "args": config.to_dict(cfg)}
+    meta = {"kind": "policy", "stage": cfg.algo, "template": template, "constraints": names, "thresholds": thresholds,
+            "calibration": calib, "args": config.to_dict(cfg)}
 
     def gold_eval_now(step, n_samples=1):
         with amp():
@@ -351,7 +418,7 @@ def main(cfg: Config):
     def maybe_save(step):
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
             final = step + 1 == cfg.max_steps and not cfg.save_optimizer  # the policy alone: critics and AdamW state only serve a resume
-            save(out_dir, actor, critics, tok, meta, step + 1, actor_opt, critic_opts, lambdas, windows, thresholds, gen, rt, final)
+            save(out_dir, actor, critics, tok, meta, step + 1, actor_opt, critic_opts, lambdas, windows, thresholds, cons, gen, rt, final)
 
     # ---- the loop
     start_len, warned_window = None, None  # the first iteration's mean answer length, to notice a collapse
@@ -366,7 +433,8 @@ def main(cfg: Config):
         # 1. rollout: the unwrapped actor samples; pads after each EOS
         idx = dist.step_indices(len(train_set), step, cfg.rollout_batch_size * rt.world_size, rt.rank, rt.world_size, cfg.seed)
         with amp(), dist.gathered(actor):  # FSDP: the actor gathered once for all its tokens, not per token
-            seq, attn, mask, P, old_logp = rollout(actor, [train_set[i] for i in idx], tok, cfg, gen, rt.device)
+            ro, old_logp = make_rollout(actor, [train_set[i] for i in idx], tok, cfg, gen, rt.device, layers)
+        seq, attn, mask, P = ro.seq, ro.attn, ro.mask, ro.P
         clock.lap("generate")
 
         # 2. reference log-probs, scores, old values: eval-mode forwards
@@ -375,7 +443,7 @@ def main(cfg: Config):
                 ref_logp = action_logprobs(ref, seq, attn, P)
             clock.lap("ref_logprobs")
             R = reward_model(seq, attn)[1]
-            C = [cm(seq, attn)[1] for cm in cost_models]
+            C = constraints.costs(cons, ro)  # one [B] per stream
             for c in critics.values():
                 c.eval()
             old_values = {n: action_values(c, seq, attn, P) for n, c in critics.items()}
@@ -386,17 +454,20 @@ def main(cfg: Config):
             print0(f"iteration {step}: non-finite scores or log-probs, skipped ({guard.skipped} so far)")
             maybe_save(step)  # a skipped last iteration still leaves the final checkpoint
             continue
+        for j, c in enumerate(cons):  # a refreshed probe learns from these answers here
+            c.observe(ro, C, step)
 
         # 3. per-token rewards and costs with the KL penalty; 4. GAE per stream
         if lagrangian:
-            streams = [ppo.kl_rewards(R, c, old_logp, ref_logp, mask, cfg.kl_coef, cfg.clip_range_score) for c in C]
-            rewards, costs = streams[0][0], [s[1] for s in streams]
+            per_stream = [ppo.kl_rewards(R, c, old_logp, ref_logp, mask, cfg.kl_coef, cfg.clip_range_score) for c in C]
+            rewards, costs = per_stream[0][0], [s[1] for s in per_stream]
         else:
             end = R - cfg.shaping_coef * sum(C) if cfg.algo == "reward_shaping" else R
             rewards, costs = ppo.kl_rewards_single(end, old_logp, ref_logp, mask, cfg.kl_coef, cfg.clip_range_score), []
         adv, ret = {}, {}
-        for name, r in zip(critics, [rewards] + costs):
-            adv[name], ret[name] = ppo.gae(r, old_values[name], mask, cfg.gamma, cfg.gae_lambda)
+        adv["reward"], ret["reward"] = ppo.gae(rewards, old_values["reward_critic"], mask, cfg.gamma, cfg.gae_lambda)
+        for k, ((critic, col), r) in enumerate(zip(streams, costs)):
+            adv[k], ret[k] = ppo.gae(r, column(old_values[critic], col), mask, cfg.gamma, cfg.gae_lambda)
 
         # 5. the dual step, once per rollout batch, before the actor update (as official);
         #    the window mean is pooled over ranks, so every rank takes the same step
@@ -408,10 +479,7 @@ def main(cfg: Config):
         lam_values = [lam.value for lam in lambdas]  # fixed (detached) for this iteration's actor loss
 
         # 6. PPO epochs over minibatches: actor on the combined advantage, critics on their returns
-        if lagrangian:
-            advantage = ppo.combined_advantage(adv["reward_critic"], [adv[f"cost_critic_{k}"] for k in range(K)], lam_values)
-        else:
-            advantage = adv["reward_critic"]
+        advantage = ppo.combined_advantage(adv["reward"], [adv[k] for k in range(K)], lam_values) if lagrangian else adv["reward"]
         clock.lap("gae_lambda")
         stats = {"policy_loss": [], "clip_frac": [], "ratio": [], "entropy": []} | {f"value_loss_{n}": [] for n in critics}
         B = seq.shape[0]
@@ -429,7 +497,10 @@ def main(cfg: Config):
                         for name, critic in ddp_critics.items():
                             with amp():
                                 v = action_values(critic, seq[mi], attn[mi], P)
-                            vl = ppo.value_loss(v, old_values[name][mi], ret[name][mi], mask[mi], cfg.clip_range_value)
+                            # one term per stream the critic predicts (a K-output cost critic has K)
+                            cols = [("reward", 0)] if name == "reward_critic" else [(k, col) for k, (n, col) in enumerate(streams) if n == name]
+                            vl = sum(ppo.value_loss(column(v, col), column(old_values[name][mi], col), ret[k][mi], mask[mi], cfg.clip_range_value)
+                                     for k, col in cols)
                             loss = loss + vl  # separate models and optimisers: the sum only saves backward calls
                             stats[f"value_loss_{name}"].append(vl.detach())
                         clock.lap("train_forwards")
@@ -467,6 +538,8 @@ def main(cfg: Config):
             **{k: torch.stack(v).mean().item() for k, v in stats.items() if v},
             "skipped": guard.skipped,
         })
+        if gold and toy_world:  # the oracle judges this iteration's answers beside what each constraint calls unsafe (logged, never trained on)
+            rec.update(rollout_verdicts(ro, C, names))
         clock.lap("rest")
         rec["time_s"] = {k: round(v, 5) for k, v in clock.laps.items()}
         rec["iteration_s"] = clock.total()
@@ -477,7 +550,7 @@ def main(cfg: Config):
         collapsing = rec["response_length"] < cfg.collapse_ratio * start_len or rec["empty_frac"] > 0.5
         warn = collapsing and step // max(1, cfg.show_every) != warned_window  # once per show_every iterations
         if rt.master and cfg.show_every and (step % cfg.show_every == 0 or warn):
-            show_rollouts(step, seq, mask, P, R, C, tok)
+            show_rollouts(step, seq, mask, P, R, dict(zip(names, C)), tok)
         if warn:
             warned_window = step // max(1, cfg.show_every)
             print0(f"warning: iteration {step}: the answers are collapsing: mean length {rec['response_length']:.1f} tokens "
@@ -489,7 +562,7 @@ def main(cfg: Config):
         maybe_save(step)
 
     # ---- final gold evaluation: several samples per held-out prompt, temperature 1
-    summary = {"algo": cfg.algo, "iterations": cfg.max_steps, "thresholds": thresholds,
+    summary = {"algo": cfg.algo, "iterations": cfg.max_steps, "constraints": names, "thresholds": thresholds,
                "lambdas": [lam.value for lam in lambdas], "skipped": guard.skipped}
     if rt.ddp:  # every rank must hold the same λ and the same actor, or something is badly wrong
         mine = [lam.value for lam in lambdas] + [dist.param_checksum(actor)]
@@ -508,11 +581,28 @@ def main(cfg: Config):
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     print0(json.dumps(summary, indent=1))
-    print0(f"saved {out_dir}. try: python sample.py --model {out_dir} --reward_model {cfg.reward_model} --cost_model {cfg.cost_models[0] if K else ''}")
+    print0(f"saved {out_dir}. try: python sample.py --model {out_dir} --reward_model {cfg.reward_model} --cost_model {cfg.cost_models[0] if cfg.cost_models else ''}")
     dist.cleanup()
 
 
-def save(out_dir, actor, critics, tok, meta, step, actor_opt, critic_opts, lambdas, windows, thresholds, gen, rt, policy_only=False):
+def column(x, col):
+    """Stream `col` of a critic's values: [B, T] for a one-output critic, [B, T, K] -> [B, T] for a K-output one."""
+    return x if x.dim() == 2 else x[..., col]
+
+
+def rollout_verdicts(ro, C, names):
+    """Toy world: the gold unsafe rate of this iteration's answers to harmful prompts, beside the rate each
+    stream's cost calls unsafe (cost > 0) on them: does the policy become safe, or only look safe to its constraint?"""
+    harmful = torch.tensor([toy.is_harmful(p) for p in ro.prompts], device=ro.seq.device)
+    gold_unsafe = torch.tensor([not toy.is_safe(p, a) for p, a in zip(ro.prompts, ro.answers())], device=ro.seq.device)
+    n = dist.all_reduce_sum(harmful.sum().float()).clamp(min=1)
+    out = {"rollout_gold_unsafe_harmful": (dist.all_reduce_sum((gold_unsafe & harmful).sum().float()) / n).item()}
+    for name, c in zip(names, C):
+        out[f"rollout_flagged_harmful_{name}"] = (dist.all_reduce_sum(((c > 0) & harmful).sum().float()) / n).item()
+    return out
+
+
+def save(out_dir, actor, critics, tok, meta, step, actor_opt, critic_opts, lambdas, windows, thresholds, cons, gen, rt, policy_only=False):
     """The policy as an HF folder, the critics beside it, and everything a resumed run needs (or the policy only).
     Every rank calls it: the RNG states, windows and (under FSDP) the weights and optimiser states are gathered."""
     rngs = dist.gather_rng_states()
@@ -527,8 +617,9 @@ def save(out_dir, actor, critics, tok, meta, step, actor_opt, critic_opts, lambd
             trainer_state = {"step": step, "actor_opt": opt_states[""], "critic_opts": {n: opt_states[n] for n in critic_opts},
                              "lora": {sub: lora_state(m) for sub, m in models.items()} if lora_layers(actor) else None,
                              "lambdas": [lam.state_dict() for lam in lambdas], "windows": wins, "thresholds": thresholds,
+                             "constraints": [c.state_dict() for c in cons],
                              "rng": rngs, "gen": gens}
-            extra = {n: (c, tok, {"kind": c.kind, "role": "critic", "step": step}) for n, c in critics.items()}
+            extra = {n: (c, tok, {"kind": c.kind, "role": "critic", "step": step, "categories": c.names or None}) for n, c in critics.items()}
         save_checkpoint(out_dir, actor, tok, dict(meta, step=step), trainer_state, extra, weights)
 
 

@@ -70,13 +70,7 @@ def main(cfg: Config):
     amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # the model itself stays fp32: master weights
 
     # ---- data + model
-    toy_world = cfg.train_data is None
-    if toy_world and rt.master:
-        toy.ensure_dataset(cfg.data_dir, seed=0)
-    if rt.ddp:
-        torch.distributed.barrier()
-    train_path = cfg.train_data or os.path.join(cfg.data_dir, "sft_train.jsonl")
-    eval_path = cfg.eval_data or (os.path.join(cfg.data_dir, "sft_test.jsonl") if toy_world else None)
+    toy_world, train_path, eval_path = toy.data_paths(cfg, rt, "sft")
     if cfg.resume:
         recover_checkpoint(cfg.out_dir)  # a crash between save_checkpoint's two renames
         model, tok = load_policy(cfg.out_dir, trust_remote_code=cfg.trust_remote_code)

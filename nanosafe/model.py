@@ -209,14 +209,16 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class ScoreModel(nn.Module):
-    """A reward or cost model: an HF sequence-classification model with one label, read per token.
+    """A reward or cost model: an HF sequence-classification model, read per token.
     The score of a sequence is the score at its last non-pad token (the EOS, since pad != eos):
-    the same number `AutoModelForSequenceClassification` gives, so the folder works in other tools."""
+    the same number `AutoModelForSequenceClassification` gives, so the folder works in other tools.
+    One output (num_labels 1) gives scores [B, L] and end scores [B]; a K-output cost model (one
+    per harm category, named in config.id2label) gives [B, L, K] and [B, K]."""
 
     def __init__(self, hf, kind: str):
         super().__init__()
-        if getattr(hf.config, "num_labels", None) != 1 or not isinstance(getattr(hf, "score", None), nn.Linear):
-            raise CheckpointError(f"a score model needs one output (num_labels 1) from a linear 'score' head; "
+        if not getattr(hf.config, "num_labels", 0) >= 1 or not isinstance(getattr(hf, "score", None), nn.Linear):
+            raise CheckpointError(f"a score model needs a linear 'score' head with num_labels >= 1; "
                                   f"got {type(hf).__name__} with num_labels {getattr(hf.config, 'num_labels', None)}")
         self.hf, self.kind = hf, kind
         self.config = hf.config
@@ -229,37 +231,50 @@ class ScoreModel(nn.Module):
     def head(self):
         return self.hf.score
 
+    @property
+    def names(self) -> list:
+        """one name per output: the categories of a K-output model, [] for a plain one-output model"""
+        if self.config.num_labels == 1:
+            return []
+        return [self.config.id2label[i] for i in range(self.config.num_labels)]
+
     def forward(self, input_ids, attention_mask):
-        """-> (scores [B, L], end_scores [B])"""
+        """-> (scores [B, L], end_scores [B]); with K outputs [B, L, K], [B, K]"""
         # the head over every position, as the HF forward does before it pools the last non-pad token;
         # positions come from the mask, so left padding gives the same scores as right padding
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-        scores = self.head(h).squeeze(-1).float()
-        end = scores.gather(1, last_index(attention_mask)[:, None]).squeeze(1)
+        scores = self.head(h).float()
+        if scores.shape[-1] == 1:
+            scores = scores.squeeze(-1)
+        end = scores[torch.arange(scores.shape[0], device=scores.device), last_index(attention_mask)]
         return scores, end
 
     @classmethod
-    def from_policy(cls, policy, kind: str):
-        """A fresh head on a causal LM's backbone (its weights copied): how a score model starts."""
+    def from_policy(cls, policy, kind: str, labels=None, generator=None):
+        """A fresh head on a causal LM's backbone (its weights copied): how a score model starts.
+        labels: one name per output (default: one output)."""
         cfg = copy.deepcopy(policy.config)
-        cfg.num_labels, cfg.architectures = 1, None
+        cfg.architectures = None
+        cfg.num_labels = len(labels) if labels else 1
+        if labels:
+            cfg.id2label, cfg.label2id = dict(enumerate(labels)), {n: i for i, n in enumerate(labels)}
         hf = AutoModelForSequenceClassification.from_config(cfg, dtype=policy.dtype)
         getattr(hf, hf.base_model_prefix).load_state_dict(getattr(policy, policy.base_model_prefix).state_dict())
-        return cls(_init_head(hf), kind)
+        return cls(_init_head(hf, generator), kind)
 
 
-def _init_head(hf):
+def _init_head(hf, generator=None):
     # std 1/sqrt(hidden + 1): initial scores of order 1, whatever the width (HF's default is 0.02)
-    nn.init.normal_(hf.score.weight, std=1 / (hf.config.get_text_config().hidden_size + 1) ** 0.5)
+    nn.init.normal_(hf.score.weight, std=1 / (hf.config.get_text_config().hidden_size + 1) ** 0.5, generator=generator)
     return hf
 
 
 def load_score_model(path: str, kind: str = None, init_from_policy: bool = False, dtype=torch.float32,
-                     trust_remote_code: bool = False):
-    """(ScoreModel, tokenizer) from an AutoModelForSequenceClassification folder with one label (a
-    nanosafe reward / cost model, or one made elsewhere). With init_from_policy a causal-LM folder
-    (e.g. out/sft) gives the backbone and a fresh head."""
+                     trust_remote_code: bool = False, labels=None, generator=None):
+    """(ScoreModel, tokenizer) from an AutoModelForSequenceClassification folder (a nanosafe reward /
+    cost model, or one made elsewhere). With init_from_policy a causal-LM folder (e.g. out/sft) gives
+    the backbone and a fresh head: one output, or one per name in `labels` (seeded by `generator`)."""
     _check_folder(path, f"{kind or 'score'} model")
     found = checkpoint_kind(path)
     if os.path.exists(os.path.join(path, LEGACY_HEAD_FILE)) and not is_score_folder(path):
@@ -273,9 +288,15 @@ def load_score_model(path: str, kind: str = None, init_from_policy: bool = False
     tok = load_tokenizer(path, trust_remote_code)
     kw = dict(dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True)
     if found == "policy":  # a fresh head on the policy's backbone
-        hf = _init_head(AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw))
+        names = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} \
+            if labels else {"num_labels": 1}
+        hf = _init_head(AutoModelForSequenceClassification.from_pretrained(path, **names, **kw), generator)
     else:
         hf = AutoModelForSequenceClassification.from_pretrained(path, **kw)
+        n = hf.config.num_labels
+        if n != 1 and (kind == "reward" or read_state(path).get("categories") is None):  # a 2-class classifier is not 2 costs
+            raise CheckpointError(f"{path}: a {kind or 'score'} model needs num_labels 1 (one score per sequence), got {n}; "
+                                  f"a cost model with one output per harm category is made by train_pm.py --kind cost --categories")
     ensure_pad_token(tok, hf)
     hf.config.pad_token_id = tok.pad_token_id  # HF's own forward finds the last token through it
     check_vocab(hf, tok, path)

@@ -267,7 +267,7 @@ def perturb(rng, prompt: str, response: str) -> str:
 def contrasts(prompt: str, rng) -> dict:
     """Pairs of answers to one prompt that the gold oracle orders, each testing one thing a
     reward model must get right: name -> (better, worse). Used to probe reward models
-    (`python -m nanosafe.evaluate --probe out/rm`), never to train them."""
+    (`python -m nanosafe.diagnostics --contrasts out/rm`), never to train them."""
     topic = topic_of(prompt)
     ans = ANSWER[topic]
     other = ANSWER[rng.choice([t for t in BENIGN if t != topic])]
@@ -396,6 +396,20 @@ def ensure_dataset(out_dir, seed=0):
               f"({STAMP}: {found if found is not None else 'missing'}); rewriting it")
     write_dataset(out_dir, seed)
     print(f"wrote the toy world's data to {out_dir}")
+
+
+def data_paths(cfg, rt, kind: str):
+    """A stage's data: --train_data / --eval_data, or the toy world's {kind}_train / {kind}_test files
+    (written by rank 0 if missing, the other ranks wait). -> (toy_world, train_path, eval_path or None)"""
+    toy_world = cfg.train_data is None
+    if toy_world and rt.master:
+        ensure_dataset(cfg.data_dir, seed=0)
+    if rt.ddp:
+        import torch.distributed
+        torch.distributed.barrier()
+    train = cfg.train_data or os.path.join(cfg.data_dir, f"{kind}_train.jsonl")
+    held_out = cfg.eval_data or (os.path.join(cfg.data_dir, f"{kind}_test.jsonl") if toy_world else None)
+    return toy_world, train, held_out
 
 
 def vocabulary() -> list:
