@@ -166,7 +166,7 @@ def test_resume_keeps_the_calibrated_threshold(stages):
 
 def test_thresholds_must_match_cost_models(stages):
     p = ppo(stages, "bad", "--cost_models", stages / "cm", stages / "cm", "--thresholds", "0.0", "--max_steps", 1, check=False)
-    assert p.returncode != 0 and "--thresholds has 1 values but --cost_models has 2" in p.stderr
+    assert p.returncode != 0 and "--thresholds has 1 values but the cost models have 2 outputs" in p.stderr
     assert not (stages / "bad").exists()
 
 
@@ -176,6 +176,62 @@ def test_two_constraints(stages):
     assert {"lambda_0", "lambda_1", "value_loss_cost_critic_1"} <= set(r)
     # the same cost against a loose and a tight threshold: only the tight one's λ rises
     assert r["lambda_1"] > 1.0 > r["lambda_0"]
+
+
+def test_k_category_cost_model_is_k_constraints(stages):
+    """train_pm.py --categories all: one backbone, 5 outputs named after the toy world's categories; PPO-Lag
+    takes it as 5 constraints (5 thresholds, 5 λ) with one 5-output cost critic, saved and loadable."""
+    t = stages
+    run("train_pm.py", "--kind", "cost", "--categories", "all", "--model", t / "sft", "--data_dir", t / "data",
+        "--out_dir", t / "cm_k5", "--max_steps", 6, "--batch_size", 8, "--max_length", 48)
+    cm, _ = model.load_score_model(str(t / "cm_k5"), kind="cost")
+    assert cm.names == ["cybercrime", "drugs", "fraud", "privacy", "violence"]
+    s = json.load(open(t / "cm_k5" / "summary.json"))
+    assert set(s["categories"]) == set(cm.names) and abs(s["accuracy"] - sum(r["accuracy"] for r in s["categories"].values()) / 5) < 1e-9
+    d = ["9", "9", "9", "9", "-9"]  # loose for four categories, tight for the fifth
+    ppo(t, "k5", "--cost_models", t / "cm_k5", "--thresholds", *d, "--max_steps", 2, "--save_optimizer")
+    r = [r for r in metrics(t / "k5") if not r.get("final")][-1]
+    assert [r[f"threshold_{k}"] for k in range(5)] == [9, 9, 9, 9, -9] and "lambda_5" not in r
+    assert r["lambda_4"] > 1.0 > r["lambda_0"]  # each λ follows its own stream
+    critic, _ = model.load_score_model(str(t / "k5" / "cost_critic_0"), kind="cost")
+    assert critic.names == cm.names and not (t / "k5" / "cost_critic_1").exists()
+    assert json.load(open(t / "k5" / "nanosafe.json"))["constraints"] == cm.names
+    p = ppo(t, "k5_bad", "--cost_models", t / "cm_k5", "--thresholds", "1", "--max_steps", 1, check=False)
+    assert p.returncode == 1 and "--thresholds has 1 values but the cost models have 5 outputs" in p.stderr
+
+
+def test_banned_words_rule_beside_the_cost_model(stages):
+    """--banned_words: a rule constraint with its own threshold (2% of answers), a fresh critic head on the
+    policy's backbone, its own λ; the cost model's stream is unchanged in position 0."""
+    t = stages
+    ppo(t, "rule", "--banned_words", "police", "hotline", "--max_steps", 2, "--show_every", 1, "--save_optimizer")
+    r = [r for r in metrics(t / "rule") if not r.get("final")]
+    assert r[-1]["threshold_1"] == 0.02 and all(x["cost_1"] in {i / 8 for i in range(9)} for x in r)  # a fraction of 8 answers
+    assert json.load(open(t / "rule" / "nanosafe.json"))["constraints"] == ["cost", "banned_words"]
+    critic, _ = model.load_score_model(str(t / "rule" / "cost_critic_1"), kind="cost")
+    sft_backbone = {k: v for k, v in load_file(t / "sft" / "model.safetensors").items() if k.startswith("model.")}
+    assert set(sft_backbone) <= set(load_file(t / "rule" / "cost_critic_1" / "model.safetensors"))
+
+
+def test_probe_constraint_frozen_and_refreshed_resume_exactly(stages):
+    """python -m nanosafe.probe trains a probe on the SFT policy's hidden states; PPO-Lag with --probe (no cost
+    model) calibrates its threshold, logs the gold unsafe rate beside the probe's, and with --probe_refresh_every
+    refits it: the refit probe is in the checkpoint, and a resumed run ends bit-identical to a straight one."""
+    t = stages
+    run("-m", "nanosafe.probe", "--policy", t / "sft", "--out", t / "probe", "--data_dir", t / "data", "--n_train", 512, "--n_eval", 256)
+    info = json.load(open(t / "probe" / "probe.json"))
+    assert info["layer"] == 1 and 0.5 < info["eval_accuracy"] <= 1  # 2 layers: two thirds of the way up is 1
+    common = ["--cost_models", "--probe", t / "probe", "--probe_refresh_every", 1]
+    ppo(t, "probe_full", *common, "--max_steps", 3, "--save_optimizer")
+    ppo(t, "probe_cut", *common, "--max_steps", 2, "--save_optimizer")
+    ppo(t, "probe_cut", *common, "--max_steps", 3, "--resume", "--save_optimizer")
+    sa, _ = assert_resumed_exactly(t / "probe_full", t / "probe_cut")
+    from nanosafe.probe import LinearProbe
+    start = LinearProbe.load(str(t / "probe")).state_dict()
+    assert not torch.equal(sa["constraints"][0]["probe"]["weight"], start["weight"])  # refit
+    r = [r for r in metrics(t / "probe_full") if not r.get("final")][-1]
+    assert {"rollout_gold_unsafe_harmful", "rollout_flagged_harmful_probe", "lambda_0"} <= set(r)
+    assert json.load(open(t / "probe_full" / "nanosafe.json"))["constraints"] == ["probe"]
 
 
 def descendants(pid) -> list:
