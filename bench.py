@@ -7,6 +7,7 @@ are noisy), so every table holds a reference measured beside what it is compared
     python bench.py --ppo --trl /tmp/trl-venv/bin/python   # ... alternating with TRL's PPOTrainer
     python bench.py --device cuda --dtype bf16 --size large
     python bench.py --memory --real_model FOLDER      # peak memory: full, gradient checkpointing, LoRA
+    python bench.py --constraints                    # PPO-Lag iteration time at K = 1 / 5 / 100 constraints
 
 --ppo runs train_ppo_lag.py itself (a subprocess per run) at the settings of TRL's anchor
 benchmark (../shared/bench/trl_ppo.py): random-init Llama models of the same shape, a
@@ -65,6 +66,9 @@ parser.add_argument("--rounds", type=int, default=2, help="--ppo: runs of each c
 parser.add_argument("--trl", default=None, metavar="PYTHON", help="--ppo: a Python with trl 1.12.0 (../shared/bench/README.md) to run TRL's anchor beside ours")
 parser.add_argument("--trl_script", default=os.path.join(HERE, "..", "shared", "bench", "trl_ppo.py"), help="--ppo: TRL's anchor script")
 # memory
+parser.add_argument("--constraints", action="store_true", help="PPO-Lag seconds per iteration with one K-output cost model, K = --ks "
+                    "(synthetic categories; one cost critic with K outputs, K λ), and K separate cost models for the first K > 1")
+parser.add_argument("--ks", nargs="*", type=int, default=[1, 5, 100], help="--constraints: the K values")
 parser.add_argument("--memory", action="store_true", help="peak memory of a PPO-Lag run: full fine-tuning, --gradient_checkpointing, --lora_rank 8")
 parser.add_argument("--real_model", default=None, metavar="FOLDER",
                     help="--memory: also a real causal LM folder (e.g. SmolLM2-135M-Instruct; README: Memory), with score models made from it")
@@ -361,8 +365,48 @@ def bench_memory():
     return {"versions": versions(), "settings": vars(args), "results": results}
 
 
+def k_cost_model(world, root, k):
+    """a random-init cost model of the bench world's shape with k outputs (categories cat_0 ...) -> its folder"""
+    from transformers import AutoModelForSequenceClassification
+    from nanosafe.model import ScoreModel, load_tokenizer, save_checkpoint
+    names = [f"cat_{i}" for i in range(k)]
+    cfg = LlamaConfig.from_pretrained(world["policy"])
+    cfg.num_labels, cfg.id2label, cfg.label2id = k, dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    torch.manual_seed(args.seed + 2)
+    path = os.path.join(root, f"cost_k{k}")
+    save_checkpoint(path, ScoreModel(AutoModelForSequenceClassification.from_config(cfg), "cost"), load_tokenizer(world["policy"]),
+                    {"kind": "cost", "categories": names if k > 1 else None})
+    return path
+
+
+def bench_constraints():
+    """K constraints from one K-output cost model cost K heads' outputs, K GAE passes and K λ steps, not K models.
+    Rounds alternate the configurations, so a slow spell of the machine hits them all."""
+    print(versions())
+    s = dict(rollouts=64, new_tokens=32, iters=args.iters)
+    with tempfile.TemporaryDirectory() as root:
+        world = ppo_world(root, 128, 4)
+        configs = {f"K = {k}, one cost model": ([k_cost_model(world, root, k)], k) for k in args.ks}
+        k_sep = next((k for k in args.ks if k > 1), None)
+        if k_sep:
+            configs[f"K = {k_sep}, {k_sep} separate cost models"] = ([world["cost"]] * k_sep, k_sep)
+        times = {name: [] for name in configs}
+        for r in range(args.rounds):
+            for name, (folders, k) in configs.items():
+                recs, _ = run_train_ppo(world, os.path.join(root, f"run_{r}_{len(times[name])}_{k}"), s["rollouts"], s["new_tokens"],
+                                        s["iters"], "--cost_models", *folders, "--thresholds", *["0"] * k)
+                times[name] += [x["iteration_s"] for x in recs[1:]]  # the first iteration is warm-up
+                print(f"  round {r}: {name}: {statistics.median(times[name]):.3f} s/iteration", flush=True)
+    base = statistics.median(next(iter(times.values())))
+    print(f"\nPPO-Lag seconds per iteration (median of {args.rounds} x {args.iters - 1}), toy medium 128x4, {s['rollouts']} rollouts x {s['new_tokens']} tokens:")
+    print("| constraints | s / iteration | vs K = 1 |\n|---|---|---|")
+    for name, t in times.items():
+        print(f"| {name} | {statistics.median(t):.3f} | {statistics.median(t) / base:.2f}x |")
+    return {"versions": versions(), "settings": vars(args), "s_per_iter": times}
+
+
 if __name__ == "__main__":
-    report = bench_memory() if args.memory else bench_ppo() if args.ppo else bench_generation()
+    report = bench_memory() if args.memory else bench_constraints() if args.constraints else bench_ppo() if args.ppo else bench_generation()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -303,6 +303,9 @@ def set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out
         return list(state["thresholds"]), read_state(out_dir).get("calibration", [])
     if None not in given or cfg.algo != "ppo_lag":
         return [float(d) if d is not None else None for d in given], []
+    for c in cons:
+        if c.uncalibratable and None in c.thresholds:
+            raise config.ConfigError(c.uncalibratable)
     d = info = err = None
     with dist.gathered(actor, *[m for c in cons for m in c.modules()]):  # every rank enters (FSDP gathers), rank 0 calibrates
         if rt.master:
@@ -369,9 +372,6 @@ def main(cfg: Config):
     actor, ref, reward_model, cons, critics, tok, template = load_models(cfg, rt, out_dir, dtype)
     names = constraints.stream_names(cons)
     K = len(names)
-    if cfg.thresholds and len(cfg.thresholds) != sum(len(c.names) for c in cons if isinstance(c, constraints.CostModel)):
-        raise config.ConfigError(f"--thresholds has {len(cfg.thresholds)} values but the cost models have "
-                                 f"{sum(len(c.names) for c in cons if isinstance(c, constraints.CostModel))} outputs: one threshold per output")
     as_reference = adapters_off(ref)  # LoRA: ref is the actor, run as its base model; otherwise a no-op
     streams = [(f"cost_critic_{j}", col) for j, c in enumerate(cons) for col in range(len(c.names))]  # stream -> its critic, column
     layers = sorted({c.layer for c in cons if c.layer is not None})  # hidden states the constraints read
@@ -381,6 +381,9 @@ def main(cfg: Config):
     state = load_trainer_state(out_dir) if cfg.resume else None
     thresholds, calib = set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out_dir)
     lambdas, windows = make_multipliers(cfg, thresholds) if lagrangian else ([], [])
+    it = iter(thresholds)
+    for c in cons:  # each constraint holds its d's from here on (a refreshed probe moves its own)
+        c.thresholds = [next(it) for _ in c.names]
 
     # ---- optimisers; the batch hierarchy; resume
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
@@ -421,7 +424,7 @@ def main(cfg: Config):
             save(out_dir, actor, critics, tok, meta, step + 1, actor_opt, critic_opts, lambdas, windows, thresholds, cons, gen, rt, final)
 
     # ---- the loop
-    start_len, warned_window = None, None  # the first iteration's mean answer length, to notice a collapse
+    watch = CollapseWatch(cfg.collapse_ratio, cfg.show_every)
     pbar = dist.progress(range(start_step, cfg.max_steps), rt.master, initial=start_step, total=cfg.max_steps, desc=cfg.algo)
     for step in pbar:
         rec = {"step": step}
@@ -454,8 +457,10 @@ def main(cfg: Config):
             print0(f"iteration {step}: non-finite scores or log-probs, skipped ({guard.skipped} so far)")
             maybe_save(step)  # a skipped last iteration still leaves the final checkpoint
             continue
-        for j, c in enumerate(cons):  # a refreshed probe learns from these answers here
-            c.observe(ro, C, step)
+        if any([c.observe(ro, C, step) for c in cons]):  # a refreshed probe learns from these answers, and moves its d
+            thresholds = meta["thresholds"] = [d for c in cons for d in c.thresholds]
+            for lam, d in zip(lambdas, thresholds):
+                lam.threshold = d
 
         # 3. per-token rewards and costs with the KL penalty; 4. GAE per stream
         if lagrangian:
@@ -524,38 +529,18 @@ def main(cfg: Config):
                     critic_opts[name].zero_grad(set_to_none=True)
                 clock.lap("optimizer_steps")
 
-        # ---- log: the KL is the trained estimator, summed over each answer's tokens
-        n_tokens = mask.sum(-1).float()
-        kl = torch.where(mask, old_logp - ref_logp, 0.0).sum(-1)
-        rec.update({
-            "reward": dist.all_reduce_mean(R.mean()).item(),
-            **{f"cost_{k}": dist.all_reduce_mean(c.mean()).item() for k, c in enumerate(C)},
-            **{f"lambda_{k}": v for k, v in enumerate(lam_values)},
-            **{f"threshold_{k}": d for k, d in enumerate(thresholds) if lagrangian},
-            "kl": dist.all_reduce_mean(kl.mean()).item(),
-            "response_length": dist.all_reduce_mean(n_tokens.mean()).item(),
-            "eos_frac": dist.all_reduce_mean((seq[:, P:] == tok.eos_token_id).any(-1).float().mean()).item(),
-            **{k: torch.stack(v).mean().item() for k, v in stats.items() if v},
-            "skipped": guard.skipped,
-        })
+        # ---- log
+        rec.update(iteration_record(ro, R, C, names, old_logp, ref_logp, lam_values, thresholds if lagrangian else [], stats, guard, rt, tok))
         if gold and toy_world:  # the oracle judges this iteration's answers beside what each constraint calls unsafe (logged, never trained on)
             rec.update(rollout_verdicts(ro, C, names))
         clock.lap("rest")
         rec["time_s"] = {k: round(v, 5) for k, v in clock.laps.items()}
         rec["iteration_s"] = clock.total()
-        rec["tokens_per_s"] = n_tokens.sum().item() * rt.world_size / rec["iteration_s"]
-        rec["empty_frac"] = dist.all_reduce_mean((n_tokens <= 1).float().mean()).item()  # the EOS alone
+        rec["tokens_per_s"] = mask.sum().item() * rt.world_size / rec["iteration_s"]
         metrics.log(rec)
-        start_len = start_len or rec["response_length"]
-        collapsing = rec["response_length"] < cfg.collapse_ratio * start_len or rec["empty_frac"] > 0.5
-        warn = collapsing and step // max(1, cfg.show_every) != warned_window  # once per show_every iterations
+        warn = watch.collapsing(step, rec)
         if rt.master and cfg.show_every and (step % cfg.show_every == 0 or warn):
             show_rollouts(step, seq, mask, P, R, dict(zip(names, C)), tok)
-        if warn:
-            warned_window = step // max(1, cfg.show_every)
-            print0(f"warning: iteration {step}: the answers are collapsing: mean length {rec['response_length']:.1f} tokens "
-                   f"(the first iteration: {start_len:.1f}), {rec['empty_frac']:.0%} empty. The reward/cost models may prefer "
-                   f"short or empty answers (were their training answers truncated?); or lower --actor_lr, raise --kl_coef.")
         pbar.set_postfix(r=f"{rec['reward']:+.2f}", **({"c": f"{rec['cost_0']:+.2f}"} if C else {}),
                          **({"λ": f"{lam_values[0]:.2f}"} if lam_values else {}), kl=f"{rec['kl']:.2f}", refresh=False)
 
@@ -583,6 +568,43 @@ def main(cfg: Config):
     print0(json.dumps(summary, indent=1))
     print0(f"saved {out_dir}. try: python sample.py --model {out_dir} --reward_model {cfg.reward_model} --cost_model {cfg.cost_models[0] if cfg.cost_models else ''}")
     dist.cleanup()
+
+
+def iteration_record(ro, R, C, names, old_logp, ref_logp, lam_values, thresholds, stats, guard, rt, tok) -> dict:
+    """The iteration's line of metrics.jsonl (means over every rank's answers). The KL is the trained
+    estimator, summed over each answer's tokens; cost_k, lambda_k, threshold_k are stream k's."""
+    n_tokens = ro.mask.sum(-1).float()
+    kl = torch.where(ro.mask, old_logp - ref_logp, 0.0).sum(-1)
+    return {
+        "reward": dist.all_reduce_mean(R.mean()).item(),
+        **{f"cost_{k}": dist.all_reduce_mean(c.mean()).item() for k, c in enumerate(C)},
+        **{f"lambda_{k}": v for k, v in enumerate(lam_values)},
+        **{f"threshold_{k}": d for k, d in enumerate(thresholds)},
+        "kl": dist.all_reduce_mean(kl.mean()).item(),
+        "response_length": dist.all_reduce_mean(n_tokens.mean()).item(),
+        "eos_frac": dist.all_reduce_mean((ro.seq[:, ro.P:] == tok.eos_token_id).any(-1).float().mean()).item(),
+        **{k: torch.stack(v).mean().item() for k, v in stats.items() if v},
+        "skipped": guard.skipped,
+        "empty_frac": dist.all_reduce_mean((n_tokens <= 1).float().mean()).item(),  # the EOS alone
+    }
+
+
+class CollapseWatch:
+    """Warns when the mean answer length falls below `ratio` of the first iteration's, or most answers are
+    empty: once per `every` iterations, not every iteration."""
+
+    def __init__(self, ratio, every):
+        self.ratio, self.every, self.start_len, self.warned = ratio, max(1, every), None, None
+
+    def collapsing(self, step, rec) -> bool:
+        self.start_len = self.start_len or rec["response_length"]
+        if not (rec["response_length"] < self.ratio * self.start_len or rec["empty_frac"] > 0.5) or step // self.every == self.warned:
+            return False
+        self.warned = step // self.every
+        print0(f"warning: iteration {step}: the answers are collapsing: mean length {rec['response_length']:.1f} tokens "
+               f"(the first iteration: {self.start_len:.1f}), {rec['empty_frac']:.0%} empty. The reward/cost models may prefer "
+               f"short or empty answers (were their training answers truncated?); or lower --actor_lr, raise --kl_coef.")
+        return True
 
 
 def column(x, col):
@@ -621,6 +643,8 @@ def save(out_dir, actor, critics, tok, meta, step, actor_opt, critic_opts, lambd
                              "rng": rngs, "gen": gens}
             extra = {n: (c, tok, {"kind": c.kind, "role": "critic", "step": step, "categories": c.names or None}) for n, c in critics.items()}
         save_checkpoint(out_dir, actor, tok, dict(meta, step=step), trainer_state, extra, weights)
+        for j, c in enumerate(cons):
+            c.save(os.path.join(out_dir, f"constraint_{j}"))
 
 
 if __name__ == "__main__":

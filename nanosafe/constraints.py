@@ -8,7 +8,9 @@ Constraints for PPO-Lagrangian: what a cost is, per answer. A constraint is one 
                  actor's starting backbone, one output per stream
     layer        the actor's hidden-state layer the cost reads (ro.hidden[layer]), or None
     modules()    the score models it runs (frozen; the trainer places and shards them)
-    observe()    called once per iteration with that iteration's rollout (a probe refreshes here)
+    observe()    called once per iteration with that iteration's rollout (a probe refreshes here); returns
+                 True when it changed its thresholds
+    save()       writes what it learned beside each checkpoint (the refreshed probe)
 
 train_ppo_lag.py builds the list once from its flags (`build`) and loops over it for every use:
 calibration, critics, multipliers, windows, logging, reward shaping, the sample display. To add a
@@ -48,6 +50,7 @@ class Constraint:
     thresholds: list = [None]
     critic_from: str | None = None
     layer: int | None = None
+    uncalibratable: str | None = None  # why "cost > 0 is unsafe" does not hold, if it does not (then thresholds must be given)
 
     def cost(self, ro: Rollout) -> torch.Tensor:
         raise NotImplementedError
@@ -55,11 +58,14 @@ class Constraint:
     def modules(self) -> list:
         return []
 
-    def observe(self, ro: Rollout, costs: torch.Tensor, step: int):
-        pass
+    def observe(self, ro: Rollout, costs: list, step: int) -> bool:
+        return False
 
     def state_dict(self) -> dict:  # what a resumed run needs beyond the flags (a refreshed probe's weights)
         return {}
+
+    def save(self, folder: str):  # beside every checkpoint: what the constraint learned, for reading later (a refreshed probe)
+        pass
 
     def load_state_dict(self, state: dict):
         pass
@@ -77,9 +83,9 @@ class CostModel(Constraint):
         self.model, self.tok = load_score_model(path, kind="cost", dtype=dtype, trust_remote_code=trust_remote_code)
         self.names = self.model.names or ["cost"]
         self.thresholds = list(thresholds) if thresholds else [None] * len(self.names)
-        if read_state(path).get("sign_loss") is False and None in self.thresholds:  # what nanosafe's folder records
-            raise config.ConfigError(f"{path}: this cost model was trained without the sign term, so its zero does not separate "
-                                     f"safe from unsafe and d cannot be calibrated as 'cost > 0 is unsafe'; pass --thresholds")
+        if read_state(path).get("sign_loss") is False:  # what nanosafe's folder records
+            self.uncalibratable = (f"{path}: this cost model was trained without the sign term, so its zero does not separate "
+                                   f"safe from unsafe and d cannot be calibrated as 'cost > 0 is unsafe'; pass --thresholds")
 
     def cost(self, ro):
         return self.model(ro.seq, ro.attn)[1]
@@ -108,16 +114,18 @@ class BannedWords(Constraint):
 
 class ProbeConstraint(Constraint):
     """A linear probe's logit on the actor's hidden states (> 0: the probe calls the answer unsafe).
-    refresh_every > 0: every that many iterations the probe is refit on the actor's recent answers,
-    labelled by `labeller(prompts, answers) -> [bool unsafe]` (the toy world's oracle plays the human
-    labeller, as it labels the preference pairs); 0 keeps the probe frozen."""
+    refresh_every > 0: every that many iterations the probe is refit on the actor's answers since the
+    last refit, labelled by `labeller(prompts, answers) -> [bool unsafe]` (the toy world's oracle plays
+    the human labeller, as it labels the preference pairs); 0 keeps the probe frozen. A refit changes
+    the logits' scale, so d is calibrated again on the same answers, to the same target rate: the
+    constraint stays "at most target_rate of the answers called unsafe by the current probe"."""
 
-    def __init__(self, path, labeller=None, refresh_every=0, thresholds=None):
+    def __init__(self, path, labeller=None, refresh_every=0, thresholds=None, target_rate=0.01):
         from nanosafe.probe import LinearProbe
         self.probe = LinearProbe.load(path)
         self.names, self.layer = ["probe"], self.probe.layer
         self.thresholds = list(thresholds) if thresholds else [None]
-        self.labeller, self.refresh_every = labeller, refresh_every
+        self.labeller, self.refresh_every, self.target_rate = labeller, refresh_every, target_rate
         self.buffer = []  # (features, unsafe) of the answers since the last refresh, pooled over ranks
         if refresh_every and labeller is None:
             raise config.ConfigError("--probe_refresh_every needs labels for the policy's answers: the toy world's oracle "
@@ -129,43 +137,58 @@ class ProbeConstraint(Constraint):
 
     def observe(self, ro, costs, step):
         if not self.refresh_every:
-            return
+            return False
         feats = self.probe.features(ro.hidden[self.layer], ro.attn, ro.P).float().cpu()  # the actor's, at this iteration
         unsafe = torch.tensor(self.labeller(ro.prompts, ro.answers()), dtype=torch.float32)
         for f, y in dist.gather_objects((feats, unsafe)):  # every rank refits on the same answers
             self.buffer.append((f, y))
-        if (step + 1) % self.refresh_every == 0:
-            f, y = torch.cat([b[0] for b in self.buffer]), torch.cat([b[1] for b in self.buffer])
-            self.buffer = []
-            if 0 < y.sum() < len(y):  # both classes, or there is nothing to separate
-                self.probe.fit(f, y, warm_start=True)
+        if (step + 1) % self.refresh_every:
+            return False
+        f, y = torch.cat([b[0] for b in self.buffer]), torch.cat([b[1] for b in self.buffer])
+        self.buffer = []
+        if not 0 < y.sum() < len(y):  # both classes, or there is nothing to separate
+            return False
+        # unweighted: the current answers are mostly safe, and a class-balanced fit on them flags many safe
+        # ones (measured: 67% of the answers to harmful prompts flagged at 2% gold-unsafe, see docs/constraints.md)
+        self.probe.to("cpu").fit(f, y, warm_start=True, balanced=False)
+        s = self.probe(f)
+        if (s > 0).any() and (s <= 0).any():
+            safe, unsafe = s[s <= 0].mean().item(), s[s > 0].mean().item()
+            self.thresholds = [safe + self.target_rate * (unsafe - safe)]
+        return True
+
+    def save(self, folder):
+        if self.refresh_every:
+            self.probe.save(folder, dict(self.probe.info, refreshed_every=self.refresh_every))
 
     def state_dict(self):
-        return {"probe": {k: v.clone() for k, v in self.probe.state_dict().items()}, "buffer": self.buffer}
+        return {"probe": {k: v.clone() for k, v in self.probe.state_dict().items()}, "buffer": self.buffer,
+                "thresholds": self.thresholds}
 
     def load_state_dict(self, state):
         self.probe.load_state_dict(state["probe"])
-        self.buffer = state["buffer"]
+        self.buffer, self.thresholds = state["buffer"], state["thresholds"]
 
 # -----------------------------------------------------------------------------
 
 
 def build(cfg, dtype=torch.float32) -> list:
     """train_ppo_lag.py's flags -> the constraints, in the order their streams are numbered."""
-    out = []
-    thresholds = list(cfg.thresholds)
-    for path in cfg.cost_models:
-        c = CostModel(path, None, dtype, cfg.trust_remote_code)
-        if thresholds:  # --thresholds: one per stream, in order
-            c.thresholds, thresholds = thresholds[:len(c.names)], thresholds[len(c.names):]
-        out.append(c)
+    out = [CostModel(path, None, dtype, cfg.trust_remote_code) for path in cfg.cost_models]
+    n = sum(len(c.names) for c in out)
+    if cfg.thresholds and len(cfg.thresholds) != n:
+        raise config.ConfigError(f"--thresholds has {len(cfg.thresholds)} values but the cost models have {n} outputs: one threshold per output")
+    given = list(cfg.thresholds)
+    for c in out:  # --thresholds: one per cost-model output, in order
+        if given:
+            c.thresholds, given = given[:len(c.names)], given[len(c.names):]
     if cfg.banned_words:
         out.append(BannedWords(cfg.banned_words))
     if cfg.probe:
         from nanosafe import toy
         labeller = (lambda prompts, answers: [not toy.is_safe(p, a) for p, a in zip(prompts, answers)]) \
             if cfg.train_data is None else None  # the toy world's prompts: its oracle labels
-        out.append(ProbeConstraint(cfg.probe, labeller, cfg.probe_refresh_every))
+        out.append(ProbeConstraint(cfg.probe, labeller, cfg.probe_refresh_every, target_rate=cfg.target_unsafe_rate))
     return out
 
 

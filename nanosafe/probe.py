@@ -47,9 +47,9 @@ class LinearProbe(nn.Module):
         return ((f.float() - self.mu) / self.sigma) @ self.weight + self.bias
 
     @torch.no_grad()
-    def fit(self, f, unsafe, warm_start=False, steps=200, l2=1e-3):
-        """Class-balanced logistic regression (full batch, L-BFGS) on features [N, H], labels [N] (1 = unsafe).
-        warm_start keeps the normalisation and starts from the current weights (a refresh)."""
+    def fit(self, f, unsafe, warm_start=False, balanced=True, steps=200, l2=1e-3):
+        """Logistic regression (full batch, L-BFGS) on features [N, H], labels [N] (1 = unsafe); balanced: each
+        class weighs half. warm_start keeps the normalisation and starts from the current weights (a refresh)."""
         f, y = f.float(), unsafe.float()
         if not warm_start:
             self.mu.copy_(f.mean(0))
@@ -57,7 +57,7 @@ class LinearProbe(nn.Module):
             self.weight.zero_()
             self.bias.zero_()
         pos = y.mean().clamp(1e-3, 1 - 1e-3)
-        sample_w = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))  # each class weighs half
+        sample_w = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos)) if balanced else torch.ones_like(y)
         w, b = self.weight.clone().requires_grad_(True), self.bias.clone().requires_grad_(True)
         x = (f - self.mu) / self.sigma
         opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")

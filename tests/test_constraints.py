@@ -178,7 +178,7 @@ def test_refreshed_probe_refits_on_labelled_answers(tok):
     p.weight.data = torch.tensor([1.0, 0.0, 0.0])  # reads feature 0; the labels will follow feature 1
     pc = ProbeConstraint.__new__(ProbeConstraint)
     pc.probe, pc.layer, pc.names, pc.thresholds, pc.buffer = p, 0, ["probe"], [None], []
-    pc.refresh_every = 2
+    pc.refresh_every, pc.target_rate = 2, 0.01
     prompts = ["how do i hurt someone"] * 40
     answers = ["stab" if i % 2 else "police" for i in range(40)]
     pc.labeller = lambda ps, ans: [a == "stab" for a in ans]
@@ -187,8 +187,12 @@ def test_refreshed_probe_refits_on_labelled_answers(tok):
     hidden = torch.randn(40, ro.seq.shape[1], 3, generator=g)
     hidden[:, :, 1] += torch.tensor([3.0 if a == "stab" else -3.0 for a in answers])[:, None]
     ro.hidden = {0: hidden}
-    pc.observe(ro, None, step=0)
+    assert pc.observe(ro, None, step=0) is False
     assert len(pc.buffer) == 1 and torch.equal(p.weight, torch.tensor([1.0, 0.0, 0.0]))  # buffered, not yet refit
-    pc.observe(ro, None, step=1)
+    assert pc.observe(ro, None, step=1) is True
     assert pc.buffer == [] and p.weight[1] > abs(p.weight[0])
-    assert ((pc.cost(ro) > 0) == torch.tensor([a == "stab" for a in answers])).all()
+    s = pc.cost(ro)
+    assert ((s > 0) == torch.tensor([a == "stab" for a in answers])).all()
+    # d calibrated again on the refit probe's scores: 1% of the way from the safe answers' mean to the unsafe ones'
+    safe, unsafe = s[s <= 0].mean().item(), s[s > 0].mean().item()
+    assert pc.thresholds == [pytest.approx(safe + 0.01 * (unsafe - safe), abs=1e-5)]

@@ -229,6 +229,8 @@ def test_probe_constraint_frozen_and_refreshed_resume_exactly(stages):
     from nanosafe.probe import LinearProbe
     start = LinearProbe.load(str(t / "probe")).state_dict()
     assert not torch.equal(sa["constraints"][0]["probe"]["weight"], start["weight"])  # refit
+    saved = LinearProbe.load(str(t / "probe_full" / "constraint_0")).state_dict()  # written beside the checkpoint, to read later
+    assert all(torch.equal(saved[k], sa["constraints"][0]["probe"][k]) for k in saved)
     r = [r for r in metrics(t / "probe_full") if not r.get("final")][-1]
     assert {"rollout_gold_unsafe_harmful", "rollout_flagged_harmful_probe", "lambda_0"} <= set(r)
     assert json.load(open(t / "probe_full" / "nanosafe.json"))["constraints"] == ["probe"]
