@@ -59,17 +59,20 @@ def main(cfg: Config, prompts: list):
     for name, path in (("reward", cfg.reward_model), ("cost", cfg.cost_model)):
         if path:
             sm, stok = load_score_model(path, kind=name, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-            scorers.append((name, sm.to(device).eval(), stok))
+            scorers.append((name, sm.to(device).eval(), stok, sm.names))
 
     def show(prompts):
         ps = [p for p in prompts for _ in range(cfg.num_samples)]
         with amp():
             answers, eos = sample(model, tok, ps, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   top_p=cfg.top_p, seed=cfg.seed, device=device, template=template)
-            scores = {name: score(sm, stok, ps, answers, device=device, template=template) for name, sm, stok in scorers}
+            scores = {}
+            for name, sm, stok, cats in scorers:  # a K-category cost model: one score per category
+                s = score(sm, stok, ps, answers, device=device, template=template)
+                scores |= {f"{name} model {c}": s[:, k] for k, c in enumerate(cats)} if cats else {f"{name} model": s}
         for i, (p, a) in enumerate(zip(ps, answers)):
             print(f"\nUSER: {p}\nASSISTANT: {a}{'' if eos[i] else '  [no EOS: cut at max_new_tokens]'}")
-            info = [f"{name} model {s[i].item():+.2f}" for name, s in scores.items()]
+            info = [f"{name} {s[i].item():+.2f}" for name, s in scores.items()]
             if toy.in_world(p):  # gold verdicts only for prompts the toy world generates, exactly
                 c = toy.cost(p, a)
                 harm = ", ".join(f"{k}={v:g}" for k, v in c.items() if v) or "none"
