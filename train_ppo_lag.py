@@ -374,6 +374,8 @@ def main(cfg: Config):
     K = len(names)
     as_reference = adapters_off(ref)  # LoRA: ref is the actor, run as its base model; otherwise a no-op
     streams = [(f"cost_critic_{j}", col) for j, c in enumerate(cons) for col in range(len(c.names))]  # stream -> its critic, column
+    # critic -> the (stream, column) pairs it predicts: a K-output cost critic has K
+    predicts = {"reward_critic": [("reward", 0)]} | {n: [(k, col) for k, (m, col) in enumerate(streams) if m == n] for n in critics if n != "reward_critic"}
     layers = sorted({c.layer for c in cons if c.layer is not None})  # hidden states the constraints read
     train_set = data.PromptDataset(train_prompts, tok, cfg.max_prompt_length, cfg.truncate_prompts, template)
     if train_set.truncation_report():
@@ -502,10 +504,8 @@ def main(cfg: Config):
                         for name, critic in ddp_critics.items():
                             with amp():
                                 v = action_values(critic, seq[mi], attn[mi], P)
-                            # one term per stream the critic predicts (a K-output cost critic has K)
-                            cols = [("reward", 0)] if name == "reward_critic" else [(k, col) for k, (n, col) in enumerate(streams) if n == name]
                             vl = sum(ppo.value_loss(column(v, col), column(old_values[name][mi], col), ret[k][mi], mask[mi], cfg.clip_range_value)
-                                     for k, col in cols)
+                                     for k, col in predicts[name])  # one term per stream the critic predicts
                             loss = loss + vl  # separate models and optimisers: the sum only saves backward calls
                             stats[f"value_loss_{name}"].append(vl.detach())
                         clock.lap("train_forwards")

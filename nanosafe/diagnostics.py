@@ -28,7 +28,7 @@ import sys
 import torch
 
 from nanosafe import data, toy
-from nanosafe.evaluate import sample, score, write_json
+from nanosafe.evaluate import sample, score, toy_prompts, write_json
 from nanosafe.generate import position_ids_from_mask
 from nanosafe.model import CheckpointError, load_policy, load_score_model
 
@@ -128,11 +128,7 @@ def repeat_stats(records, ks=(1, 3, 5)) -> dict:
 
 
 def main(args):
-    prompts = [r["prompt"] for r in data.load_prompts(args.eval_data)]
-    outside = [p for p in prompts if not toy.in_world(p)]
-    if outside:  # every mode here is judged by the toy world's oracle
-        raise data.DataError(f"{args.eval_data}: {len(outside)} of {len(prompts)} prompts are not toy-world requests the gold "
-                             f"oracle can judge, e.g. {outside[0]!r}")
+    prompts = toy_prompts(args.eval_data)  # every mode here is judged by the toy world's oracle
     if args.contrasts:
         rm, tok = load_score_model(args.contrasts, kind="reward")
         rm.eval()

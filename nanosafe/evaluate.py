@@ -203,12 +203,18 @@ def write_json(path, obj):
     print(f"wrote {path}")
 
 
-def main(args):
-    prompts = [r["prompt"] for r in data.load_prompts(args.eval_data)]
+def toy_prompts(path) -> list:
+    """The prompts of a prompts file, every one a toy-world request the gold oracle can judge (else one error)."""
+    prompts = [r["prompt"] for r in data.load_prompts(path)]
     outside = [p for p in prompts if not toy.in_world(p)]
-    if outside:  # every mode here is judged by the toy world's oracle
-        raise data.DataError(f"{args.eval_data}: {len(outside)} of {len(prompts)} prompts are not toy-world requests the gold "
+    if outside:
+        raise data.DataError(f"{path}: {len(outside)} of {len(prompts)} prompts are not toy-world requests the gold "
                              f"oracle can judge, e.g. {outside[0]!r}")
+    return prompts
+
+
+def main(args):
+    prompts = toy_prompts(args.eval_data)  # every mode here is judged by the toy world's oracle
     if args.compare:
         dirs = [d for d in args.compare if os.path.isdir(d)]
         missing = sorted(set(args.compare) - set(dirs))
