@@ -4,7 +4,8 @@ Evaluation: sample a policy on held-out prompts and judge the answers (what the 
 - `sample`: our generation loop over a list of prompts, in batches -> answer texts
 - `gold_eval`: the toy world's gold oracles on (prompt, answer) pairs -> the keys of DESIGN.md
 - `score`: reward / cost model scores of (prompt, answer) pairs
-- `elo`: Elo ratings from pairwise wins (the paper's model-vs-model comparison)
+- `elo`: Elo ratings from pairwise wins (the paper's model-vs-model comparison); `elo_mle`,
+  `elo_intervals`: the Bradley–Terry fit of the same games and its bootstrap 95% interval
 - `compare`, `plot_runs`: several runs in one table and one figure
 
     python -m nanosafe.evaluate --model out/ppo_lag
@@ -109,6 +110,48 @@ def elo(wins, k=4.0, base=1000.0, rounds=50):
             r[w] += k * (1 - e)
             r[l] -= k * (1 - e)
     return r
+
+
+def elo_mle(wins, base=1000.0, prior=0.5, iters=2000):
+    """Elo ratings as the Bradley–Terry maximum-likelihood fit of (winner, loser) games, on the
+    Elo scale: P(i beats j) = 1 / (1 + 10^((r_j − r_i) / 400)), mean rating `base`. Unlike the
+    online update above it does not depend on the games' order, so it can be bootstrapped.
+    `prior` virtual wins and losses per pair that met keep an unbeaten player finite. Fitted by
+    Hunter's (2004) MM iteration: p_i ← W_i / Σ_j n_ij / (p_i + p_j)."""
+    import numpy as np
+    names = sorted({n for w in wins for n in w})
+    ix = {n: i for i, n in enumerate(names)}
+    W = np.zeros((len(names), len(names)))
+    for w, l in wins:
+        W[ix[w], ix[l]] += 1
+    N = W + W.T
+    W = W + prior * (N > 0)
+    N = W + W.T
+    p = np.ones(len(names))
+    for _ in range(iters):
+        new = W.sum(1) / (N / (p[:, None] + p[None, :])).sum(1)
+        new /= np.exp(np.log(new).mean())
+        if np.abs(new - p).max() < 1e-12:
+            p = new
+            break
+        p = new
+    r = 400 * np.log10(p)
+    return {n: float(base + r[i] - r.mean()) for n, i in ix.items()}
+
+
+def elo_intervals(wins, n_boot=1000, level=0.95, seed=0, **kw):
+    """{name: (rating, low, high)}: elo_mle on the games and a percentile bootstrap interval
+    (games resampled with replacement, n_boot times)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    point = elo_mle(wins, **kw)
+    boots = {n: [] for n in point}
+    for _ in range(n_boot):
+        sample = [wins[i] for i in rng.integers(0, len(wins), len(wins))]
+        for n, r in elo_mle(sample, **kw).items():
+            boots[n].append(r)
+    a = (1 - level) / 2
+    return {n: (point[n], float(np.quantile(boots[n], a)), float(np.quantile(boots[n], 1 - a))) for n in point}
 
 
 def summary_table(rows: dict) -> str:

@@ -1,6 +1,6 @@
 """
 PPO pieces as pure functions on tensors: masked means, GAE, the per-token KL penalty,
-the Safe RLHF advantage, the clipped policy and value losses.
+the Safe RLHF advantage (and its critic-free GRPO form), the clipped policy and value losses.
 
 Every tensor is [B, T] over response actions: action t is response token t, and `mask`
 (bool or 0/1 float) marks the real ones, i.e. the response up to and including EOS.
@@ -83,6 +83,25 @@ def combined_advantage(reward_adv, cost_advs, lambdas):
     # clip range and the actor lr mean the same thing whatever λ is
     penalty = sum(lam * adv for lam, adv in zip(lambdas, cost_advs))
     return (reward_adv - penalty) / (1.0 + sum(lambdas))
+
+def group_zscore(scores, group_size, eps=1e-6):
+    """[B] -> [B]: each score minus its group's mean, over the group's std, where a group is
+    group_size consecutive rows (the G answers to one prompt; GRPO, Shao et al. 2024). The std
+    is the unbiased one, as TRL's GRPOTrainer; a group of equal scores gives 0, not NaN."""
+    B = scores.shape[0]
+    if group_size < 2 or B % group_size:
+        raise ValueError(f"group_size {group_size} must be >= 2 and divide the batch of {B}")
+    g = (scores if scores.is_floating_point() else scores.float()).view(-1, group_size)
+    z = (g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + eps)
+    return z.view(B)
+
+
+def grpo_lag_advantage(end_reward, end_costs, lambdas, group_size):
+    """Lagrangian GRPO, critic-free: (Z_R − Σ_k λ_k·Z_Ck) / (1 + Σ_k λ_k) per answer, with Z the
+    per-stream group z-score of its end score. One number per answer [B]; it is the advantage of
+    every token of that answer."""
+    return combined_advantage(group_zscore(end_reward, group_size),
+                              [group_zscore(c, group_size) for c in end_costs], lambdas)
 
 # -----------------------------------------------------------------------------
 # per-token rewards: end score + KL penalty against the reference policy

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanosafe.ppo import (combined_advantage, entropy_from_logits, gae, kl_rewards, kl_rewards_single,
+from nanosafe.ppo import (combined_advantage, group_zscore, grpo_lag_advantage, entropy_from_logits, gae, kl_rewards, kl_rewards_single,
                           logprobs_from_logits, masked_mean, masked_whiten, policy_loss, seq_mean, value_loss)
 
 
@@ -282,3 +282,26 @@ def test_masked_whiten():
     assert (w[~mask] == 0).all()
     kept = masked_whiten(x, mask, shift_mean=False)
     assert abs(masked_mean(kept, mask) - masked_mean(x, mask)) < 1e-9
+
+
+def test_grpo_lag_advantage_hand_values():
+    # two prompts, G = 3 answers each; z-scores by hand with the unbiased std
+    R = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])   # group 1: mean 2, std 1; group 2: all equal -> 0
+    C = torch.tensor([0.0, 0.0, 3.0, 1.0, 0.0, 2.0])   # group 1: mean 1, std √3; group 2: mean 1, std 1
+    r3 = 3 ** 0.5
+    zR = [-1, 0, 1, 0, 0, 0]
+    zC = [-1 / r3, -1 / r3, 2 / r3, 0, -1, 1]
+    assert torch.allclose(group_zscore(C, 3), torch.tensor(zC), atol=1e-5)
+    A = grpo_lag_advantage(R, [C], [1.0], group_size=3)
+    assert torch.allclose(A, torch.tensor([(a - b) / 2 for a, b in zip(zR, zC)]), atol=1e-5)
+    assert torch.allclose(A[:3], torch.tensor([-0.21132, 0.28868, -0.07735]), atol=1e-4)
+    # two cost streams, λ = (1, 3): the second stream [3, 0, 0 | 0, 0, 0] has z (2, -1, -1)/√3 | 0
+    C2 = torch.tensor([3.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    zC2 = [2 / r3, -1 / r3, -1 / r3, 0, 0, 0]
+    A2 = grpo_lag_advantage(R, [C, C2], [1.0, 3.0], group_size=3)
+    want = [(a - b - 3 * c) / 5 for a, b, c in zip(zR, zC, zC2)]
+    assert torch.allclose(A2, torch.tensor(want), atol=1e-5)
+    # λ = 0 is plain GRPO; a batch the group size does not divide is refused
+    assert torch.allclose(grpo_lag_advantage(R, [C], [0.0], 3), torch.tensor(zR, dtype=R.dtype), atol=1e-5)
+    with pytest.raises(ValueError, match="group_size"):
+        group_zscore(R, 4)
