@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 
 from nanosafe import data, toy
@@ -118,23 +119,21 @@ def elo_mle(wins, base=1000.0, prior=0.5, iters=2000):
     online update above it does not depend on the games' order, so it can be bootstrapped.
     `prior` virtual wins and losses per pair that met keep an unbeaten player finite. Fitted by
     Hunter's (2004) MM iteration: p_i ← W_i / Σ_j n_ij / (p_i + p_j)."""
-    import numpy as np
     names = sorted({n for w in wins for n in w})
     ix = {n: i for i, n in enumerate(names)}
     W = np.zeros((len(names), len(names)))
     for w, l in wins:
         W[ix[w], ix[l]] += 1
-    N = W + W.T
-    W = W + prior * (N > 0)
+    W = W + prior * ((W + W.T) > 0)
     N = W + W.T
     p = np.ones(len(names))
     for _ in range(iters):
         new = W.sum(1) / (N / (p[:, None] + p[None, :])).sum(1)
         new /= np.exp(np.log(new).mean())
-        if np.abs(new - p).max() < 1e-12:
-            p = new
-            break
+        done = np.abs(new - p).max() < 1e-12
         p = new
+        if done:
+            break
     r = 400 * np.log10(p)
     return {n: float(base + r[i] - r.mean()) for n, i in ix.items()}
 
@@ -142,7 +141,6 @@ def elo_mle(wins, base=1000.0, prior=0.5, iters=2000):
 def elo_intervals(wins, n_boot=1000, level=0.95, seed=0, **kw):
     """{name: (rating, low, high)}: elo_mle on the games and a percentile bootstrap interval
     (games resampled with replacement, n_boot times)."""
-    import numpy as np
     rng = np.random.default_rng(seed)
     point = elo_mle(wins, **kw)
     boots = {n: [] for n in point}

@@ -84,6 +84,7 @@ def combined_advantage(reward_adv, cost_advs, lambdas):
     penalty = sum(lam * adv for lam, adv in zip(lambdas, cost_advs))
     return (reward_adv - penalty) / (1.0 + sum(lambdas))
 
+
 def group_zscore(scores, group_size, eps=1e-6):
     """[B] -> [B]: each score minus its group's mean, over the group's std, where a group is
     group_size consecutive rows (the G answers to one prompt; GRPO, Shao et al. 2024). The std
