@@ -12,13 +12,16 @@ One iteration (a "step"):
   6. losses    actor: PPO clip on A = (A_r - Σ λ_k·A_ck) / (1 + Σ λ_k);  critics: clipped value loss
 
 The baselines run the same loop: --algo ppo (reward only) and --algo reward_shaping
-(one stream, reward R - ν·ΣC, fixed ν). Pure functions live in nanosafe/ppo.py and the
+(one stream, reward R - ν·ΣC, fixed ν). --algo grpo_lag is the critic-free form: G answers per
+prompt, and steps 3-4 become A = (Z_R - Σ λ_k·Z_Ck) / (1 + Σ λ_k) from group z-scores, the same
+for every token of an answer, with the KL to the reference as a loss term instead of a reward. Pure functions live in nanosafe/ppo.py and the
 multiplier in nanosafe/lagrange.py, the constraints (cost models, rules, probes) in
 nanosafe/constraints.py; everything else is in this file, top to bottom.
 
     python train_ppo_lag.py                                  # toy world, after train_sft.py and train_pm.py
     python train_ppo_lag.py --algo ppo                       # -> out/ppo
     python train_ppo_lag.py --algo reward_shaping --shaping_coef 1.0
+    python train_ppo_lag.py --algo grpo_lag --group_size 4             # Lagrangian GRPO: no critics
     python train_ppo_lag.py --cost_models out/cm_violence out/cm_fraud --thresholds -3 -3
     python train_ppo_lag.py --cost_models out/cm_k5                        # one constraint per category of one model
     python train_ppo_lag.py --banned_words police hotline                  # a rule beside the cost model
@@ -54,7 +57,8 @@ print0 = dist.print0
 class Config:
     """Stage 3: PPO-Lagrangian (and the PPO / reward-shaping baselines)."""
     # io
-    algo: str = arg("ppo_lag", "ppo_lag: constrained; ppo: reward only; reward_shaping: reward R - ν·C", choices=["ppo_lag", "ppo", "reward_shaping"])
+    algo: str = arg("ppo_lag", "ppo_lag: constrained; ppo: reward only; reward_shaping: reward R - ν·C; grpo_lag: constrained, critic-free "
+                    "(group-normalised advantages, --group_size answers per prompt)", choices=["ppo_lag", "ppo", "reward_shaping", "grpo_lag"])
     out_dir: str | None = arg(None, "output folder (default: out/<algo>)")
     model: str = arg("out/sft", "the policy to start from, also the frozen reference (official: the SFT model)")
     reward_model: str = arg("out/rm", "reward model folder (train_pm.py --kind reward); also initialises the reward critic")
@@ -67,6 +71,8 @@ class Config:
     probe_refresh_every: int = arg(0, "refit the probe every N iterations on the actor's answers since the last refit, labelled by the toy "
                                    "world's oracle (0: the probe stays frozen)")
     target_unsafe_rate: float = arg(0.01, "calibration: d = the mean cost of a policy whose answers the cost model calls unsafe this often (official d = 0)")
+    calibrate_on: str | None = arg(None, "calibrate d on this policy's answers instead of --model's (a later round of Safe RLHF starts from an already "
+                                   "safe policy, whose few unsafe answers give no unsafe level to calibrate on; pass the SFT model)")
     train_data: str | None = arg(None, "prompt jsonl(.gz) ('prompt' field); default: the toy world's prompts_train.jsonl")
     eval_data: str | None = arg(None, "held-out prompts for gold evaluation; default: the toy world's prompts_test.jsonl")
     data_dir: str = arg("data/toy", "where the toy world's files live (written if missing)")
@@ -108,6 +114,7 @@ class Config:
     gamma: float = arg(1.0, "discount (official: 1.0)")
     gae_lambda: float = arg(0.95, "GAE λ (official: 0.95)")
     shaping_coef: float = arg(1.0, "ν for --algo reward_shaping: reward R - ν·ΣC")
+    group_size: int = arg(4, "G for --algo grpo_lag: answers per prompt, z-scored within their group; must divide --rollout_batch_size")
     # the multiplier
     lambda_init: float = arg(1.0, "initial λ (official: 1.0)")
     lambda_lr: float = arg(0.02, "λ step size on log λ (official: 0.1; with a learned cost model that sends λ to its cap in a few steps)")
@@ -219,7 +226,10 @@ def show_rollouts(step, seq, mask, P, R, C, tok, n=2):
 
 def check_flags(cfg, K_models):
     """The checks that need no model."""
-    lagrangian = cfg.algo == "ppo_lag"
+    lagrangian = cfg.algo in ("ppo_lag", "grpo_lag")
+    if cfg.algo == "grpo_lag" and (cfg.group_size < 2 or cfg.rollout_batch_size % cfg.group_size):
+        raise config.ConfigError(f"--group_size ({cfg.group_size}) must be >= 2 and divide --rollout_batch_size ({cfg.rollout_batch_size}): "
+                                 f"each prompt's G answers are z-scored against each other")
     if cfg.algo != "ppo" and not (K_models or cfg.banned_words or cfg.probe):
         raise config.ConfigError(f"--algo {cfg.algo} needs a constraint: at least one --cost_models folder (or --banned_words, --probe)")
     if cfg.lora_rank > 0 and cfg.fsdp:
@@ -252,9 +262,10 @@ def load_models(cfg, rt, out_dir, dtype):
     frozen = [reward_model] + [m for c in cons for m in c.modules()]
 
     # critics start from the score models (official), or a fresh head on the actor's backbone (a rule, a probe);
-    # reward shaping has one critic, on R - ν·ΣC
-    critics = {"reward_critic": load_score_model(os.path.join(out_dir, "reward_critic") if cfg.resume and not lora else cfg.reward_model,
-                                                 kind="reward", trust_remote_code=cfg.trust_remote_code)[0]}
+    # reward shaping has one critic, on R - ν·ΣC; GRPO-Lag has none
+    critics = {} if cfg.algo == "grpo_lag" else {
+        "reward_critic": load_score_model(os.path.join(out_dir, "reward_critic") if cfg.resume and not lora else cfg.reward_model,
+                                          kind="reward", trust_remote_code=cfg.trust_remote_code)[0]}
     for j, c in enumerate(cons if cfg.algo == "ppo_lag" else []):
         name = f"cost_critic_{j}"
         if cfg.resume and not lora:
@@ -301,7 +312,7 @@ def set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out
             raise config.ConfigError(f"--thresholds {cfg.thresholds} differ from the ones {out_dir} was trained with "
                                      f"({state['thresholds']}); a resumed run keeps its constraint. Drop --thresholds or start a new run.")
         return list(state["thresholds"]), read_state(out_dir).get("calibration", [])
-    if None not in given or cfg.algo != "ppo_lag":
+    if None not in given or cfg.algo not in ("ppo_lag", "grpo_lag"):
         return [float(d) if d is not None else None for d in given], []
     for c in cons:
         if c.uncalibratable and None in c.thresholds:
@@ -310,8 +321,13 @@ def set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out
     with dist.gathered(actor, *[m for c in cons for m in c.modules()]):  # every rank enters (FSDP gathers), rank 0 calibrates
         if rt.master:
             try:
+                policy = actor
+                if cfg.calibrate_on:  # another policy's answers (and, for a probe, its hidden states) set the score levels
+                    policy, ctok = load_policy(cfg.calibrate_on, trust_remote_code=cfg.trust_remote_code)
+                    check_same_tokenizer(tok, ctok, cfg.model, cfg.calibrate_on)
+                    place(policy, rt.device, cfg.attn_implementation)
                 with amp():
-                    d, info = calibrate_thresholds(actor, cons, train_set.items[:256], tok, cfg, rt.device, layers)
+                    d, info = calibrate_thresholds(policy, cons, train_set.items[:256], tok, cfg, rt.device, layers)
             except config.ConfigError as e:
                 err = str(e)
     d, info, err = dist.broadcast_object((d, info, err))
@@ -356,6 +372,7 @@ def main(cfg: Config):
     amp = dist.autocast(rt.device, dtype)
     out_dir = cfg.out_dir or f"out/{cfg.algo}"
     lagrangian = check_flags(cfg, len(cfg.cost_models))
+    grpo = cfg.algo == "grpo_lag"
     lora = cfg.lora_rank > 0
 
     # ---- prompts: training rollouts; held-out ones for the gold evaluation (toy world)
@@ -435,8 +452,9 @@ def main(cfg: Config):
                 rec.update(gold_eval_now(step) if rt.master else {})
         clock.reset()  # seconds per phase of this iteration -> metrics.jsonl "time_s" (bench.py reads them)
 
-        # 1. rollout: the unwrapped actor samples; pads after each EOS
-        idx = dist.step_indices(len(train_set), step, cfg.rollout_batch_size * rt.world_size, rt.rank, rt.world_size, cfg.seed)
+        # 1. rollout: the unwrapped actor samples; pads after each EOS. GRPO: each prompt G times, consecutive rows
+        G = cfg.group_size if grpo else 1
+        idx = rollout_indices(len(train_set), step, cfg.rollout_batch_size, G, rt, cfg.seed)
         with amp(), dist.gathered(actor):  # FSDP: the actor gathered once for all its tokens, not per token
             ro, old_logp = make_rollout(actor, [train_set[i] for i in idx], tok, cfg, gen, rt.device, layers)
         seq, attn, mask, P = ro.seq, ro.attn, ro.mask, ro.P
@@ -464,15 +482,18 @@ def main(cfg: Config):
             for lam, d in zip(lambdas, thresholds):
                 lam.threshold = d
 
-        # 3. per-token rewards and costs with the KL penalty; 4. GAE per stream
-        if lagrangian:
+        # 3. per-token rewards and costs with the KL penalty; 4. GAE per stream (GRPO: neither, the KL is a loss term)
+        if grpo:
+            rewards, costs = None, []
+        elif lagrangian:
             per_stream = [ppo.kl_rewards(R, c, old_logp, ref_logp, mask, cfg.kl_coef, cfg.clip_range_score) for c in C]
             rewards, costs = per_stream[0][0], [s[1] for s in per_stream]
         else:
             end = R - cfg.shaping_coef * sum(C) if cfg.algo == "reward_shaping" else R
             rewards, costs = ppo.kl_rewards_single(end, old_logp, ref_logp, mask, cfg.kl_coef, cfg.clip_range_score), []
         adv, ret = {}, {}
-        adv["reward"], ret["reward"] = ppo.gae(rewards, old_values["reward_critic"], mask, cfg.gamma, cfg.gae_lambda)
+        if not grpo:
+            adv["reward"], ret["reward"] = ppo.gae(rewards, old_values["reward_critic"], mask, cfg.gamma, cfg.gae_lambda)
         for k, ((critic, col), r) in enumerate(zip(streams, costs)):
             adv[k], ret[k] = ppo.gae(r, column(old_values[critic], col), mask, cfg.gamma, cfg.gae_lambda)
 
@@ -486,7 +507,12 @@ def main(cfg: Config):
         lam_values = [lam.value for lam in lambdas]  # fixed (detached) for this iteration's actor loss
 
         # 6. PPO epochs over minibatches: actor on the combined advantage, critics on their returns
-        advantage = ppo.combined_advantage(adv["reward"], [adv[k] for k in range(K)], lam_values) if lagrangian else adv["reward"]
+        if grpo:  # one number per answer, every one of its tokens: [B] -> [B, T]
+            advantage = ppo.grpo_lag_advantage(R, C, lam_values, G).unsqueeze(-1).expand_as(old_logp)
+        elif lagrangian:
+            advantage = ppo.combined_advantage(adv["reward"], [adv[k] for k in range(K)], lam_values)
+        else:
+            advantage = adv["reward"]
         clock.lap("gae_lambda")
         stats = {"policy_loss": [], "clip_frac": [], "ratio": [], "entropy": []} | {f"value_loss_{n}": [] for n in critics}
         B = seq.shape[0]
@@ -501,6 +527,8 @@ def main(cfg: Config):
                             new_logp, ent = action_logprobs(ddp_actor, seq[mi], attn[mi], P, with_entropy=True)
                         pl, st = ppo.policy_loss(new_logp, old_logp[mi], advantage[mi], mask[mi], cfg.clip_range_ratio)
                         loss = pl
+                        if grpo:  # the KL to the reference as a loss term (k3 estimator, DeepSeekMath / TRL's GRPO)
+                            loss = loss + cfg.kl_coef * ppo.seq_mean(ppo.kl_k3(new_logp, ref_logp[mi]), mask[mi])
                         for name, critic in ddp_critics.items():
                             with amp():
                                 v = action_values(critic, seq[mi], attn[mi], P)
@@ -570,6 +598,13 @@ def main(cfg: Config):
     dist.cleanup()
 
 
+def rollout_indices(n, step, rollout_batch_size, group_size, rt, seed) -> list:
+    """This rank's prompts at `step`: rollout_batch_size / group_size distinct ones from the seeded stream
+    (dist.step_indices), each repeated group_size times in consecutive rows (GRPO's groups; 1: as they come)."""
+    idx = dist.step_indices(n, step, rollout_batch_size // group_size * rt.world_size, rt.rank, rt.world_size, seed)
+    return [i for i in idx for _ in range(group_size)]
+
+
 def iteration_record(ro, R, C, names, old_logp, ref_logp, lam_values, thresholds, stats, guard, rt, tok) -> dict:
     """The iteration's line of metrics.jsonl (means over every rank's answers). The KL is the trained
     estimator, summed over each answer's tokens; cost_k, lambda_k, threshold_k are stream k's."""
@@ -618,9 +653,11 @@ def rollout_verdicts(ro, C, names):
     harmful = torch.tensor([toy.is_harmful(p) for p in ro.prompts], device=ro.seq.device)
     gold_unsafe = torch.tensor([not toy.is_safe(p, a) for p, a in zip(ro.prompts, ro.answers())], device=ro.seq.device)
     n = dist.all_reduce_sum(harmful.sum().float()).clamp(min=1)
-    out = {"rollout_gold_unsafe_harmful": (dist.all_reduce_sum((gold_unsafe & harmful).sum().float()) / n).item()}
+    out = {"rollout_gold_unsafe_harmful": (dist.all_reduce_sum((gold_unsafe & harmful).sum().float()) / n).item(),
+           "rollout_gold_unsafe": dist.all_reduce_mean(gold_unsafe.float().mean()).item()}  # over every prompt, the mix the constraint is on
     for name, c in zip(names, C):
         out[f"rollout_flagged_harmful_{name}"] = (dist.all_reduce_sum(((c > 0) & harmful).sum().float()) / n).item()
+        out[f"rollout_flagged_{name}"] = dist.all_reduce_mean((c > 0).float().mean()).item()
     return out
 
 

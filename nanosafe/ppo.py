@@ -132,6 +132,13 @@ def kl_rewards(end_reward, end_cost, logprobs, ref_logprobs, mask, kl_coef, clip
     return rewards, costs
 
 
+def kl_k3(logprobs, ref_logprobs):
+    """exp(logπ_ref − logπ) − (logπ_ref − logπ) − 1 per token: the k3 estimate of KL(π ‖ π_ref) on
+    tokens sampled from π, unbiased and never negative (Schulman 2020); GRPO's loss-term KL."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1.0
+
+
 def kl_rewards_single(end_reward, logprobs, ref_logprobs, mask, kl_coef, clip=50.0):
     """r_t = −β·KL_t (+R at the end): one stream, the official plain PPO / reward shaping trainer."""
     return _score_stream(end_reward, -kl_coef * (logprobs - ref_logprobs), mask, clip)

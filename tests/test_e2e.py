@@ -129,6 +129,33 @@ def test_baselines_run(stages, algo):
     assert not (stages / algo / "cost_critic_0").exists()
 
 
+def test_grpo_lag_trains_without_critics(stages):
+    t = stages
+    ppo(t, "grpo", "--algo", "grpo_lag", "--group_size", 4, "--max_steps", 3, "--save_optimizer")
+    recs = [r for r in metrics(t / "grpo") if not r.get("final")]
+    assert len(recs) == 3 and {"lambda_0", "threshold_0", "policy_loss", "kl"} <= set(recs[0])
+    assert not any(k.startswith("value_loss") for k in recs[0])
+    for r in recs:  # the same dual step as PPO-Lag
+        prev = 1.0 if r["step"] == 0 else recs[r["step"] - 1]["lambda_0"]
+        assert (r["lambda_0"] - prev) * (r["episode_cost_window_0"] - r["threshold_0"]) >= 0
+    assert (t / "grpo" / "trainer_state.pt").exists() and not (t / "grpo" / "reward_critic").exists() and not (t / "grpo" / "cost_critic_0").exists()
+    p = ppo(t, "grpo_bad", "--algo", "grpo_lag", "--group_size", 3, "--max_steps", 1, check=False)
+    assert p.returncode == 1 and "--group_size (3) must be >= 2 and divide --rollout_batch_size (8)" in p.stderr
+
+
+def test_grpo_groups_are_consecutive_copies_of_the_plain_stream():
+    import train_ppo_lag
+    from nanosafe.dist import Runtime
+    for rank in (0, 1):
+        rt = Runtime(ddp=True, rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"))
+        for step in (0, 7):
+            idx = train_ppo_lag.rollout_indices(100, step, 12, 4, rt, seed=3)
+            distinct = idx[::4]
+            assert idx == [i for i in distinct for _ in range(4)]
+            assert distinct == train_ppo_lag.dist.step_indices(100, step, 6, rank, 2, 3)  # 3 prompts per rank, 6 in all
+        assert train_ppo_lag.rollout_indices(100, 5, 12, 1, rt, seed=3) == train_ppo_lag.dist.step_indices(100, 5, 24, rank, 2, 3)
+
+
 def test_ppo_resume_is_exact(stages):
     """3 iterations straight == 2 iterations, stop, --resume to 3 (actor, critics, λ, window, RNG)."""
     t = stages

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanosafe.ppo import (combined_advantage, group_zscore, grpo_lag_advantage, entropy_from_logits, gae, kl_rewards, kl_rewards_single,
+from nanosafe.ppo import (combined_advantage, group_zscore, grpo_lag_advantage, entropy_from_logits, gae, kl_k3, kl_rewards, kl_rewards_single,
                           logprobs_from_logits, masked_mean, masked_whiten, policy_loss, seq_mean, value_loss)
 
 
@@ -305,3 +305,16 @@ def test_grpo_lag_advantage_hand_values():
     assert torch.allclose(grpo_lag_advantage(R, [C], [0.0], 3), torch.tensor(zR, dtype=R.dtype), atol=1e-5)
     with pytest.raises(ValueError, match="group_size"):
         group_zscore(R, 4)
+
+
+def test_kl_k3_hand_value_and_unbiased():
+    # π = 0.5, π_ref = 0.25 on the sampled token: r = 0.5, k3 = r − log r − 1 = 0.5 + log 2 − 1
+    k = kl_k3(torch.tensor([math.log(0.5), math.log(0.3)]), torch.tensor([math.log(0.25), math.log(0.3)]))
+    assert k[0].item() == pytest.approx(math.log(2) - 0.5, abs=1e-12) and k[1].item() == 0.0
+    # tokens drawn from π: the mean of k3 is KL(π ‖ π_ref), computed exactly from the two distributions
+    g = torch.Generator().manual_seed(0)
+    pi, ref = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.5, 0.3])
+    a = torch.multinomial(pi, 200_000, replacement=True, generator=g)
+    est = kl_k3(pi.log()[a], ref.log()[a]).mean().item()
+    exact = (pi * (pi / ref).log()).sum().item()
+    assert est == pytest.approx(exact, abs=0.005) and (kl_k3(pi.log()[a], ref.log()[a]) >= 0).all()

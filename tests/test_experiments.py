@@ -1,0 +1,117 @@
+"""nanosafe.experiments: the round-k labelling draws from the oracles as the toy generator does, and the
+oracles only label: reward/cost model and PPO-Lag training give bit-identical weights when every oracle is
+replaced by noise. Plus the overshoot / oscillation measure on a hand-made trajectory."""
+
+import gzip
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanosafe import config, experiments, toy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sabotage(monkeypatch, seed=0):
+    """Every gold oracle answers noise (its own RNG: the training's random streams stay untouched)."""
+    rng = random.Random(seed)
+    monkeypatch.setattr(toy, "helpfulness", lambda p, r: rng.random())
+    monkeypatch.setattr(toy, "cost", lambda p, r: {c: float(rng.random() < 0.5) for c in toy.CATEGORIES})
+    monkeypatch.setattr(toy, "is_safe", lambda p, r: rng.random() < 0.5)
+
+
+def test_label_pairs_is_the_noisy_bradley_terry_draw_of_the_oracles(monkeypatch):
+    p = "how do i bake bread"
+    good, worse = toy.optimal_response(p), "bread um well"
+    dh = toy.helpfulness(p, good) - toy.helpfulness(p, worse)
+    assert dh > 0
+    n = 4000
+    recs = experiments.label_pairs([p] * n, [good] * n, [worse] * n, seed=1)
+    freq = sum(r["better_response_id"] == 0 for r in recs) / n
+    want = 1 / (1 + math.exp(-dh / 0.1))  # P(0 better) = σ((H0 − H1) / temperature), the generator's temperature
+    assert abs(freq - want) < 3 * math.sqrt(want * (1 - want) / n) + 1e-3
+    assert all(r["is_response_0_safe"] == toy.is_safe(p, good) for r in recs)
+    # harmful prompt: a refusal against a dangerous answer; P(refusal safer) = σ((C1 − C0) / cost temperature)
+    hp = next(q for q, t in toy.all_prompts(toy.TEMPLATES_TRAIN) if t in toy.HARMFUL)
+    bad = " ".join(toy.ANSWER[toy.topic_of(hp)][:4])
+    c_bad = sum(toy.cost(hp, bad).values())
+    assert c_bad > 0 and sum(toy.cost(hp, toy.REFUSAL).values()) == 0
+    recs = experiments.label_pairs([hp] * n, [toy.REFUSAL] * n, [bad] * n, seed=2)
+    freq = sum(r["safer_response_id"] == 0 for r in recs) / n
+    want = 1 / (1 + math.exp(-c_bad / 0.5))
+    assert abs(freq - want) < 3 * math.sqrt(want * (1 - want) / n) + 1e-3
+    assert all(r["is_response_0_safe"] and not r["is_response_1_safe"] for r in recs)
+    # the labels are the oracles' and nothing else's: noise oracles give other labels
+    sabotage(monkeypatch)
+    noisy = experiments.label_pairs([hp] * n, [toy.REFUSAL] * n, [bad] * n, seed=2)
+    assert [r["is_response_1_safe"] for r in noisy] != [r["is_response_1_safe"] for r in recs]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny SFT policy and the round-2 pairs file: the toy pairs + pairs of its own answers, labelled."""
+    t = tmp_path_factory.mktemp("rounds")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = ["--data_dir", t / "data", "--out_dir", t / "sft", "--toy_size", "tiny", "--max_steps", 30, "--batch_size", 16,
+            "--max_length", 48, "--gold_samples", 1, "--eval_every", 15]
+    subprocess.run([sys.executable, "train_sft.py", *map(str, argv)],
+                   cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    prompts = [json.loads(ln)["prompt"] for ln in open(t / "data" / "prompts_train.jsonl")][:40]
+    ps, a0, a1 = experiments.sample_pairs(str(t / "sft"), prompts, 2, seed=5, max_new_tokens=12, threads=1)
+    new = experiments.label_pairs(ps, a0, a1, seed=2)
+    old = open(t / "data" / "pref_train.jsonl").read().splitlines()[:200]
+    with gzip.open(t / "pairs.jsonl.gz", "wt") as f:
+        f.writelines(ln + "\n" for ln in old)
+        f.writelines(json.dumps(r) + "\n" for r in new)
+    return t
+
+
+def train_in_process(module, argv, threads=1):
+    torch.set_num_threads(threads)
+    cfg = config.parse(module.Config, [str(a) for a in argv])
+    module.main(cfg)
+
+
+def test_round_training_never_consults_the_oracles(tiny, monkeypatch):
+    """The reward model, the cost model and PPO-Lag of a round, each trained twice: with the true oracles
+    and with every oracle answering noise. Their evaluations differ; their weights must not."""
+    import train_pm
+    import train_ppo_lag
+    t = tiny
+    pm = lambda kind, out: ["--kind", kind, "--model", t / "sft", "--train_data", t / "pairs.jsonl.gz", "--eval_data",
+                            t / "data" / "pref_test.jsonl", "--out_dir", out, "--max_steps", 6, "--batch_size", 8, "--max_length", 48]
+    ppo = lambda out: ["--model", t / "sft", "--reward_model", t / "rm_true", "--cost_models", t / "cm_true", "--data_dir", t / "data",
+                       "--out_dir", out, "--rollout_batch_size", 8, "--minibatch_size", 4, "--micro_batch_size", 2, "--max_new_tokens", 8,
+                       "--eval_every", 1, "--final_eval_samples", 1, "--max_steps", 2, "--show_every", 0, "--thresholds", "0.0"]
+    for tag in ("true", "noise"):
+        if tag == "noise":
+            sabotage(monkeypatch)
+        train_in_process(train_pm, pm("reward", t / f"rm_{tag}"))
+        train_in_process(train_pm, pm("cost", t / f"cm_{tag}"))
+        train_in_process(train_ppo_lag, ppo(t / f"lag_{tag}"))
+    for name in ("rm", "cm", "lag"):
+        a, b = load_file(t / f"{name}_true" / "model.safetensors"), load_file(t / f"{name}_noise" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # ...while what the oracles judge did change: they were really replaced
+    s_true, s_noise = (json.load(open(t / f"lag_{tag}" / "summary.json"))["final"] for tag in ("true", "noise"))
+    assert s_true["gold_helpfulness"] != s_noise["gold_helpfulness"]
+
+
+def test_dynamics_overshoot_and_oscillation_by_hand():
+    # d = 0; J falls 3, 1, -0.5 (crossing at iteration 2), -2, 0.5, -1; λ 1, 2, 3, 2.5, 2, 2.2, 2.1
+    J = [3, 1, -0.5, -2, 0.5, -1]
+    lam = [2, 3, 2.5, 2, 2.2, 2.1]
+    ms = [{"episode_cost_window_0": j, "threshold_0": 0.0, "lambda_0": l, "rollout_flagged_cost": 0.1} for j, l in zip(J, lam)]
+    d = experiments.dynamics(ms)
+    assert d["first_crossing"] == 2 and d["overshoot"] == 2 and d["reviolation"] == 0.5 and d["iterations_above_d_after"] == 1
+    # after the crossing λ goes 2.5 -> 2 -> 2.2 -> 2.1: steps -0.5, +0.2, -0.1: two turns, variation 0.8
+    assert d["lambda_turns"] == 2 and d["lambda_total_variation"] == pytest.approx(0.8)
+    assert experiments.dynamics(ms[:2])["first_crossing"] is None
