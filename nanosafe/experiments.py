@@ -257,12 +257,16 @@ def pid(args):
     cm_nosign = os.path.join(root, "cm_no_sign")
     pm = [(cm_nosign, ["train_pm.py", "--kind", "cost", "--no_sign_loss", "--model", args.sft])]
     run_jobs(pm, 1, args.jobs * args.threads)
-    # the sign ablation at the official d = 0, where the sign term is what gives 0 its meaning (a cost model without
-    # it has no "cost > 0 is unsafe" to calibrate on, and train_ppo_lag.py refuses to): one seed each
+    # the sign ablation, one seed: (1) the official d = 0 for both cost models, where the sign term is what gives 0
+    # its meaning; (2) the model without it calibrated as the default run is, on its own zero, which nothing trained
+    # to separate safe from unsafe (train_ppo_lag.py refuses to; here the same calibration is run and d passed in)
+    d_own = own_zero_threshold(args, cm_nosign)
     dirs = {"sgd": lambda s: os.path.join(sweep_lag, f"seed{s}"), "pid": lambda s: os.path.join(root, "pid", f"seed{s}"),
-            "sign_d0": lambda s: os.path.join(root, "sign_d0", f"seed{s}"), "no_sign_d0": lambda s: os.path.join(root, "no_sign_d0", f"seed{s}")}
-    flags = {"sgd": [], "pid": PID_GAINS, "sign_d0": ["--thresholds", "0"], "no_sign_d0": ["--cost_models", cm_nosign, "--thresholds", "0"]}
-    seeds = {"sgd": args.seeds, "pid": args.seeds, "sign_d0": args.seeds[:1], "no_sign_d0": args.seeds[:1]}
+            "sign_d0": lambda s: os.path.join(root, "sign_d0", f"seed{s}"), "no_sign_d0": lambda s: os.path.join(root, "no_sign_d0", f"seed{s}"),
+            "no_sign_calibrated": lambda s: os.path.join(root, "no_sign_calibrated", f"seed{s}")}
+    flags = {"sgd": [], "pid": PID_GAINS, "sign_d0": ["--thresholds", "0"], "no_sign_d0": ["--cost_models", cm_nosign, "--thresholds", "0"],
+             "no_sign_calibrated": ["--cost_models", cm_nosign, "--thresholds", str(d_own)]}
+    seeds = {n: args.seeds if n in ("sgd", "pid") else args.seeds[:1] for n in dirs}
     jobs = [(dirs[n](s), ppo_argv(args, *flags[n], "--seed", str(s))) for n in dirs for s in seeds[n]]
     run_jobs(jobs, args.jobs, args.threads)
     rows = {}
@@ -274,7 +278,8 @@ def pid(args):
         for k in ("first_crossing", "overshoot", "reviolation", "iterations_above_d_after", "lambda_turns", "lambda_total_variation", "lambda_max"):
             vals = [x[k] for x in dyn if x.get(k) is not None]
             rows[n][k] = mean_std(vals) if vals else None
-    for n, path in (("sign_d0", args.cm), ("no_sign_d0", cm_nosign)):
+    rows["no_sign_calibrated"]["threshold"] = d_own
+    for n, path in (("sign_d0", args.cm), ("no_sign_d0", cm_nosign), ("no_sign_calibrated", cm_nosign)):
         with open(os.path.join(path, "summary.json")) as f:
             rows[n]["cost_model_eval"] = json.load(f)
     gains = " ".join(PID_GAINS[1:])
@@ -283,13 +288,30 @@ def pid(args):
              "", "| run | J first ≤ d (iteration) | overshoot below d | back above d (max J − d) | iterations above d after | λ turns | λ total variation | max λ | "
              "helpfulness | unsafe, harmful |", "|---|---|---|---|---|---|---|---|---|---|"]
     names = {"sgd": "log-λ step (official, `--lambda_lr 0.02`)", "pid": "PID (`--multiplier pid`)",
-             "sign_d0": f"d = 0, cost model with the sign term (seed {args.seeds[0]})", "no_sign_d0": f"d = 0, cost model without it (seed {args.seeds[0]})"}
+             "sign_d0": f"d = 0, cost model with the sign term (seed {args.seeds[0]})", "no_sign_d0": f"d = 0, cost model without it (seed {args.seeds[0]})",
+             "no_sign_calibrated": f"without the sign term, d = {d_own:+.2f} calibrated on its zero (seed {args.seeds[0]})"}
     f2 = lambda v, p=2: "–" if v is None else f"{v[0]:.{p}f} ± {v[1]:.{p}f}"
     for n, r in rows.items():
         lines.append(f"| {names[n]} | {f2(r['first_crossing'], 1)} | {f2(r['overshoot'])} | {f2(r['reviolation'])} | {f2(r['iterations_above_d_after'], 1)} | "
                      f"{f2(r['lambda_turns'], 1)} | {f2(r['lambda_total_variation'])} | {f2(r['lambda_max'])} | {fmt(r['gold_helpfulness'])} | "
                      f"{fmt(r['gold_unsafe_rate_harmful'], True)} |")
     write(args, "pid", rows, "\n".join(lines))
+
+def own_zero_threshold(args, cost_model):
+    """train_ppo_lag.py's calibration of d at --target_unsafe_rate 0.01 on the SFT policy's rollouts, for a cost
+    model trained without the sign term (which the script refuses to calibrate): the same function, in process."""
+    import torch
+    import train_ppo_lag
+    from nanosafe import config, constraints, data
+    from nanosafe.model import load_policy, resolve_template
+    torch.set_num_threads(args.jobs * args.threads)
+    cfg = config.parse(train_ppo_lag.Config, ["--model", args.sft, "--reward_model", args.rm, "--cost_models", cost_model])
+    actor, tok = load_policy(cfg.model)
+    prompts, _ = data.dedupe_prompts(data.load_prompts(os.path.join(args.data_dir, "prompts_train.jsonl")))
+    template = resolve_template(None, cfg.model, cfg.reward_model, *cfg.cost_models)
+    items = data.PromptDataset(prompts, tok, cfg.max_prompt_length, cfg.truncate_prompts, template).items[:256]
+    d, _ = train_ppo_lag.calibrate_thresholds(actor.eval(), constraints.build(cfg), items, tok, cfg, "cpu", [])
+    return d[0]
 
 # -----------------------------------------------------------------------------
 # Lagrangian GRPO against PPO-Lag at the same wall-clock
@@ -424,9 +446,10 @@ def rounds(args):
             print(f"round {k}: {len(new)} new pairs from {policy[k - 1]} + {len(lines)} old -> {pairs} ({time.time() - t0:.0f} s)", flush=True)
         rm[k], cm[k] = os.path.join(d, "rm"), os.path.join(d, "cm")
         held_out = os.path.join(args.data_dir, "pref_test.jsonl")
+        steps = ["--max_steps", str(args.pm_max_steps)] if args.pm_max_steps else []
         run_jobs([(rm[k], ["train_pm.py", "--kind", "reward", "--model", args.sft, "--train_data", pairs, "--eval_data", held_out,
-                           "--epochs", str(args.pm_epochs)]),
-                  (cm[k], ["train_pm.py", "--kind", "cost", "--model", args.sft, "--train_data", pairs, "--eval_data", held_out])],
+                           "--epochs", str(args.pm_epochs), *steps]),
+                  (cm[k], ["train_pm.py", "--kind", "cost", "--model", args.sft, "--train_data", pairs, "--eval_data", held_out, *steps])],
                  args.jobs, args.threads)
         policy[k] = os.path.join(d, "ppo_lag")
         run_jobs([(policy[k], ["train_ppo_lag.py", "--max_steps", str(args.steps), "--show_every", "0", "--model", policy[k - 1],
@@ -473,6 +496,7 @@ def main(argv=None):
     ap.add_argument("--group_size", type=int, default=4, help="grpo: G answers per prompt")
     ap.add_argument("--pairs_per_prompt", type=int, default=16, help="rounds: new labelled pairs per training prompt per round")
     ap.add_argument("--pm_epochs", type=int, default=1, help="rounds: reward model epochs on old + new pairs (the first round's model: 2)")
+    ap.add_argument("--pm_max_steps", type=int, default=0, help="rounds: cap the reward/cost models' steps (0: the epochs; a quick check of the pipeline)")
     ap.add_argument("--n_boot", type=int, default=1000, help="rounds: bootstrap resamples for the Elo intervals")
     args = ap.parse_args(argv)
     for path, what in [(args.sft, "train_sft.py"), (args.rm, "train_pm.py --kind reward"), (args.cm, "train_pm.py --kind cost")]:
