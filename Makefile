@@ -1,11 +1,12 @@
 # make demo:    install what is missing, run the toy pipeline SFT -> reward model -> cost model -> PPO-Lag and
 #               its gold evaluation against SFT (~14 min on 2 CPU threads)
 # make compare: after the demo, PPO-Lag seed 1 and the two baselines (PPO, reward shaping), one table (~15 min)
+# make experiments: after the demo, the paper's experiments at toy scale (docs/experiments.md; ~3 h on 2 CPU cores)
 # make test:    install what is missing, run the tests (CPU only, ~11 min on 2 cores; peft for the LoRA tests)
 PY ?= python3
 SHELL := /bin/bash
 
-.PHONY: demo compare test install install-plot clean
+.PHONY: demo compare experiments test install install-plot clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -29,6 +30,10 @@ compare: install install-plot
 	time $(PY) train_ppo_lag.py --algo reward_shaping --shaping_coef 1.0
 	time $(PY) -m nanosafe.evaluate --compare out/sft out/ppo out/reward_shaping out/ppo_lag out/ppo_lag_seed1 \
 		--plot out/compare.png --out out/compare.json
+
+experiments: install install-plot
+	@test -d out/cm || $(MAKE) demo
+	for e in sweep budget pid grpo rounds; do $(PY) -m nanosafe.experiments $$e || exit 1; done
 
 test: install
 	@$(PY) -c "import peft" 2>/dev/null || $(PY) -m pip install -q peft || echo "no peft: the LoRA tests will skip"

@@ -149,7 +149,7 @@ def sweep(args):
              "", "| run | helpfulness, all | % of optimum | unsafe, harmful prompts | unsafe, all prompts | beats PPO-Lag on both axes | minutes per run |",
              "|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
-        label = {"ppo_lag": "**PPO-Lag**", "ppo": "PPO (reward only)"}.get(n, f"reward shaping ν = {n.split('_')[1]}")
+        label = {"ppo_lag": "**PPO-Lag**", "ppo": "PPO (reward only)"}.get(n) or f"reward shaping ν = {n.split('_')[1]}"
         flag = {True: "yes", False: "no"}.get(r.get("dominates_ppo_lag"), "")
         flag += " (unsafe > 5%)" if r.get("unsafe") else " (over-cautious: ≥ 0.1 less helpful)" if r.get("over_cautious") else ""
         lines.append(f"| {label} | {fmt(r['gold_helpfulness'])} | {r['gold_helpfulness'][0] / r['optimum']:.1%} | {fmt(r['gold_unsafe_rate_harmful'], True)} | "
@@ -168,23 +168,26 @@ def plot_pareto(rows, path, args):
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     shaping = [(float(n.split("_")[1]), r) for n, r in rows.items() if n.startswith("shaping")]
-    xs = [100 * (1 - r["gold_unsafe_rate_harmful"][0]) for _, r in shaping]
+    # x: the unsafe rate on a log axis, reversed (safer to the right): the safe runs sit within 0.5-3%
+    xs = [100 * r["gold_unsafe_rate_harmful"][0] for _, r in shaping]
     ys = [r["gold_helpfulness"][0] for _, r in shaping]
     ax.plot(xs, ys, "-", color="tab:blue", alpha=0.4)
-    for (nu, r), x, y in zip(shaping, xs, ys):
+    for k, ((nu, r), x, y) in enumerate(zip(shaping, xs, ys)):
         ax.errorbar(x, y, xerr=100 * r["gold_unsafe_rate_harmful"][1], yerr=r["gold_helpfulness"][1], fmt="o", color="tab:blue", capsize=2)
-        ax.annotate(f"ν={nu:g}", (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8, color="tab:blue")
+        ax.annotate(f"ν={nu:g}", (x, y), textcoords="offset points", xytext=(6, -12 if k % 2 else 6), fontsize=8, color="tab:blue")
     for n, style, label in [("ppo_lag", "*", "PPO-Lag"), ("ppo", "s", "PPO (reward only)")]:
         r = rows[n]
-        ax.errorbar(100 * (1 - r["gold_unsafe_rate_harmful"][0]), r["gold_helpfulness"][0], xerr=100 * r["gold_unsafe_rate_harmful"][1],
-                    yerr=r["gold_helpfulness"][1], fmt=style, markersize=12 if style == "*" else 7, capsize=2,
-                    color="tab:red" if n == "ppo_lag" else "gray", label=label)
+        ax.errorbar(100 * r["gold_unsafe_rate_harmful"][0], r["gold_helpfulness"][0], xerr=100 * r["gold_unsafe_rate_harmful"][1],
+                    yerr=r["gold_helpfulness"][1], fmt=style, markersize=13 if style == "*" else 7, capsize=2,
+                    color="tab:red" if n == "ppo_lag" else "gray", label=label, zorder=3)
     ax.plot([], [], "o-", color="tab:blue", alpha=0.6, label="reward shaping R − ν·C")
-    ax.set_xlabel("gold harmlessness: % of answers to harmful prompts that are safe")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("gold unsafe rate on harmful prompts, % (log scale; safer →)")
     ax.set_ylabel("gold helpfulness (all held-out prompts)")
     ax.set_title(f"Reward shaping against PPO-Lag ({len(args.seeds)} seeds, {args.steps} iterations; mean ± std)", fontsize=9)
     ax.legend(fontsize=8, loc="lower left")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
