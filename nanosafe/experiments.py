@@ -242,14 +242,15 @@ def dynamics(metrics):
     d = metrics[0]["threshold_0"]
     lam = [m["lambda_0"] for m in metrics]
     cross = next((i for i, j in enumerate(J) if j <= d), None)
+    late = {"lambda_std_late": mean_std(lam[len(lam) // 2:])[1]}  # λ's spread over the second half of the run
     if cross is None:
-        return {"first_crossing": None, "lambda_max": max(lam)}
+        return {"first_crossing": None, "lambda_max": max(lam), **late}
     after, lam_after = J[cross:], lam[cross:]
     steps = [b - a for a, b in zip(lam_after, lam_after[1:]) if abs(b - a) > 1e-6]
     turns = sum(1 for a, b in zip(steps, steps[1:]) if (a > 0) != (b > 0))
     return {"first_crossing": cross, "overshoot": d - min(after), "reviolation": max(0.0, max(after) - d),
             "iterations_above_d_after": sum(j > d for j in after), "lambda_turns": turns,
-            "lambda_total_variation": sum(abs(s) for s in steps), "lambda_max": max(lam), "lambda_final": lam[-1],
+            "lambda_total_variation": sum(abs(s) for s in steps), "lambda_max": max(lam), "lambda_final": lam[-1], **late,
             "flagged_after_min": min(m["rollout_flagged_cost"] for m in metrics[cross:]),
             "flagged_after_max": max(m["rollout_flagged_cost"] for m in metrics[cross:])}
 
@@ -264,12 +265,15 @@ def pid(args):
     # its meaning; (2) the model without it calibrated as the default run is, on its own zero, which nothing trained
     # to separate safe from unsafe (train_ppo_lag.py refuses to; here the same calibration is run and d passed in)
     d_own = own_zero_threshold(args, cm_nosign)
+    # at 1% the cost can fall below d by at most d - (the safe answers' score), ~0.09: so the multipliers also at 10%
+    # (the budget experiment's runs for the log-λ step), where it has ten times the room
     dirs = {"sgd": lambda s: os.path.join(sweep_lag, f"seed{s}"), "pid": lambda s: os.path.join(root, "pid", f"seed{s}"),
+            "sgd_10": lambda s: os.path.join(args.out, "budget", "target_0.1", f"seed{s}"), "pid_10": lambda s: os.path.join(root, "pid_10", f"seed{s}"),
             "sign_d0": lambda s: os.path.join(root, "sign_d0", f"seed{s}"), "no_sign_d0": lambda s: os.path.join(root, "no_sign_d0", f"seed{s}"),
             "no_sign_calibrated": lambda s: os.path.join(root, "no_sign_calibrated", f"seed{s}")}
-    flags = {"sgd": [], "pid": PID_GAINS, "sign_d0": ["--thresholds", "0"], "no_sign_d0": ["--cost_models", cm_nosign, "--thresholds", "0"],
+    flags = {"sgd": [], "pid": PID_GAINS, "sgd_10": ["--target_unsafe_rate", "0.1"], "pid_10": [*PID_GAINS, "--target_unsafe_rate", "0.1"], "sign_d0": ["--thresholds", "0"], "no_sign_d0": ["--cost_models", cm_nosign, "--thresholds", "0"],
              "no_sign_calibrated": ["--cost_models", cm_nosign, "--thresholds", str(d_own)]}
-    seeds = {n: args.seeds if n in ("sgd", "pid") else args.seeds[:1] for n in dirs}
+    seeds = {n: args.seeds if n in ("sgd", "pid", "sgd_10", "pid_10") else args.seeds[:1] for n in dirs}
     jobs = [(dirs[n](s), ppo_argv(args, *flags[n], "--seed", str(s))) for n in dirs for s in seeds[n]]
     run_jobs(jobs, args.jobs, args.threads)
     rows = {}
@@ -278,7 +282,8 @@ def pid(args):
         dyn = [dynamics(r["metrics"]) for r in runs]
         rows[n] = {"per_seed": dyn, "gold_helpfulness": over_seeds(runs, "gold_helpfulness"),
                    "gold_unsafe_rate_harmful": over_seeds(runs, "gold_unsafe_rate_harmful"), "gold_unsafe_rate": over_seeds(runs, "gold_unsafe_rate")}
-        for k in ("first_crossing", "overshoot", "reviolation", "iterations_above_d_after", "lambda_turns", "lambda_total_variation", "lambda_max"):
+        for k in ("first_crossing", "overshoot", "reviolation", "iterations_above_d_after", "lambda_turns", "lambda_total_variation", "lambda_max",
+                  "lambda_std_late"):
             vals = [x[k] for x in dyn if x.get(k) is not None]
             rows[n][k] = mean_std(vals) if vals else None
     rows["no_sign_calibrated"]["threshold"] = d_own
@@ -288,15 +293,16 @@ def pid(args):
     gains = " ".join(PID_GAINS[1:])
     lines = [f"{len(args.seeds)} seeds, {args.steps} iterations; mean ± std over seeds. J = windowed episode cost (the last 128 rollouts), d its "
              f"threshold; overshoot = max (d − J) after J first reaches d; λ turns = sign changes of Δλ after it. PID: {gains}",
-             "", "| run | J first ≤ d (iteration) | overshoot below d | back above d (max J − d) | iterations above d after | λ turns | λ total variation | max λ | "
-             "helpfulness | unsafe, harmful |", "|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"sgd": "log-λ step (official, `--lambda_lr 0.02`)", "pid": "PID (`--multiplier pid`)",
+             "", "| run | J first ≤ d (iteration) | overshoot below d | back above d (max J − d) | iterations above d after | λ turns | λ total variation | std of λ, 2nd half | max λ | "
+             "helpfulness | unsafe, harmful |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    names = {"sgd": "1%: log-λ step (official, `--lambda_lr 0.02`)", "pid": "1%: PID (`--multiplier pid`)",
+             "sgd_10": "10%: log-λ step", "pid_10": "10%: PID",
              "sign_d0": f"d = 0, cost model with the sign term (seed {args.seeds[0]})", "no_sign_d0": f"d = 0, cost model without it (seed {args.seeds[0]})",
              "no_sign_calibrated": f"without the sign term, d = {d_own:+.2f} calibrated on its zero (seed {args.seeds[0]})"}
     f2 = lambda v, p=2: "–" if v is None else f"{v[0]:.{p}f} ± {v[1]:.{p}f}"
     for n, r in rows.items():
         lines.append(f"| {names[n]} | {f2(r['first_crossing'], 1)} | {f2(r['overshoot'])} | {f2(r['reviolation'])} | {f2(r['iterations_above_d_after'], 1)} | "
-                     f"{f2(r['lambda_turns'], 1)} | {f2(r['lambda_total_variation'])} | {f2(r['lambda_max'])} | {fmt(r['gold_helpfulness'])} | "
+                     f"{f2(r['lambda_turns'], 1)} | {f2(r['lambda_total_variation'])} | {f2(r['lambda_std_late'], 3)} | {f2(r['lambda_max'])} | {fmt(r['gold_helpfulness'])} | "
                      f"{fmt(r['gold_unsafe_rate_harmful'], True)} |")
     write(args, "pid", rows, "\n".join(lines))
 

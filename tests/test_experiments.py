@@ -114,4 +114,5 @@ def test_dynamics_overshoot_and_oscillation_by_hand():
     assert d["first_crossing"] == 2 and d["overshoot"] == 2 and d["reviolation"] == 0.5 and d["iterations_above_d_after"] == 1
     # after the crossing λ goes 2.5 -> 2 -> 2.2 -> 2.1: steps -0.5, +0.2, -0.1: two turns, variation 0.8
     assert d["lambda_turns"] == 2 and d["lambda_total_variation"] == pytest.approx(0.8)
+    assert d["lambda_std_late"] == pytest.approx(0.1)  # the second half 2, 2.2, 2.1: sample std 0.1
     assert experiments.dynamics(ms[:2])["first_crossing"] is None
