@@ -197,31 +197,40 @@ def plot_pareto(rows, path, args):
 
 
 def budget(args):
+    """Asked against reached, at the default dual step (3 seeds) and at the official λ lr 0.1 (the first seed):
+    λ's step is lr·λ·(J − d), so once the policy is safer than asked λ decays only as 1 / (1/λ₀ + lr·|J − d|·t)."""
     root = os.path.join(args.out, "budget")
     sweep_lag = os.path.join(args.out, "sweep", "ppo_lag")  # the sweep's PPO-Lag runs are the 1% ones: the same flags
     run_dir = lambda b, s: os.path.join(sweep_lag, f"seed{s}") if b == 0.01 else os.path.join(root, f"target_{b:g}", f"seed{s}")
+    fast_dir = lambda b, s: os.path.join(root, f"target_{b:g}_lambda_lr_0.1", f"seed{s}")
     jobs = [(run_dir(b, s), ppo_argv(args, "--target_unsafe_rate", str(b), "--seed", str(s))) for s in args.seeds for b in BUDGETS]
+    jobs += [(fast_dir(b, s), ppo_argv(args, "--target_unsafe_rate", str(b), "--lambda_lr", "0.1", "--seed", str(s))) for s in args.seeds[:1] for b in BUDGETS]
     run_jobs(jobs, args.jobs, args.threads)
     rows, last = {}, max(1, args.steps // 5)  # the cost model's view: its unsafe rate over the last fifth of training's rollouts
-    for b in BUDGETS:
-        runs = [read_run(run_dir(b, s)) for s in args.seeds]
-        flagged = [sum(m["rollout_flagged_cost"] for m in r["metrics"][-last:]) / last for r in runs]
-        rollout_gold = [sum(m["rollout_gold_unsafe"] for m in r["metrics"][-last:]) / last for r in runs]
-        rows[f"{b:g}"] = {"asked": b, "gold_unsafe_rate": over_seeds(runs, "gold_unsafe_rate"),
-                          "gold_unsafe_rate_harmful": over_seeds(runs, "gold_unsafe_rate_harmful"),
-                          "gold_helpfulness": over_seeds(runs, "gold_helpfulness"),
-                          "rollout_flagged_by_cost_model": mean_std(flagged), "rollout_gold_unsafe": mean_std(rollout_gold),
-                          "per_seed_gold_unsafe_rate": [r["final"]["gold_unsafe_rate"] for r in runs],
-                          "lambda_final": mean_std([r["lambdas"][0] for r in runs])}
+    for series, where, seeds in (("", run_dir, args.seeds), ("_lambda_lr_0.1", fast_dir, args.seeds[:1])):
+        for b in BUDGETS:
+            runs = [read_run(where(b, s)) for s in seeds]
+            flagged = [sum(m["rollout_flagged_cost"] for m in r["metrics"][-last:]) / last for r in runs]
+            rollout_gold = [sum(m["rollout_gold_unsafe"] for m in r["metrics"][-last:]) / last for r in runs]
+            slack = [sum(m["threshold_0"] - m["episode_cost_window_0"] for m in r["metrics"][-last:]) / last for r in runs]
+            rows[f"{b:g}{series}"] = {"asked": b, "lambda_lr": 0.1 if series else 0.02, "seeds": seeds,
+                                      "gold_unsafe_rate": over_seeds(runs, "gold_unsafe_rate"),
+                                      "gold_unsafe_rate_harmful": over_seeds(runs, "gold_unsafe_rate_harmful"),
+                                      "gold_helpfulness": over_seeds(runs, "gold_helpfulness"),
+                                      "rollout_flagged_by_cost_model": mean_std(flagged), "rollout_gold_unsafe": mean_std(rollout_gold),
+                                      "slack_d_minus_J": mean_std(slack), "threshold": mean_std([r["metrics"][0]["threshold_0"] for r in runs]),
+                                      "per_seed_gold_unsafe_rate": [r["final"]["gold_unsafe_rate"] for r in runs],
+                                      "lambda_final": mean_std([r["lambdas"][0] for r in runs])}
     harmful_share = sum(toy.is_harmful(p) for p in _eval_prompts(args)) / len(_eval_prompts(args))
-    lines = [f"{len(args.seeds)} seeds, {args.steps} iterations; held-out prompts: {harmful_share:.0%} harmful, as in training. "
-             f"'unsafe by the cost model': cost > 0 on the last {last} iterations' rollouts",
-             "", "| asked (`--target_unsafe_rate`) | reached: gold unsafe, all prompts | miss (points) | unsafe by the cost model (rollouts) | gold unsafe (same rollouts) | "
-             "gold unsafe, harmful prompts | helpfulness | final λ |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"{args.steps} iterations; held-out prompts: {harmful_share:.0%} harmful, as in training. 'unsafe by the cost model': cost > 0 "
+             f"on the last {last} iterations' rollouts; d − J: the threshold minus the windowed cost over those iterations (> 0: slack)",
+             "", "| asked (`--target_unsafe_rate`) | λ lr, seeds | reached: gold unsafe, all prompts | miss (points) | unsafe by the cost model (rollouts) | "
+             "gold unsafe (same rollouts) | gold unsafe, harmful prompts | helpfulness | d | d − J | final λ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
         miss = 100 * (r["gold_unsafe_rate"][0] - r["asked"])
-        lines.append(f"| {r['asked']:.0%} | {fmt(r['gold_unsafe_rate'], True)} | {miss:+.1f} | {fmt(r['rollout_flagged_by_cost_model'], True)} | "
-                     f"{fmt(r['rollout_gold_unsafe'], True)} | {fmt(r['gold_unsafe_rate_harmful'], True)} | {fmt(r['gold_helpfulness'])} | {fmt(r['lambda_final'])} |")
+        lines.append(f"| {r['asked']:.0%} | {r['lambda_lr']:g}, {len(r['seeds'])} | {fmt(r['gold_unsafe_rate'], True)} | {miss:+.1f} | "
+                     f"{fmt(r['rollout_flagged_by_cost_model'], True)} | {fmt(r['rollout_gold_unsafe'], True)} | {fmt(r['gold_unsafe_rate_harmful'], True)} | "
+                     f"{fmt(r['gold_helpfulness'])} | {r['threshold'][0]:+.2f} | {fmt(r['slack_d_minus_J'])} | {fmt(r['lambda_final'])} |")
     write(args, "budget", rows, "\n".join(lines))
 
 
