@@ -115,6 +115,9 @@ class Config:
     gae_lambda: float = arg(0.95, "GAE λ (official: 0.95)")
     shaping_coef: float = arg(1.0, "ν for --algo reward_shaping: reward R - ν·ΣC")
     group_size: int = arg(4, "G for --algo grpo_lag: answers per prompt, z-scored within their group; must divide --rollout_batch_size")
+    grpo_std: str = arg("group", "--algo grpo_lag: divide each stream's group-centred scores by the group's own std (GRPO) or the "
+                        "batch's (a group of near-equal costs, e.g. all safe, then gets a near-zero cost advantage; docs/experiments.md)",
+                        choices=["group", "batch"])
     # the multiplier
     lambda_init: float = arg(1.0, "initial λ (official: 1.0)")
     lambda_lr: float = arg(0.02, "λ step size on log λ (official: 0.1; with a learned cost model that sends λ to its cap in a few steps)")
@@ -508,7 +511,7 @@ def main(cfg: Config):
 
         # 6. PPO epochs over minibatches: actor on the combined advantage, critics on their returns
         if grpo:  # one number per answer, every one of its tokens: [B] -> [B, T]
-            advantage = ppo.grpo_lag_advantage(R, C, lam_values, G).unsqueeze(-1).expand_as(old_logp)
+            advantage = ppo.grpo_lag_advantage(R, C, lam_values, G, cfg.grpo_std).unsqueeze(-1).expand_as(old_logp)
         elif lagrangian:
             advantage = ppo.combined_advantage(adv["reward"], [adv[k] for k in range(K)], lam_values)
         else:

@@ -349,9 +349,13 @@ def grpo(args):
     steps_same_time = int(round(args.steps * t_lag / t_grpo))
     same_time = lambda s: os.path.join(root, f"grpo_lag_{steps_same_time}", f"seed{s}")
     argv = lambda s: ppo_argv(args, "--algo", "grpo_lag", "--group_size", str(args.group_size), "--seed", str(s))
-    run_jobs([(same_time(s), [*argv(s), "--max_steps", str(steps_same_time)]) for s in args.seeds], args.jobs, args.threads)  # the last flag wins
+    # and with each stream divided by the batch's std instead of the group's (--grpo_std batch): see docs/experiments.md
+    batch_std = lambda s: os.path.join(root, f"grpo_lag_{steps_same_time}_batch_std", f"seed{s}")
+    run_jobs([(same_time(s), [*argv(s), "--max_steps", str(steps_same_time)]) for s in args.seeds]  # the last flag wins
+             + [(batch_std(s), [*argv(s), "--max_steps", str(steps_same_time), "--grpo_std", "batch"]) for s in args.seeds], args.jobs, args.threads)
     rows = {}
-    for n, f in [("ppo_lag", lambda s: os.path.join(sweep_lag, f"seed{s}")), (f"grpo_lag_{args.steps}", same_iters), (f"grpo_lag_{steps_same_time}", same_time)]:
+    for n, f in [("ppo_lag", lambda s: os.path.join(sweep_lag, f"seed{s}")), (f"grpo_lag_{args.steps}", same_iters), (f"grpo_lag_{steps_same_time}", same_time),
+                 (f"grpo_lag_{steps_same_time}_batch_std", batch_std)]:
         runs = [read_run(f(s)) for s in args.seeds]
         rows[n] = {k: over_seeds(runs, k) for k in ("gold_helpfulness", "gold_unsafe_rate_harmful", "gold_unsafe_rate")}
         rows[n]["iterations"] = len(runs[0]["metrics"])
@@ -359,12 +363,13 @@ def grpo(args):
         rows[n]["train_seconds"] = mean_std([sum(m["iteration_s"] for m in r["metrics"]) for r in runs])
         rows[n]["lambda_final"] = mean_std([r["lambdas"][0] for r in runs])
         rows[n]["optimum"] = runs[0]["final"]["gold_optimum_helpfulness"]
-    lines = [f"{len(args.seeds)} seeds; G = {args.group_size} answers per prompt, 128 rollouts per iteration for both; mean ± std. "
+    lines = [f"{len(args.seeds)} seeds; G = {args.group_size} answers per prompt, 128 rollouts per iteration for both; mean ± std; "
+             f"{steps_same_time} GRPO-Lag iterations take PPO-Lag's {args.steps} iterations' training time. "
              "Seconds: the training loop's own (metrics.jsonl iteration_s), {args.jobs} runs side by side at {args.threads} thread(s) each".format(args=args),
              "", "| run | iterations | s / iteration | training seconds | helpfulness, all | % of optimum | unsafe, harmful | unsafe, all | final λ |",
              "|---|---|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
-        label = "PPO-Lag" if n == "ppo_lag" else f"GRPO-Lag, {r['iterations']} iterations"
+        label = "PPO-Lag" if n == "ppo_lag" else f"GRPO-Lag, {r['iterations']} iterations" + (", batch std" if n.endswith("batch_std") else "")
         lines.append(f"| {label} | {r['iterations']} | {fmt(r['seconds_per_iteration'])} | {r['train_seconds'][0]:.0f} ± {r['train_seconds'][1]:.0f} | "
                      f"{fmt(r['gold_helpfulness'])} | {r['gold_helpfulness'][0] / r['optimum']:.1%} | {fmt(r['gold_unsafe_rate_harmful'], True)} | "
                      f"{fmt(r['gold_unsafe_rate'], True)} | {fmt(r['lambda_final'])} |")

@@ -85,24 +85,28 @@ def combined_advantage(reward_adv, cost_advs, lambdas):
     return (reward_adv - penalty) / (1.0 + sum(lambdas))
 
 
-def group_zscore(scores, group_size, eps=1e-6):
-    """[B] -> [B]: each score minus its group's mean, over the group's std, where a group is
-    group_size consecutive rows (the G answers to one prompt; GRPO, Shao et al. 2024). The std
-    is the unbiased one, as TRL's GRPOTrainer; a group of equal scores gives 0, not NaN."""
+def group_zscore(scores, group_size, eps=1e-6, std="group"):
+    """[B] -> [B]: each score minus its group's mean, over a std, where a group is group_size
+    consecutive rows (the G answers to one prompt; GRPO, Shao et al. 2024). std="group": the group's
+    own (unbiased, as TRL's GRPOTrainer); a group of equal scores gives 0, not NaN. std="batch": the
+    whole batch's (unbiased), so a group whose scores barely differ gets a small advantage, not ±1."""
     B = scores.shape[0]
     if group_size < 2 or B % group_size:
         raise ValueError(f"group_size {group_size} must be >= 2 and divide the batch of {B}")
+    if std not in ("group", "batch"):
+        raise ValueError(f"std must be 'group' or 'batch', got {std!r}")
     g = (scores if scores.is_floating_point() else scores.float()).view(-1, group_size)
-    z = (g - g.mean(dim=1, keepdim=True)) / (g.std(dim=1, keepdim=True) + eps)
+    scale = g.std(dim=1, keepdim=True) if std == "group" else g.std()
+    z = (g - g.mean(dim=1, keepdim=True)) / (scale + eps)
     return z.view(B)
 
 
-def grpo_lag_advantage(end_reward, end_costs, lambdas, group_size):
+def grpo_lag_advantage(end_reward, end_costs, lambdas, group_size, std="group"):
     """Lagrangian GRPO, critic-free: (Z_R − Σ_k λ_k·Z_Ck) / (1 + Σ_k λ_k) per answer, with Z the
-    per-stream group z-score of its end score. One number per answer [B]; it is the advantage of
-    every token of that answer."""
-    return combined_advantage(group_zscore(end_reward, group_size),
-                              [group_zscore(c, group_size) for c in end_costs], lambdas)
+    per-stream group z-score of its end score (std: group_zscore's). One number per answer [B]; it is
+    the advantage of every token of that answer."""
+    return combined_advantage(group_zscore(end_reward, group_size, std=std),
+                              [group_zscore(c, group_size, std=std) for c in end_costs], lambdas)
 
 # -----------------------------------------------------------------------------
 # per-token rewards: end score + KL penalty against the reference policy

@@ -139,6 +139,7 @@ def test_grpo_lag_trains_without_critics(stages):
         prev = 1.0 if r["step"] == 0 else recs[r["step"] - 1]["lambda_0"]
         assert (r["lambda_0"] - prev) * (r["episode_cost_window_0"] - r["threshold_0"]) >= 0
     assert (t / "grpo" / "trainer_state.pt").exists() and not (t / "grpo" / "reward_critic").exists() and not (t / "grpo" / "cost_critic_0").exists()
+    ppo(t, "grpo_batch_std", "--algo", "grpo_lag", "--grpo_std", "batch", "--max_steps", 1)
     p = ppo(t, "grpo_bad", "--algo", "grpo_lag", "--group_size", 3, "--max_steps", 1, check=False)
     assert p.returncode == 1 and "--group_size (3) must be >= 2 and divide --rollout_batch_size (8)" in p.stderr
 

@@ -305,6 +305,14 @@ def test_grpo_lag_advantage_hand_values():
     assert torch.allclose(grpo_lag_advantage(R, [C], [0.0], 3), torch.tensor(zR, dtype=R.dtype), atol=1e-5)
     with pytest.raises(ValueError, match="group_size"):
         group_zscore(R, 4)
+    # std="batch": centred per group, divided by the whole batch's std. C's batch mean 1, squares of the
+    # deviations 1+1+4+0+1+1 = 8, std √(8/5); group means 1 and 1
+    sb = (8 / 5) ** 0.5
+    assert torch.allclose(group_zscore(C, 3, std="batch"), torch.tensor([-1 / sb, -1 / sb, 2 / sb, 0, -1 / sb, 1 / sb]), atol=1e-5)
+    A3 = grpo_lag_advantage(R, [C], [1.0], 3, std="batch")
+    sR = R.std().item()  # R: 1, 2, 3, 5, 5, 5
+    want = [((r - m) / sR - c / sb) / 2 for r, m, c in zip([1, 2, 3, 5, 5, 5], [2, 2, 2, 5, 5, 5], [-1, -1, 2, 0, -1, 1])]
+    assert torch.allclose(A3, torch.tensor(want), atol=1e-5)
 
 
 def test_kl_k3_hand_value_and_unbiased():
