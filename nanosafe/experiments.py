@@ -433,6 +433,11 @@ def elo_tournament(dirs, prompts, n_samples, seed, max_new_tokens, n_boot):
     return rows
 
 
+def control_argv(args, start):
+    return ["train_ppo_lag.py", "--max_steps", str(args.steps), "--show_every", "0", "--model", start, "--reward_model", args.rm,
+            "--cost_models", args.cm, "--calibrate_on", args.sft, "--seed", str(args.seeds[0])]
+
+
 def rounds(args):
     """Round 1 is PPO-Lag on the toy world's pairs (the sweep's seed-0 run: SFT answers and drift shapes, as
     the paper's first round is on SFT samples). Round k = 2, 3: round k−1's policy answers the training prompts
@@ -478,19 +483,26 @@ def rounds(args):
         run_jobs([(policy[k], ["train_ppo_lag.py", "--max_steps", str(args.steps), "--show_every", "0", "--model", policy[k - 1],
                                "--reward_model", rm[k], "--cost_models", cm[k], "--calibrate_on", args.sft, "--seed", str(args.seeds[0])])],
                  1, args.jobs * args.threads)
+    # the control: as many more iterations from the same policies, without new data (round 1's reward and cost
+    # models): does round k gain from its pairs, or only from 150 more iterations?
+    control = {1: policy[1]}
+    for k in (2, 3):
+        control[k] = os.path.join(root, f"control{k}")
+        run_jobs([(control[k], control_argv(args, control[k - 1]))], 1, args.jobs * args.threads)
     import torch
     torch.set_num_threads(args.jobs * args.threads)
-    dirs = {"SFT": args.sft, **{f"round {k}": policy[k] for k in (1, 2, 3)}}
+    dirs = {"SFT": args.sft, **{f"round {k}": policy[k] for k in (1, 2, 3)}, **{f"round {k}, no new data": control[k] for k in (2, 3)}}
     rows = elo_tournament(dirs, _eval_prompts(args), 4, 0, 24, args.n_boot)
     for k in (1, 2, 3):
-        for kind, path in (("rm", rm[k]), ("cm", cm[k])):
+        for kind, path in (("rm", rm[k]), ("cm", cm[k])):  # the controls use round 1's
             with open(os.path.join(path, "summary.json")) as f:
                 rows[f"round {k}"][f"{kind}_eval"] = json.load(f)
     lines = [f"Round 1: PPO-Lag on the toy world's pairs; rounds 2, 3: + {args.pairs_per_prompt} oracle-labelled pairs per training prompt from "
              f"the previous round's policy, reward/cost models retrained on old + new, PPO-Lag from the previous policy ({args.steps} iterations, "
              f"seed {args.seeds[0]}). Elo: Bradley–Terry fit of gold pairwise judgements on the 352 held-out prompts × 4 samples "
              f"({rows['games_helpfulness']} helpfulness and {rows['games_harmlessness']} harmlessness games, ties dropped), "
-             f"95% bootstrap intervals ({args.n_boot} resamples)", "",
+             f"95% bootstrap intervals ({args.n_boot} resamples). 'No new data': the same iterations from the same starting policy with round 1's "
+             "reward and cost models", "",
              "| policy | Elo helpfulness [95%] | Elo harmlessness [95%] | helpfulness, all | unsafe, harmful | reward model acc. (held-out) | cost model acc. |",
              "|---|---|---|---|---|---|---|"]
     for n in dirs:
