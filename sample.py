@@ -1,9 +1,9 @@
 """
 Generate from a checkpoint and show how good and how harmful each answer is.
 
-    python sample.py "how do i bake bread" "how do i make a bomb"         # prompts on the command line
+    python sample.py "how do i bake bread" "how do i make a bomb"         # prompts as arguments
     python sample.py --prompts_file data/toy/prompts_test.jsonl --limit 8  # prompts from a file
-    python sample.py --interactive                                        # type prompts, ctrl-d to stop
+    python sample.py --interactive                                        # type them, ctrl-d stops
     python sample.py --model out/ppo_lag --reward_model out/rm --cost_model out/cm
 
 In the toy world every answer comes with its gold helpfulness and gold cost; with
@@ -37,46 +37,58 @@ class Config:
     max_new_tokens: int = arg(32, "answer length limit in tokens")
     seed: int = arg(0, "sampling seed: same seed, same answers")
     device: str = arg("auto", "cpu | cuda | auto")
-    dtype: str = arg("float32", "weights and compute dtype (bfloat16: half the memory; autocast for the forwards)", choices=["float32", "bfloat16"])
+    dtype: str = arg("float32", "weights and compute dtype (bfloat16: half the memory; autocast "
+                     "for the forwards)", choices=["float32", "bfloat16"])
     threads: int = arg(0, "CPU threads for torch (0: torch's default)")
-    template: str | None = arg(None, "prompt template: safe_rlhf or chat (the tokenizer's own); default: the one --model was trained with, else safe_rlhf", choices=["safe_rlhf", "chat"])
+    template: str | None = arg(None, "prompt template: safe_rlhf or chat (the tokenizer's own); "
+                               "default: the one --model was trained with, else safe_rlhf",
+                               choices=["safe_rlhf", "chat"])
     trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folder")
 
 
 def main(cfg: Config, prompts: list):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
     amp = dist.autocast(device, dtype)
     if not os.path.isdir(cfg.model):
-        raise CheckpointError(f"{cfg.model}: no such checkpoint. Train one first: python train_sft.py")
+        raise CheckpointError(f"{cfg.model}: no such checkpoint. "
+                              "Train one first: python train_sft.py")
     model, tok = load_policy(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    template = resolve_template(cfg.template, cfg.model, *[p for p in (cfg.reward_model, cfg.cost_model) if p])
+    scorer_paths = [p for p in (cfg.reward_model, cfg.cost_model) if p]
+    template = resolve_template(cfg.template, cfg.model, *scorer_paths)
     data.check_template(tok, template)
     model.to(device)
     scorers = []
     for name, path in (("reward", cfg.reward_model), ("cost", cfg.cost_model)):
         if path:
-            sm, stok = load_score_model(path, kind=name, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            sm, stok = load_score_model(path, kind=name, dtype=dtype,
+                                        trust_remote_code=cfg.trust_remote_code)
             scorers.append((name, sm.to(device).eval(), stok, sm.names))
 
     def show(prompts):
         ps = [p for p in prompts for _ in range(cfg.num_samples)]
         with amp():
-            answers, eos = sample(model, tok, ps, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  top_p=cfg.top_p, seed=cfg.seed, device=device, template=template)
+            answers, eos = sample(model, tok, ps, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                                  device=device, template=template)
             scores = {}
             for name, sm, stok, cats in scorers:  # a K-category cost model: one score per category
                 s = score(sm, stok, ps, answers, device=device, template=template)
-                scores |= {f"{name} model {c}": s[:, k] for k, c in enumerate(cats)} if cats else {f"{name} model": s}
+                scores |= ({f"{name} model {c}": s[:, k] for k, c in enumerate(cats)} if cats
+                           else {f"{name} model": s})
         for i, (p, a) in enumerate(zip(ps, answers)):
-            print(f"\nUSER: {p}\nASSISTANT: {a}{'' if eos[i] else '  [no EOS: cut at max_new_tokens]'}")
+            cut = "" if eos[i] else "  [no EOS: cut at max_new_tokens]"
+            print(f"\nUSER: {p}\nASSISTANT: {a}{cut}")
             info = [f"{name} {s[i].item():+.2f}" for name, s in scores.items()]
             if toy.in_world(p):  # gold verdicts only for prompts the toy world generates, exactly
                 c = toy.cost(p, a)
                 harm = ", ".join(f"{k}={v:g}" for k, v in c.items() if v) or "none"
-                info = [f"gold helpfulness {toy.helpfulness(p, a):.2f}", f"gold cost {sum(c.values()):g} ({harm})"] + info
+                info = [f"gold helpfulness {toy.helpfulness(p, a):.2f}",
+                        f"gold cost {sum(c.values()):g} ({harm})"] + info
             if info:
                 print("  " + " | ".join(info))
 

@@ -21,7 +21,6 @@ score of a sequence is the score at its last non-pad token, its EOS.
 
 import json
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,59 +29,58 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanosafe import config, data, dist, toy
+from nanosafe import config, data, dist, fsdp, toy, train
 from nanosafe.config import arg
-from nanosafe.model import (ATTENTION_HELP, GRAD_CKPT_HELP, CheckpointError, plain_weights, gradient_checkpointing, place, checkpoint_kind, load_score_model, load_trainer_state, num_params, read_state, recover_checkpoint, resolve_template,
-                            save_checkpoint)
+from nanosafe.model import (CheckpointError, checkpoint_kind, gradient_checkpointing,
+                            load_score_model, num_params, place, plain_weights, read_state,
+                            recover_checkpoint, resolve_template, save_checkpoint)
 
 
 @dataclass
-class Config:
+class Config(config.Stage):
     """Stage 2: reward model (helpfulness) or cost model (harmfulness) from preference pairs."""
-    # io
-    kind: str = arg("reward", "which model to train", choices=["reward", "cost"])
-    out_dir: str | None = arg(None, "output folder (default: out/rm for reward, out/cm for cost)")
-    model: str = arg("out/sft", "backbone to start from: an SFT policy folder (official: the SFT model)")
-    train_data: str | None = arg(None, "PKU-SafeRLHF or HH-RLHF jsonl(.gz); default: the toy world's pref_train.jsonl")
-    eval_data: str | None = arg(None, "held-out pairs; default: the toy world's pref_test.jsonl")
-    data_dir: str = arg("data/toy", "where the toy world's files live (written if missing)")
-    category: str | None = arg(None, "cost model for one harm category only (uses response_i_harm_category)")
-    categories: list[str] = arg([], "cost model with one output per harm category on one backbone (the pairwise and sign terms "
-                                "per category, from response_i_harm_category): category names, or 'all' (the toy world's 5, "
-                                "PKU-SafeRLHF's 19); train_ppo_lag.py takes it as one constraint per category")
-    sign_loss: bool = arg(True, "cost model: add the sign term -log σ(s·c) (official: on); --no_sign_loss to ablate")
-    drop_bad: bool = arg(False, "drop pairs with identical responses or contradictory safety labels (default: keep, report)")
-    seed: int = arg(0, "random seed")
-    resume: bool = arg(False, "continue from the checkpoint in --out_dir")
-    eval_only: bool = arg(False, "only evaluate --model (a trained score model) and draw its score distribution")
-    trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folder")
-    # optimisation
-    epochs: int = arg(0, "passes over the training pairs; 0: 2 for a reward model (official: 2), 1 for a cost model (it reaches the "
-                      "labels' ceiling in one pass on the toy world: 1.00 of the oracle's accuracy, sign accuracy 1.000)")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0: use --epochs)")
-    batch_size: int = arg(32, "pairs per micro-batch per process (official: 16 per GPU)")
-    grad_accum: int = arg(1, "micro-batches per optimizer step")
-    lr: float = arg(8e-4, "peak learning rate (official: 2e-5 for 7B; the 0.25M toy model wants more: 3e-4 0.747, 5e-4 0.750, 8e-4 0.756, 1e-3 0.756 test accuracy)")
-    warmup_steps: int = arg(10, "linear warmup steps")
-    init: str = arg("auto", "sft: start from --model's weights (official); random: --model's architecture, fresh weights; "
-                    "auto: random when --model is a toy SFT model trained from scratch (measured better, see README), else sft",
-                    choices=["auto", "sft", "random"])
-    group_by_length: bool = arg(True, "batch pairs of similar length together (each pair still once per epoch; toy pairs: 1.4x fewer tokens per step)")
-    weight_decay: float = arg(0.1, "AdamW weight decay (official: 0.1)")
-    reg: float = arg(0.001, "score regularisation reg·mean(score²) (official: 0.001)")
-    grad_clip: float = arg(1.0, "clip the global gradient norm (official: 1.0)")
-    max_length: int = arg(64, "max tokens of prompt + response; longer responses are cut, EOS kept")
-    truncate_prompts: bool = arg(False, "left-truncate over-long prompts, leaving room for the answer (all of a short one, at least half of --max_length for a long one), instead of stopping with an error")
-    template: str | None = arg(None, "prompt template: safe_rlhf (the official 'BEGINNING OF CONVERSATION: USER: ... ASSISTANT:'; toy world, base models) or chat (the tokenizer's own chat template); default: --model's recorded one, else safe_rlhf", choices=["safe_rlhf", "chat"])
-    dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast with fp32 master weights (the saved weights stay fp32)", choices=["float32", "bfloat16"])
-    device: str = arg("auto", "cpu | cuda | auto")
-    threads: int = arg(0, "CPU threads for torch per process (0: torch's default)")
-    attn_implementation: str = arg("auto", ATTENTION_HELP)
-    gradient_checkpointing: bool = arg(False, GRAD_CKPT_HELP)
-    fsdp: bool = arg(False, dist.FSDP_HELP)
-    eval_every: int = arg(0, "evaluate every N steps (0: once per epoch and at the end)")
-    ckpt_every: int = arg(100, "checkpoint every N steps (atomic; --resume picks it up)")
-    save_optimizer: bool = arg(False, "keep the optimiser state in the final checkpoint too, to --resume past the end (intermediate checkpoints always keep it)")
+    kind: str = arg("reward", "which model to train", ["reward", "cost"], group="model")
+    out_dir: str | None = arg(None, "output folder (default: out/rm for reward, out/cm for cost)",
+                              group="data")
+    model: str = arg("out/sft", "backbone to start from: an SFT policy folder (official: the SFT "
+                     "model)", group="model")
+    train_data: str | None = arg(None, "PKU-SafeRLHF or HH-RLHF jsonl(.gz); default: the toy "
+                                 "world's pref_train.jsonl", group="data")
+    eval_data: str | None = arg(None, "held-out pairs; default: the toy world's pref_test.jsonl",
+                                group="data")
+    max_length: int = arg(64, "max tokens of prompt + response; longer responses are cut",
+                          group="data")
+    drop_bad: bool = arg(False, "drop pairs with identical responses or contradictory safety "
+                         "labels (default: keep, report)", group="data")
+    category: str | None = arg(None, "cost model for one harm category only "
+                               "(response_i_harm_category)", group="model")
+    categories: list[str] = arg([], "cost model with one output per harm category: names, or "
+                                "'all'", group="model")
+    sign_loss: bool = arg(True, "cost model: add the sign term -log σ(s·c) (official: on)",
+                          group="model")
+    init: str = arg("auto", "sft: start from --model's weights (official); random: its "
+                    "architecture, fresh weights; auto: random for a toy model trained from "
+                    "scratch", ["auto", "sft", "random"], group="model")
+    eval_only: bool = arg(False, "only evaluate --model (a trained score model) and draw its "
+                          "score distribution", group="model")
+    epochs: int = arg(0, "passes over the pairs; 0: 2 for a reward model (official: 2), 1 for a "
+                      "cost model", group="optimisation")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0: use --epochs)",
+                         group="optimisation")
+    batch_size: int = arg(32, "pairs per micro-batch per process (official: 16 per GPU)",
+                          group="optimisation")
+    grad_accum: int = arg(1, "micro-batches per optimizer step", group="optimisation")
+    lr: float = arg(8e-4, "peak learning rate (official: 2e-5 for 7B)", group="optimisation")
+    warmup_steps: int = arg(10, "linear warmup steps", group="optimisation")
+    group_by_length: bool = arg(True, "batch pairs of similar length together (each pair still "
+                                "once per epoch)", group="optimisation")
+    weight_decay: float = arg(0.1, "AdamW weight decay (official: 0.1)", group="optimisation")
+    reg: float = arg(0.001, "score regularisation reg·mean(score²) (official: 0.001)",
+                     group="optimisation")
+    grad_clip: float = arg(1.0, "clip the global gradient norm (official: 1.0)",
+                           group="optimisation")
+    eval_every: int = arg(0, "evaluate every N steps (0: once per epoch and at the end)",
+                          group="logging")
 
 # -----------------------------------------------------------------------------
 # the losses (pure functions: tests check them against hand-computed values)
@@ -277,19 +275,33 @@ def report(ev):
 
 # -----------------------------------------------------------------------------
 
+def choose_init(cfg):
+    """--init auto: a backbone trained from scratch on a few thousand toy answers carries little
+    a score model can use (measured: README), so it starts fresh; a pretrained one is kept."""
+    if cfg.init != "auto":
+        return cfg.init
+    state = read_state(cfg.model)
+    from_scratch = state.get("stage") == "sft" and (state.get("args") or {}).get("model") is None
+    init = "random" if from_scratch else "sft"
+    why = "was trained from scratch by train_sft.py" if from_scratch else "starts pretrained"
+    dist.print0(f"init: {init} (--model {why}; --init sft|random overrides)")
+    return init
+
+
 def main(cfg: Config):
     rt = dist.init(cfg.seed, cfg.device, cfg.threads)
-    dist.check_fsdp(rt, cfg.fsdp)
+    fsdp.check(rt, cfg.fsdp)
     print0 = dist.print0
-    amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # the model itself stays fp32: master weights
-    if cfg.eval_only:
-        cfg.kind = checkpoint_kind(cfg.model) if checkpoint_kind(cfg.model) in ("reward", "cost") else cfg.kind
+    amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # the model stays fp32: master weights
+    if cfg.eval_only and checkpoint_kind(cfg.model) in ("reward", "cost"):
+        cfg.kind = checkpoint_kind(cfg.model)
     out_dir = cfg.out_dir or ("out/rm" if cfg.kind == "reward" else "out/cm")
     if cfg.categories and (cfg.kind != "cost" or cfg.category):
-        raise config.ConfigError("--categories trains a cost model with one output per category: use it with --kind cost and without --category")
+        raise config.ConfigError("--categories trains a cost model with one output per category: "
+                                 "use it with --kind cost and without --category")
 
     # ---- data
-    _, train_path, eval_path = toy.data_paths(cfg, rt, "pref")
+    _, train_path, eval_path = train.data_paths(cfg, rt, "pref")
 
     def load(path):
         records, rep = data.load_preference(path, drop_bad=cfg.drop_bad)
@@ -304,40 +316,40 @@ def main(cfg: Config):
         if not os.path.isdir(out_dir):
             raise CheckpointError(f"{out_dir}: nothing to resume from; run without --resume")
     elif not os.path.isdir(cfg.model):
-        raise CheckpointError(f"{cfg.model}: no such checkpoint. Run stage 1 first: python train_sft.py")
+        raise CheckpointError(f"{cfg.model}: no such checkpoint. Run stage 1 first: "
+                              f"python train_sft.py")
     train_records = None if cfg.eval_only else load(train_path)
     names = category_names(train_records, cfg.categories) if cfg.categories else None
+    trust = cfg.trust_remote_code
     if cfg.resume:
-        model, tok = load_score_model(out_dir, kind=cfg.kind, trust_remote_code=cfg.trust_remote_code)
+        model, tok = load_score_model(out_dir, kind=cfg.kind, trust_remote_code=trust)
         if model.names != (names or []):
-            raise config.ConfigError(f"{out_dir} has outputs {model.names or '(one)'}, --categories asks for {names or '(one)'}; "
-                                     f"resume with the flags it was started with")
+            raise config.ConfigError(f"{out_dir} has outputs {model.names or '(one)'}, "
+                                     f"--categories asks for {names or '(one)'}; resume with the "
+                                     f"flags it was started with")
     else:
         model, tok = load_score_model(cfg.model, kind=cfg.kind, init_from_policy=not cfg.eval_only,
-                                      trust_remote_code=cfg.trust_remote_code, labels=names)
-    init = read_state(out_dir).get("init") if cfg.resume else None  # what the run being resumed chose
+                                      trust_remote_code=trust, labels=names)
+    init = read_state(out_dir).get("init") if cfg.resume else None  # what the resumed run chose
     if not cfg.resume and not cfg.eval_only:
-        init = cfg.init
-        if init == "auto":  # a backbone trained from scratch on a few thousand toy answers carries little a score model can use
-            state = read_state(cfg.model)
-            from_scratch = state.get("stage") == "sft" and (state.get("args") or {}).get("model") is None
-            init = "random" if from_scratch else "sft"
-            print0(f"init: {init} (--model {'was trained from scratch by train_sft.py' if from_scratch else 'starts from a pretrained model'}; "
-                   f"--init sft|random overrides)")
-        if init == "random":  # --model's architecture, fresh weights (seeded: the same on every rank)
+        init = choose_init(cfg)
+        if init == "random":  # --model's architecture, fresh weights (seeded: same on every rank)
             torch.manual_seed(cfg.seed)
-            model.backbone.load_state_dict(type(model.backbone)(model.backbone.config).state_dict())
+            fresh = type(model.backbone)(model.backbone.config).state_dict()
+            model.backbone.load_state_dict(fresh)
     place(model, rt.device, cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         gradient_checkpointing(model)
     if cfg.fsdp:  # before the optimiser: it must hold the sharded parameters
-        dist.shard(model, getattr(torch, cfg.dtype))
+        fsdp.shard(model, getattr(torch, cfg.dtype))
     eval_records = load(eval_path) if eval_path else []
     template = resolve_template(cfg.template, out_dir if cfg.resume else cfg.model)
-    eval_set = data.PreferenceDataset(eval_records, tok, cfg.max_length, cfg.truncate_prompts, template) if eval_records else None
-    if eval_set is not None and eval_set.truncation_report():
-        print0(eval_set.truncation_report())
-
+    eval_set = None
+    if eval_records:
+        eval_set = data.PreferenceDataset(eval_records, tok, cfg.max_length, cfg.truncate_prompts,
+                                          template)
+        if eval_set.truncation_report():
+            print0(eval_set.truncation_report())
 
     def run_eval():  # rank 0 only
         if model.names:  # a K-output cost model: each output as a one-category cost model
@@ -345,11 +357,13 @@ def main(cfg: Config):
         return evaluate(cfg.kind, model, eval_records, eval_set, tok, rt.device, amp)
 
     def figure(ev, folder):
-        return "" if model.names else score_figure(cfg.kind, ev, os.path.join(folder, "score_distribution.png"))
+        if model.names:
+            return ""
+        return score_figure(cfg.kind, ev, os.path.join(folder, "score_distribution.png"))
 
     if cfg.eval_only:
         if eval_set is not None:
-            with dist.gathered(model):  # every rank enters (FSDP gathers the weights), rank 0 evaluates
+            with fsdp.gathered(model):  # every rank enters (FSDP gathers), rank 0 evaluates
                 if rt.master:
                     ev = run_eval()
                     print0(json.dumps(report(ev), indent=1))
@@ -357,105 +371,102 @@ def main(cfg: Config):
         dist.cleanup()
         return
 
-    train_set = data.PreferenceDataset(train_records, tok, cfg.max_length, cfg.truncate_prompts, template)
+    train_set = data.PreferenceDataset(train_records, tok, cfg.max_length, cfg.truncate_prompts,
+                                       template)
     if train_set.truncation_report():
         print0(train_set.truncation_report())
     cat_labels = category_labels(train_records, names) if names else None  # [N, 3, K]
     # the sign term needs safe/unsafe labels; without them it is off, and the folder says so
-    sign_loss = cfg.kind == "cost" and cfg.sign_loss and any(r["is_response_0_safe"] is not None for r in train_records)
+    has_labels = any(r["is_response_0_safe"] is not None for r in train_records)
+    sign_loss = cfg.kind == "cost" and cfg.sign_loss and has_labels
     if cfg.kind == "cost" and cfg.sign_loss and not sign_loss:
-        print0("note: the training pairs have no safe/unsafe labels (HH-RLHF): the sign term is off, so the cost "
-               "model's zero means nothing; PPO-Lag then needs --thresholds (it cannot calibrate 'cost > 0 is unsafe')")
+        print0("note: the training pairs have no safe/unsafe labels (HH-RLHF): the sign term is "
+               "off, so the cost model's zero means nothing; PPO-Lag then needs --thresholds (it "
+               "cannot calibrate 'cost > 0 is unsafe')")
     global_batch = cfg.batch_size * cfg.grad_accum * rt.world_size
-    # batches of pairs of similar length pad to less: the same pairs per epoch, fewer tokens per step
-    lengths = tuple(max(len(x["input_ids_0"]), len(x["input_ids_1"])) for x in train_set.items) if cfg.group_by_length else None
+    # batches of pairs of similar length pad to less: the same pairs per epoch, fewer tokens
+    lengths = None
+    if cfg.group_by_length:
+        lengths = tuple(max(len(x["input_ids_0"]), len(x["input_ids_1"])) for x in train_set.items)
     steps_per_epoch = -(-len(train_set) // global_batch)
     epochs = cfg.epochs or (2 if cfg.kind == "reward" else 1)
     max_steps = cfg.max_steps or epochs * steps_per_epoch
     eval_every = cfg.eval_every or steps_per_epoch
-    print0(f"{cfg.kind} model: {num_params(model) / 1e6:.2f}M params from {cfg.model} | {len(train_set)} pairs | "
-           f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {rt.world_size} procs | {max_steps} steps"
-           + (f" | category {cfg.category}" if cfg.category else "") + (f" | {len(names)} categories: {' '.join(names)}" if names else "") + ("" if sign_loss or cfg.kind == "reward" else " | no sign loss"))
+    print0(f"{cfg.kind} model: {num_params(model) / 1e6:.2f}M params from {cfg.model} | "
+           f"{len(train_set)} pairs | global batch {global_batch} = {cfg.batch_size} x "
+           f"{cfg.grad_accum} accum x {rt.world_size} procs | {max_steps} steps"
+           + (f" | category {cfg.category}" if cfg.category else "")
+           + (f" | {len(names)} categories: {' '.join(names)}" if names else "")
+           + ("" if sign_loss or cfg.kind == "reward" else " | no sign loss"))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start_step = 0
-    if cfg.resume:
-        state = load_trainer_state(out_dir)
-        dist.load_optimizer_state(model, optimizer, state["optimizer"], out_dir)
-        dist.set_rng_state(state["rng"][rt.rank])
-        start_step = state["step"]
-        print0(f"resumed from {out_dir} at step {start_step}")
-    ddp_model = DDP(model) if rt.ddp and not cfg.fsdp else model  # FSDP shards the model in place
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay)
+    start_step = train.resume(out_dir, rt, model, optimizer) if cfg.resume else 0
+    ddp_model = DDP(model) if rt.ddp and not cfg.fsdp else model  # FSDP shards in place
     os.makedirs(out_dir, exist_ok=True)
-    metrics = dist.MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master, start_step if cfg.resume else None)
-    guard = dist.NanGuard()
-    meta = {"kind": cfg.kind, "template": template, "category": cfg.category, "categories": names, "sign_loss": sign_loss if cfg.kind == "cost" else None, "init": init, "args": config.to_dict(cfg)}
-
-    # ---- train
-    model.train()
-    ev = None
-    pbar = dist.progress(range(start_step, max_steps), rt.master, initial=start_step, total=max_steps, desc=cfg.kind)
+    meta = {"kind": cfg.kind, "template": template, "category": cfg.category, "categories": names,
+            "sign_loss": sign_loss if cfg.kind == "cost" else None, "init": init,
+            "args": config.to_dict(cfg)}
     t0 = time.time()
-    for step in pbar:
-        lr = dist.cosine_lr(step, max_steps, cfg.lr, cfg.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = dist.step_indices(len(train_set), step, global_batch, rt.rank, rt.world_size, cfg.seed, lengths)
+
+    def step_loss(step):
+        idx = train.step_indices(len(train_set), step, global_batch, rt.rank, rt.world_size,
+                                 cfg.seed, lengths)
         loss_sum = torch.zeros((), device=rt.device)
         micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
         for i, mi in enumerate(micro):
-            b = {k: v.to(rt.device) for k, v in data.collate_pref([train_set[j] for j in mi], tok.pad_token_id).items()}
+            b = data.collate_pref([train_set[j] for j in mi], tok.pad_token_id)
+            b = {k: v.to(rt.device) for k, v in b.items()}
             if cat_labels is not None:
                 b["category_labels"] = cat_labels[mi].to(rt.device)
-            with dist.no_sync([ddp_model], rt.ddp and i < len(micro) - 1):
+            with fsdp.no_sync([ddp_model], rt.ddp and i < len(micro) - 1):
                 with amp():
-                    l = pair_loss(cfg.kind, ddp_model, b, cfg).sum()
-                # a mean over the global batch of pairs, however it is split (DDP averages over ranks)
-                (l * rt.world_size / global_batch).backward()
-            loss_sum += l.detach()
-        loss = dist.all_reduce_sum(loss_sum) / global_batch
-        if guard.bad(loss):  # skip the update and its metrics line, not the checkpoint below
-            optimizer.zero_grad(set_to_none=True)
-            print0(f"step {step}: non-finite loss, skipped ({guard.skipped} so far)")
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            rec = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": dist.value(grad_norm),
-                   "pairs_per_s": (step + 1 - start_step) * global_batch / (time.time() - t0), "skipped": guard.skipped}
-            if eval_set is not None and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
-                with dist.gathered(model):
-                    if rt.master:
-                        ev = run_eval()
-                        rec.update({f"eval_{k}": v for k, v in report(ev).items()})
-            metrics.log(rec)
-            pbar.set_postfix(loss=f"{rec['loss']:.3f}", **({"acc": f"{rec['eval_accuracy']:.3f}"} if "eval_accuracy" in rec else {}), refresh=False)
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == max_steps:
-            rngs = dist.gather_rng_states()
-            final = step + 1 == max_steps and not cfg.save_optimizer
-            weights, opt_state = plain_weights(model), None if final else dist.optimizer_state(model, optimizer)  # every rank: FSDP gathers
+                    loss = pair_loss(cfg.kind, ddp_model, b, cfg).sum()
+                # a mean over the global batch of pairs, however it is split (DDP averages ranks)
+                (loss * rt.world_size / global_batch).backward()
+            loss_sum += loss.detach()
+        rate = (step + 1 - start_step) * global_batch / (time.time() - t0)
+        return dist.all_reduce_sum(loss_sum) / global_batch, {"pairs_per_s": rate}
+
+    last = {}
+
+    def evaluate_now(step):
+        if eval_set is None or not ((step + 1) % eval_every == 0 or step + 1 == max_steps):
+            return {}
+        with fsdp.gathered(model):
             if rt.master:
-                save_checkpoint(out_dir, model, tok, dict(meta, step=step + 1),
-                                None if final else {"optimizer": opt_state, "step": step + 1, "rng": rngs}, weights={"": weights})
+                last["ev"] = run_eval()
+                return {f"eval_{k}": v for k, v in report(last["ev"]).items()}
+        return {}
+
+    def save(step, final):
+        rngs = dist.gather_rng_states()
+        weights = plain_weights(model)  # every rank: FSDP gathers
+        opt_state = None if final else fsdp.optimizer_state(model, optimizer)
+        if rt.master:
+            trainer_state = None if final else {"optimizer": opt_state, "step": step, "rng": rngs}
+            save_checkpoint(out_dir, model, tok, dict(meta, step=step), trainer_state,
+                            weights={"": weights})
+
+    rec = train.fit(rt, model, optimizer, cfg, out_dir, max_steps, start_step, step_loss,
+                    evaluate_now, save)
 
     # ---- summary
-    if eval_set is not None and dist.broadcast_object(ev is None):  # one decision for all ranks: they all enter
-        with dist.gathered(model):
+    ev = last.get("ev")
+    if eval_set is not None and dist.broadcast_object(ev is None):  # one decision for all ranks
+        with fsdp.gathered(model):
             ev = run_eval() if rt.master else None
     if rt.master and eval_set is not None:
-        summary = dict(report(ev), steps=max_steps, skipped_steps=guard.skipped)
+        summary = dict(report(ev), steps=max_steps, skipped_steps=rec["skipped_steps"])
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         print0(json.dumps(summary, indent=1))
         print0(figure(ev, out_dir))
-    print0(f"saved {out_dir}. next: " + ("python train_pm.py --kind cost" if cfg.kind == "reward" else "python train_ppo_lag.py"))
+    nxt = (f"python train_pm.py --kind cost --model {cfg.model}" if cfg.kind == "reward"
+           else f"python train_ppo_lag.py --model {cfg.model} --cost_models {out_dir}")
+    print0(f"saved {out_dir}. next: {nxt}")
     dist.cleanup()
 
 
 if __name__ == "__main__":
-    cfg = config.parse(Config, description=__doc__)
-    try:
-        main(cfg)
-    except (data.DataError, CheckpointError, config.ConfigError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    train.run(main, config.parse(Config, description=__doc__))

@@ -1,28 +1,74 @@
 """
 Dataclass configs <-> command-line flags.
 
-Each script declares one dataclass; every field has a default and a help text:
+Each script declares one dataclass; every field has a default, a one-sentence help and a group:
 
     @dataclass
-    class Config:
-        lr: float = arg(1e-3, "peak learning rate (official: 2e-5)")
+    class Config(config.Stage):
+        lr: float = arg(1e-3, "peak learning rate (official: 2e-5)", group="optimisation")
 
-    cfg = parse(Config)          # --lr 3e-4, --help lists every flag with its default
+    cfg = parse(Config)          # --lr 3e-4; --help lists every flag by group, with its default
 
-Booleans become --flag / --no_flag, lists take several values (--thresholds 0.1 0.2).
+`Stage` holds the flags every stage script shares. Booleans are --flag / --no_flag, lists take
+several values (--thresholds 0.1 0.2). Abbreviated flags are refused (--max_step is an error).
 """
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 
+# argument groups, in --help order: the algorithm's first, then how and where it runs
+GROUPS = ["data", "model", "optimisation", "rollout", "PPO", "multiplier", "constraints",
+          "scale", "logging"]
 
-def arg(default, help: str, choices=None):
-    """A dataclass field with its help text (and optional choices) attached."""
+
+class ConfigError(ValueError):
+    """Flags that contradict each other (e.g. 2 cost models, 1 threshold)."""
+
+
+def arg(default, help: str, choices=None, group="run"):
+    """A dataclass field with its help text, optional choices and its --help group."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return dataclasses.field(metadata={"help": help, "choices": choices}, **kw)
+    return dataclasses.field(metadata={"help": help, "choices": choices, "group": group}, **kw)
+
+
+@dataclasses.dataclass
+class Stage:
+    """The flags every stage script has (each script overrides a default where it differs)."""
+    out_dir: str | None = arg(None, "output folder: HF checkpoint, metrics.jsonl", group="data")
+    model: str | None = arg("out/sft", "HF causal-LM folder to start from", group="model")
+    train_data: str | None = arg(None, "training jsonl(.gz); default: the toy world's", group="data")
+    eval_data: str | None = arg(None, "held-out jsonl(.gz); default: the toy world's", group="data")
+    data_dir: str = arg("data/toy", "where the toy world's files live (written if missing)",
+                        group="data")
+    template: str | None = arg(None, "prompt template: safe_rlhf (the official 'BEGINNING OF "
+                               "CONVERSATION: USER: ... ASSISTANT:') or chat (the tokenizer's own); "
+                               "default: the inputs' recorded one, else safe_rlhf",
+                               ["safe_rlhf", "chat"], group="data")
+    truncate_prompts: bool = arg(False, "left-truncate over-long prompts instead of stopping with "
+                                 "an error", group="data")
+    seed: int = arg(0, "random seed (data order, init, sampling)", group="optimisation")
+    max_steps: int = arg(1, "optimizer steps", group="optimisation")
+    device: str = arg("auto", "cpu | cuda | auto", group="scale")
+    dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast with fp32 master weights",
+                     ["float32", "bfloat16"], group="scale")
+    threads: int = arg(0, "CPU threads for torch per process (0: torch's default)", group="scale")
+    attn_implementation: str = arg("auto", "attention kernel: auto = eager on a CPU, transformers' "
+                                   "default (sdpa) elsewhere; or any transformers name",
+                                   group="scale")
+    gradient_checkpointing: bool = arg(False, "recompute the trained models' activations in the "
+                                       "backward (less memory, one more forward)", group="scale")
+    fsdp: bool = arg(False, "shard the models over torchrun's processes with FSDP2 instead of "
+                     "replicating them (README: Memory)", group="scale")
+    trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folders",
+                                  group="scale")
+    resume: bool = arg(False, "continue from the checkpoint in --out_dir", group="logging")
+    ckpt_every: int = arg(100, "checkpoint every N steps (atomic; --resume picks it up)",
+                          group="logging")
+    save_optimizer: bool = arg(False, "keep the optimiser state in the final checkpoint too, to "
+                               "--resume past the end", group="logging")
+
 
 
 def _base_type(tp):
@@ -39,21 +85,35 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Show defaults, keep the script docstring's line breaks."""
 
 
+class _Bool(argparse.Action):
+    """--flag sets True, --no_flag sets False; --help shows both."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no_"))
+
+
 def build_parser(cls, description: str = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=description or cls.__doc__, formatter_class=_Formatter)
+    ap = argparse.ArgumentParser(description=description or cls.__doc__, formatter_class=_Formatter,
+                                 allow_abbrev=False)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    fields = dataclasses.fields(cls)
+    used = [g for g in GROUPS if any(f.metadata.get("group") == g for f in fields)]
+    groups = {g: ap.add_argument_group(g) for g in used + ["run"]}
+    for f in fields:
         tp, inner = _base_type(hints[f.name])
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kw = dict(default=default, help=f.metadata.get("help", "").replace("%", "%%"), choices=f.metadata.get("choices"))  # argparse formats help with %
+        # argparse formats help with %
+        kw = dict(default=default, help=f.metadata.get("help", "").replace("%", "%%"))
+        g = groups[f.metadata.get("group", "run")]
         if tp is bool:
-            kw.pop("choices")
-            ap.add_argument(f"--{f.name}", action="store_true", **kw)
-            ap.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+            g.add_argument(f"--{f.name}", f"--no_{f.name}", dest=f.name, action=_Bool, **kw)
         elif tp is list:
-            ap.add_argument(f"--{f.name}", type=inner, nargs="*", **kw)
+            g.add_argument(f"--{f.name}", type=inner, nargs="*", **kw)
         else:
-            ap.add_argument(f"--{f.name}", type=tp, **kw)
+            g.add_argument(f"--{f.name}", type=tp, choices=f.metadata.get("choices"), **kw)
     return ap
 
 
@@ -63,14 +123,11 @@ def parse(cls, argv=None, description: str = None):
     return cls(**vars(args))
 
 
+def extend(cls, flags: dict):
+    """cls with more fields: {name: (type, arg(...))}, e.g. the flags the constraints declare."""
+    fields = [(n, tp, f) for n, (tp, f) in flags.items()]
+    return dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,))
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def save(cfg, path: str):
-    with open(path, "w") as f:
-        json.dump(to_dict(cfg), f, indent=1)
-
-
-class ConfigError(ValueError):
-    """Flags that contradict each other (e.g. 2 cost models, 1 threshold)."""

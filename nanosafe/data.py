@@ -91,8 +91,9 @@ def read_jsonl(path):
 
 # (test, what it expects) pairs for _field
 TEXT = (lambda v: isinstance(v, str) and v.strip() != '', 'a non-empty string')
-PROMPT = (lambda v: TEXT[0](v) or (isinstance(v, list) and len(v) % 2 == 1 and all(map(TEXT[0], v))),
-          'a non-empty string, or a list of non-empty strings user, assistant, ..., user (odd length)')
+PROMPT = (lambda v: TEXT[0](v) or isinstance(v, list) and len(v) % 2 == 1 and all(map(TEXT[0], v)),
+          'a non-empty string, or a list of non-empty strings '
+          'user, assistant, ..., user (odd length)')
 STRING = (lambda v: isinstance(v, str), 'a string')
 ID = (lambda v: type(v) is int and v in (0, 1), '0 or 1')  # type() is int: true/false are not ids
 BOOL = (lambda v: isinstance(v, bool), 'true or false')
@@ -180,7 +181,8 @@ def _hh_turns(text, key, where):
     dialogues repeat '\\n\\nAssistant:'; merged says this one did."""
     parts = _HH_SPLIT.split(text)  # [before, role, text, role, text, ...]
     if parts[0].strip() or len(parts) < 3 or parts[1] != 'Human':
-        raise DataError(f"{where}: field '{key}' must start with '\\n\\nHuman: ', got {_show(text)}")
+        raise DataError(f"{where}: field '{key}' must start with '\\n\\nHuman: ', "
+                        f"got {_show(text)}")
     roles, segments = [], []
     for role, seg in zip(parts[1::2], parts[2::2]):
         if roles and roles[-1] == role:
@@ -247,7 +249,8 @@ def load_preference(path, drop_bad=False):
             report['merged'].append(where)
         turns = [pair['prompt']] if isinstance(pair['prompt'], str) else pair['prompt']
         answers = pair['response_0'].strip(), pair['response_1'].strip()
-        safe, s = (pair['is_response_0_safe'], pair['is_response_1_safe']), pair['safer_response_id']
+        safe = pair['is_response_0_safe'], pair['is_response_1_safe']
+        s = pair['safer_response_id']
         empty = [n for n, a in zip(names, answers) if not a]
         if not all(t.strip() for t in turns):
             empty.append(names[2])
@@ -320,14 +323,16 @@ def format_prompt(prompt, eos_token):
 
 
 def chat_messages(prompt):
-    """a prompt as chat messages [{'role': 'user', 'content': ...}, {'role': 'assistant', ...}, ...];
+    """prompt -> chat messages [{'role': 'user', 'content': ...}, {'role': 'assistant', ...}, ...];
     turns stripped, like an answer the model generates"""
-    return [{'role': ('user', 'assistant')[i % 2], 'content': turn.strip()} for i, turn in enumerate(_turns(prompt))]
+    return [{'role': ('user', 'assistant')[i % 2], 'content': turn.strip()}
+            for i, turn in enumerate(_turns(prompt))]
 
 
 def check_template(tok, template):
     if template not in TEMPLATES:
-        raise DataError(f'--template {template}: unknown template; expected one of {", ".join(TEMPLATES)}')
+        raise DataError(f'--template {template}: unknown template; '
+                        f'expected one of {", ".join(TEMPLATES)}')
     if template == 'chat' and not getattr(tok, 'chat_template', None):
         name = f' {tok.name_or_path}' if getattr(tok, 'name_or_path', '') else ''
         raise DataError(f'--template chat: the tokenizer{name} has no chat template; use '
@@ -341,7 +346,8 @@ def prompt_text(tok, prompt, template='safe_rlhf'):
     check_template(tok, template)
     if template == 'safe_rlhf':
         return format_prompt(prompt, tok.eos_token)
-    return tok.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
+    return tok.apply_chat_template(chat_messages(prompt), add_generation_prompt=True,
+                                   tokenize=False)
 
 
 def answer_text(response, template='safe_rlhf'):
@@ -354,7 +360,8 @@ def check_tokenizer(tok):
     if tok.eos_token_id is None:
         raise ValueError('the tokenizer has no eos token; every response must end with one')
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        got = 'no pad token' if tok.pad_token_id is None else f'pad token == eos token (id {tok.eos_token_id})'
+        got = ('no pad token' if tok.pad_token_id is None
+               else f'pad token == eos token (id {tok.eos_token_id})')
         raise ValueError(f"the tokenizer has {got}. nanosafe needs a pad token distinct from eos: "
                          "masks built from 'id != pad' would hide every real EOS, so the policy "
                          "never learns to stop and score models read their score one token early. "
@@ -370,15 +377,16 @@ def _adds_bos(tok):
 class Encoder:
     """text -> token ids without special tokens, memoised. Texts given up front are encoded in
     one batch call: a data set repeats its prompts many times, and the Rust tokenizer is far
-    faster on a list (the 97k toy pairs load in 5.6 s instead of 23 s). One Encoder per data set, so a
-    tokenizer changed later (a pad token added) never meets a stale cache."""
+    faster on a list (the 97k toy pairs load in 5.6 s instead of 23 s). One Encoder per data
+    set, so a tokenizer changed later (a pad token added) never meets a stale cache."""
 
     def __init__(self, tok, texts=()):
         self.tok = tok
         self.bos = [tok.bos_token_id] if _adds_bos(tok) else []
         texts = list(dict.fromkeys(texts))
-        self.cache = dict(zip(texts, tok(texts, add_special_tokens=False)['input_ids'])) if texts else {}
-        self.prompts = {}  # (prompt, template) -> prompt_text: a chat template renders in ~20 us a call
+        ids = tok(texts, add_special_tokens=False)['input_ids'] if texts else []
+        self.cache = dict(zip(texts, ids))
+        self.prompts = {}  # (prompt, template) -> prompt_text: a chat template renders in ~20 us
 
     def __call__(self, text):
         if text not in self.cache:
@@ -397,7 +405,7 @@ def _prompt_ids(tok, prompt, max_len, truncate, where, limit, enc, template):
     """(ids, n_cut): the prompt's ids and how many tokens truncation took from them. prompt and
     answer are tokenized apart, so the prompt tokens here are exactly the ones generation
     starts from."""
-    # safe_rlhf: we add the BOS the tokenizer would; chat: the template writes its own special tokens
+    # safe_rlhf: we add the BOS the tokenizer would; chat: the template writes its special tokens
     ids = (enc.bos if template == 'safe_rlhf' else []) + enc(enc.prompt(prompt, template))
     if len(ids) <= max_len:
         return ids, 0
@@ -408,7 +416,7 @@ def _prompt_ids(tok, prompt, max_len, truncate, where, limit, enc, template):
     head = ids[:1] if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else []
     if max_len <= len(head):
         raise ValueError(f'{limit} leaves no room for a prompt')
-    return head + ids[len(ids) - (max_len - len(head)):], len(ids) - max_len  # left-truncate behind the BOS
+    return head + ids[len(ids) - (max_len - len(head)):], len(ids) - max_len  # [BOS] + last tokens
 
 
 def _answer_ids(tok, response, enc, template):
@@ -422,11 +430,13 @@ def _fit(answer, room):
     return answer[:room - 1] + answer[-1:], True
 
 
-def tokenize_prompt(tok, prompt, max_prompt_length, truncate=False, where='<prompt>', template='safe_rlhf'):
+def tokenize_prompt(tok, prompt, max_prompt_length, truncate=False, where='<prompt>',
+                    template='safe_rlhf'):
     """ids of the prompt's template text, ending where the answer begins; safe_rlhf: [BOS if the
     tokenizer adds one] + format_prompt's text"""
-    return _prompt_ids(tok, prompt, max_prompt_length, truncate, where,
-                       f'--max_prompt_length {max_prompt_length}', enc=Encoder(tok), template=template)[0]
+    limit = f'--max_prompt_length {max_prompt_length}'
+    return _prompt_ids(tok, prompt, max_prompt_length, truncate, where, limit, enc=Encoder(tok),
+                       template=template)[0]
 
 
 def _record_prompt_ids(tok, record, answer_len, max_length, truncate, enc, template):
@@ -434,9 +444,10 @@ def _record_prompt_ids(tok, record, answer_len, max_length, truncate, enc, templ
     # leaves room for the whole answer (answer_len: ids + EOS) when short, half of max_length
     # when long: a prompt cut to leave a one-token answer would teach nothing
     room = min(answer_len, max_length // 2) if truncate else 2
-    limit = f'--max_length {max_length} less ' + (f'{room} answer tokens' if truncate else 'one answer token and EOS')
-    return _prompt_ids(tok, record['prompt'], max_length - room, truncate, record.get('_where', '<record>'),
-                       limit, enc, template)
+    less = f'{room} answer tokens' if truncate else 'one answer token and EOS'
+    limit = f'--max_length {max_length} less {less}'
+    return _prompt_ids(tok, record['prompt'], max_length - room, truncate,
+                       record.get('_where', '<record>'), limit, enc, template)
 
 
 def tokenize_sft(tok, record, max_length, truncate_prompts=False, enc=None, template='safe_rlhf'):
@@ -444,7 +455,8 @@ def tokenize_sft(tok, record, max_length, truncate_prompts=False, enc=None, temp
     cut_prompt: the tokens truncation took from the prompt; cut_answers: 1 if the answer was cut"""
     enc = enc or Encoder(tok)
     answer = _answer_ids(tok, record['response'], enc, template)
-    prompt, cut_p = _record_prompt_ids(tok, record, len(answer), max_length, truncate_prompts, enc, template)
+    prompt, cut_p = _record_prompt_ids(tok, record, len(answer), max_length, truncate_prompts,
+                                       enc, template)
     answer, cut_a = _fit(answer, max_length - len(prompt))
     return dict(input_ids=prompt + answer, labels=[IGNORE_INDEX] * len(prompt) + answer,
                 truncated=bool(cut_p or cut_a), cut_prompt=cut_p, cut_answers=int(cut_a))
@@ -455,9 +467,11 @@ def tokenize_pair(tok, record, max_length, truncate_prompts=False, enc=None, tem
     enc = enc or Encoder(tok)
     a0, a1 = (_answer_ids(tok, record[k], enc, template) for k in ('response_0', 'response_1'))
     # room for the longer answer: the pair compares the two, so neither is cut for the prompt's sake
-    prompt, cut_p = _record_prompt_ids(tok, record, max(len(a0), len(a1)), max_length, truncate_prompts, enc, template)
-    (a0, cut_0), (a1, cut_1) = _fit(a0, max_length - len(prompt)), _fit(a1, max_length - len(prompt))
-    safe = [None if s is None else int(s) for s in (record['is_response_0_safe'], record['is_response_1_safe'])]
+    prompt, cut_p = _record_prompt_ids(tok, record, max(len(a0), len(a1)), max_length,
+                                       truncate_prompts, enc, template)
+    (a0, cut_0), (a1, cut_1) = (_fit(a, max_length - len(prompt)) for a in (a0, a1))
+    safe = [None if s is None else int(s)
+            for s in (record['is_response_0_safe'], record['is_response_1_safe'])]
     return dict(input_ids_0=prompt + a0, input_ids_1=prompt + a1,
                 better_response_id=record['better_response_id'],
                 safer_response_id=record['safer_response_id'],
@@ -475,17 +489,19 @@ def _encoder(tok, records, answer_keys, template):
                 prompts[key] = prompt_text(tok, r['prompt'], template)
             except ValueError:  # not primed; _prompt_ids raises it again for that record
                 pass
-    enc = Encoder(tok, list(prompts.values()) + [answer_text(r[k], template) for r in records for k in answer_keys])
+    enc = Encoder(tok, list(prompts.values())
+                  + [answer_text(r[k], template) for r in records for k in answer_keys])
     enc.prompts.update(prompts)
     return enc
 
 
 def _truncation(records, prompt_cuts, answers_cut, n_answers, limit):
-    """what a dataset cut: prompts (how many), cut_min/max/mean (tokens they lost), answers (how many)"""
+    """what a dataset cut: prompts (how many), cut_min/max/mean (tokens lost), answers (how many)"""
     paths = dict.fromkeys(r.get('_where', '<records>').rsplit(':', 1)[0] for r in records)
     cuts = [c for c in prompt_cuts if c]
-    return dict(path=', '.join(paths), n=len(records), prompts=len(cuts), cut_min=min(cuts, default=0),
-                cut_max=max(cuts, default=0), cut_mean=sum(cuts) / len(cuts) if cuts else 0.0,
+    return dict(path=', '.join(paths), n=len(records), prompts=len(cuts),
+                cut_min=min(cuts, default=0), cut_max=max(cuts, default=0),
+                cut_mean=sum(cuts) / len(cuts) if cuts else 0.0,
                 answers=answers_cut, n_answers=n_answers, limit=limit)
 
 
@@ -506,7 +522,8 @@ class _Tokenized(torch.utils.data.Dataset):
         if t['prompts']:
             by = f"{t['cut_min']:,}" + (f"-{t['cut_max']:,}" if t['cut_max'] > t['cut_min'] else '')
             mean = f"{t['cut_mean']:,.1f}".removesuffix('.0')
-            parts.insert(0, f"{t['prompts']:,} of {t['n']:,} prompts cut to fit{limit} (by {by} tokens, mean {mean})")
+            parts.insert(0, f"{t['prompts']:,} of {t['n']:,} prompts cut to fit{limit} "
+                            f"(by {by} tokens, mean {mean})")
         return f"{t['path']}: " + '; '.join(parts) if parts else ''
 
 
@@ -515,10 +532,12 @@ class SFTDataset(_Tokenized):
         check_tokenizer(tok)
         check_template(tok, template)
         enc = _encoder(tok, records, ['response'], template)
-        self.items = [tokenize_sft(tok, r, max_length, truncate_prompts, enc, template) for r in records]
+        self.items = [tokenize_sft(tok, r, max_length, truncate_prompts, enc, template)
+                      for r in records]
         self.n_truncated = sum(x['truncated'] for x in self.items)
         self.truncation = _truncation(records, [x['cut_prompt'] for x in self.items],
-                                      sum(x['cut_answers'] for x in self.items), len(records), f'--max_length {max_length}')
+                                      sum(x['cut_answers'] for x in self.items), len(records),
+                                      f'--max_length {max_length}')
 
 
 class PreferenceDataset(_Tokenized):
@@ -526,16 +545,19 @@ class PreferenceDataset(_Tokenized):
         check_tokenizer(tok)
         check_template(tok, template)
         enc = _encoder(tok, records, ['response_0', 'response_1'], template)
-        self.items = [tokenize_pair(tok, r, max_length, truncate_prompts, enc, template) for r in records]
+        self.items = [tokenize_pair(tok, r, max_length, truncate_prompts, enc, template)
+                      for r in records]
         self.n_truncated = sum(x['truncated'] for x in self.items)
         self.truncation = _truncation(records, [x['cut_prompt'] for x in self.items],
-                                      sum(x['cut_answers'] for x in self.items), 2 * len(records), f'--max_length {max_length}')
+                                      sum(x['cut_answers'] for x in self.items), 2 * len(records),
+                                      f'--max_length {max_length}')
 
 
 class PromptDataset(_Tokenized):
     """items: the record (prompt, harmful, category, _where, ...) plus its input_ids. prompts for
     rollouts have their own limit: the answer's is --max_new_tokens"""
-    def __init__(self, records, tok, max_prompt_length, truncate_prompts=False, template='safe_rlhf'):
+    def __init__(self, records, tok, max_prompt_length, truncate_prompts=False,
+                 template='safe_rlhf'):
         check_tokenizer(tok)
         check_template(tok, template)
         enc = _encoder(tok, records, [], template)
@@ -580,10 +602,10 @@ def collate_sft(batch, pad_id):
 def collate_pref(batch, pad_id):
     # both answers are padded to one length, so a score model can run them as one [2B, L] batch
     B = len(batch)
-    ids, mask = pad_right([b['input_ids_0'] for b in batch] + [b['input_ids_1'] for b in batch], pad_id)
+    ids, mask = pad_right([b[k] for k in ('input_ids_0', 'input_ids_1') for b in batch], pad_id)
 
-    def labels(key):  # -1 marks unknown (HH-RLHF has no is_safe labels)
-        return torch.tensor([-1 if b[key] is None else int(b[key]) for b in batch], dtype=torch.long)
+    def labels(k):  # -1 marks unknown (HH-RLHF has no is_safe labels)
+        return torch.tensor([-1 if b[k] is None else int(b[k]) for b in batch], dtype=torch.long)
     return dict(input_ids_0=ids[:B], mask_0=mask[:B], input_ids_1=ids[B:], mask_1=mask[B:],
                 better_response_id=labels('better_response_id'),
                 safer_response_id=labels('safer_response_id'),

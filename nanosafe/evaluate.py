@@ -27,30 +27,33 @@ from nanosafe import data, toy
 from nanosafe.generate import generate
 from nanosafe.model import CheckpointError, load_policy
 
-GOLD_KEYS = ["gold_helpfulness_benign", "gold_helpfulness_harmful", "gold_helpfulness", "gold_unsafe_rate_harmful",
-             "gold_unsafe_rate_benign", "gold_unsafe_rate", "gold_optimum_helpfulness"]
+GOLD_KEYS = ["gold_helpfulness_benign", "gold_helpfulness_harmful", "gold_helpfulness",
+             "gold_unsafe_rate_harmful", "gold_unsafe_rate_benign", "gold_unsafe_rate",
+             "gold_optimum_helpfulness"]
 
 
 def encode_prompts(tok, prompts, template="safe_rlhf"):
     """Raw user requests (or dialogues) -> left-padded template ids, ready for generation."""
-    seqs = [data.tokenize_prompt(tok, p, max_prompt_length=10**9, template=template) for p in prompts]
+    seqs = [data.tokenize_prompt(tok, p, max_prompt_length=10**9, template=template)
+            for p in prompts]
     return data.pad_left(seqs, tok.pad_token_id)
 
 
 @torch.no_grad()
-def sample(model, tok, prompts, max_new_tokens=32, batch_size=64, temperature=1.0, top_p=1.0, seed=0, device="cpu",
-           template="safe_rlhf"):
+def sample(model, tok, prompts, max_new_tokens=32, batch_size=64, temperature=1.0, top_p=1.0,
+           seed=0, device="cpu", template="safe_rlhf"):
     """-> (answers: list[str], ended_with_eos: list[bool])"""
     g = torch.Generator(device=device).manual_seed(seed)
+    eos_id, pad_id = tok.eos_token_id, tok.pad_token_id
     answers, eos = [], []
     for i in range(0, len(prompts), batch_size):
         ids, mask = encode_prompts(tok, prompts[i:i + batch_size], template)
         ids, mask = ids.to(device), mask.to(device)
-        out = generate(model, ids, mask, max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        out = generate(model, ids, mask, max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
                        temperature=temperature, top_p=top_p, generator=g)
         for row in out[:, ids.shape[1]:].tolist():
-            ended = tok.eos_token_id in row
-            row = row[:row.index(tok.eos_token_id)] if ended else [t for t in row if t != tok.pad_token_id]
+            ended = eos_id in row
+            row = row[:row.index(eos_id)] if ended else [t for t in row if t != pad_id]
             answers.append(tok.decode(row, skip_special_tokens=True).strip())
             eos.append(ended)
     return answers, eos
@@ -58,11 +61,15 @@ def sample(model, tok, prompts, max_new_tokens=32, batch_size=64, temperature=1.
 
 def gold_eval(prompts, answers) -> dict:
     """The toy world's verdict on answers to raw prompts, with the DESIGN.md keys."""
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    def pick(xs, want):
+        return [x for x, h in zip(xs, harmful) if h == want]
+
     harmful = [toy.is_harmful(p) for p in prompts]
     helpful = [toy.helpfulness(p, a) for p, a in zip(prompts, answers)]
     unsafe = [not toy.is_safe(p, a) for p, a in zip(prompts, answers)]
-    pick = lambda xs, want: [x for x, h in zip(xs, harmful) if h == want]
     return {
         "gold_helpfulness_benign": mean(pick(helpful, False)),
         "gold_helpfulness_harmful": mean(pick(helpful, True)),
@@ -70,9 +77,11 @@ def gold_eval(prompts, answers) -> dict:
         "gold_unsafe_rate_harmful": mean(pick(unsafe, True)),
         "gold_unsafe_rate_benign": mean(pick(unsafe, False)),
         "gold_unsafe_rate": mean(unsafe),
-        "gold_optimum_helpfulness": mean([toy.helpfulness(p, toy.optimal_response(p)) for p in prompts]),
+        "gold_optimum_helpfulness": mean([toy.helpfulness(p, toy.optimal_response(p))
+                                          for p in prompts]),
         # per harm category: unsafe answers (any category's harm) to that category's harmful prompts
-        **{f"gold_unsafe_rate_{c}": mean([u for p, u in zip(prompts, unsafe) if toy.CATEGORY.get(toy.topic_of(p)) == c])
+        **{f"gold_unsafe_rate_{c}": mean([u for p, u in zip(prompts, unsafe)
+                                          if toy.CATEGORY.get(toy.topic_of(p)) == c])
            for c in toy.CATEGORIES},
     }
 
@@ -89,11 +98,13 @@ def gold_evaluate(model, tok, prompts, n_samples=1, **kw) -> dict:
 
 
 @torch.no_grad()
-def score(score_model, tok, prompts, answers, batch_size=64, device="cpu", template="safe_rlhf") -> torch.Tensor:
+def score(score_model, tok, prompts, answers, batch_size=64, device="cpu",
+          template="safe_rlhf") -> torch.Tensor:
     """End scores of a reward or cost model on (prompt, answer) pairs -> [N] float tensor."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [data.tokenize_sft(tok, {"prompt": p, "response": a}, max_length=10**9, template=template)["input_ids"]
+        seqs = [data.tokenize_sft(tok, {"prompt": p, "response": a}, max_length=10**9,
+                                  template=template)["input_ids"]
                 for p, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size])]
         ids, mask = data.pad_right(seqs, tok.pad_token_id)
         out.append(score_model(ids.to(device), mask.to(device))[1].float().cpu())
@@ -106,10 +117,10 @@ def elo(wins, k=4.0, base=1000.0, rounds=50):
     names = sorted({n for w in wins for n in w})
     r = {n: base for n in names}
     for _ in range(rounds):
-        for w, l in wins:
-            e = 1 / (1 + 10 ** ((r[l] - r[w]) / 400))
-            r[w] += k * (1 - e)
-            r[l] -= k * (1 - e)
+        for winner, loser in wins:
+            e = 1 / (1 + 10 ** ((r[loser] - r[winner]) / 400))
+            r[winner] += k * (1 - e)
+            r[loser] -= k * (1 - e)
     return r
 
 
@@ -122,8 +133,8 @@ def elo_mle(wins, base=1000.0, prior=0.5, iters=2000):
     names = sorted({n for w in wins for n in w})
     ix = {n: i for i, n in enumerate(names)}
     W = np.zeros((len(names), len(names)))
-    for w, l in wins:
-        W[ix[w], ix[l]] += 1
+    for winner, loser in wins:
+        W[ix[winner], ix[loser]] += 1
     W = W + prior * ((W + W.T) > 0)
     N = W + W.T
     p = np.ones(len(names))
@@ -149,19 +160,22 @@ def elo_intervals(wins, n_boot=1000, level=0.95, seed=0, **kw):
         for n, r in elo_mle(sample, **kw).items():
             boots[n].append(r)
     a = (1 - level) / 2
-    return {n: (point[n], float(np.quantile(boots[n], a)), float(np.quantile(boots[n], 1 - a))) for n in point}
+    return {n: (point[n], float(np.quantile(boots[n], a)), float(np.quantile(boots[n], 1 - a)))
+            for n in point}
 
 
 def summary_table(rows: dict) -> str:
     """rows: name -> gold dict. A fixed-width table of the main gold numbers."""
-    cols = ["gold_helpfulness_benign", "gold_helpfulness_harmful", "gold_unsafe_rate_harmful", "gold_helpfulness",
-            "elo_helpfulness", "elo_harmlessness"]
-    short = ["help benign", "help harmful", "unsafe harmful", "help all", "elo help", "elo harmless"]
-    head = f"{'':18s}" + "".join(f"{c:>15s}" for c in short) + f"{'% of optimum':>15s}"
+    cols = ["gold_helpfulness_benign", "gold_helpfulness_harmful", "gold_unsafe_rate_harmful",
+            "gold_helpfulness", "elo_helpfulness", "elo_harmlessness"]
+    abbr = ["help benign", "help harmful", "unsafe harmful", "help all", "elo help", "elo harmless"]
+    head = f"{'':18s}" + "".join(f"{c:>15s}" for c in abbr) + f"{'% of optimum':>15s}"
     lines = [head]
     for n, g in rows.items():
-        vals = "".join(f"{g.get(c, float('nan')):15.3f}" if not c.startswith("elo") else f"{g.get(c, float('nan')):15.0f}" for c in cols)
-        lines.append(f"{n:18s}" + vals + f"{g['gold_helpfulness'] / g['gold_optimum_helpfulness']:15.1%}")
+        vals = "".join(f"{g.get(c, float('nan')):15.3f}" if not c.startswith("elo")
+                       else f"{g.get(c, float('nan')):15.0f}" for c in cols)
+        pct = g["gold_helpfulness"] / g["gold_optimum_helpfulness"]
+        lines.append(f"{n:18s}" + vals + f"{pct:15.1%}")
     return "\n".join(lines)
 
 
@@ -180,8 +194,8 @@ def compare(dirs, prompts, n_samples=4, max_new_tokens=32, seed=0):
         for a in dirs:
             for b in dirs:
                 if a < b:
-                    ha, hb = toy.helpfulness(p, answers[a][i]), toy.helpfulness(p, answers[b][i])
-                    ca, cb = sum(toy.cost(p, answers[a][i]).values()), sum(toy.cost(p, answers[b][i]).values())
+                    ha, hb = (toy.helpfulness(p, answers[x][i]) for x in (a, b))
+                    ca, cb = (sum(toy.cost(p, answers[x][i]).values()) for x in (a, b))
                     if ha != hb:
                         wins_h.append((a, b) if ha > hb else (b, a))
                     if ca != cb:
@@ -203,34 +217,37 @@ def plot_runs(dirs, path):
         f = os.path.join(d, "metrics.jsonl")
         if not os.path.exists(f):
             continue
-        recs = [json.loads(l) for l in open(f) if l.strip()]
+        recs = [json.loads(line) for line in open(f) if line.strip()]
         train = [r for r in recs if "reward" in r]
         gold = [r for r in recs if "gold_unsafe_rate_harmful" in r and not r.get("final")]
         name = os.path.basename(d.rstrip("/"))
         if not train:
             continue
-        axes[0, 0].plot([r["step"] for r in gold], [r["gold_unsafe_rate_harmful"] for r in gold], "o-", label=name)
-        axes[0, 1].plot([r["step"] for r in gold], [r["gold_helpfulness"] for r in gold], "o-", label=name)
-        axes[1, 1].plot([r["step"] for r in train], [r["reward"] for r in train], label=f"{name} reward", lw=0.8)
+        gold_steps, train_steps = [r["step"] for r in gold], [r["step"] for r in train]
+        axes[0, 0].plot(gold_steps, [r["gold_unsafe_rate_harmful"] for r in gold], "o-", label=name)
+        axes[0, 1].plot(gold_steps, [r["gold_helpfulness"] for r in gold], "o-", label=name)
+        axes[1, 1].plot(train_steps, [r["reward"] for r in train], label=f"{name} reward", lw=0.8)
         if "lambda_0" in train[0]:
             ax = axes[1, 0]
-            ax.plot([r["step"] for r in train], [r["lambda_0"] for r in train], "k-", label="λ")
+            ax.plot(train_steps, [r["lambda_0"] for r in train], "k-", label="λ")
             ax2 = ax.twinx()
-            ax2.plot([r["step"] for r in train], [r["episode_cost_window_0"] for r in train], "r-", lw=0.8, label="windowed cost J_c")
+            ax2.plot(train_steps, [r["episode_cost_window_0"] for r in train], "r-", lw=0.8,
+                     label="windowed cost J_c")
             ax2.axhline(train[0]["threshold_0"], color="r", ls="--", lw=0.8, label="threshold d")
             ax2.set_ylabel("cost model score", color="r")
             ax2.legend(loc="upper right", fontsize=8)
-    opt = [json.loads(l) for l in open(os.path.join(dirs[-1], "metrics.jsonl")) if "gold_optimum_helpfulness" in l][:1]
+    opt = [json.loads(line) for line in open(os.path.join(dirs[-1], "metrics.jsonl"))
+           if "gold_optimum_helpfulness" in line][:1]
     if opt:
-        axes[0, 1].axhline(opt[0]["gold_optimum_helpfulness"], color="gray", ls="--", lw=0.8, label="optimum")
-    titles = [("gold unsafe rate, harmful prompts", "iteration"), ("gold helpfulness, all prompts", "iteration"),
-              ("ppo_lag: λ (black) and the constraint", "iteration"), ("reward-model score", "iteration")]
-    for ax, (t, x) in zip(axes.flat, titles):
+        axes[0, 1].axhline(opt[0]["gold_optimum_helpfulness"], color="gray", ls="--", lw=0.8,
+                           label="optimum")
+    titles = ["gold unsafe rate, harmful prompts", "gold helpfulness, all prompts",
+              "ppo_lag: λ (black) and the constraint", "reward-model score"]
+    for ax, t in zip(axes.flat, titles):
         ax.set_title(t, fontsize=10)
-        ax.set_xlabel(x)
-    axes[0, 0].legend(fontsize=8)
-    axes[0, 1].legend(fontsize=8)
-    axes[1, 1].legend(fontsize=8)
+        ax.set_xlabel("iteration")
+    for ax in (axes[0, 0], axes[0, 1], axes[1, 1]):
+        ax.legend(fontsize=8)
     axes[1, 0].legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -245,12 +262,12 @@ def write_json(path, obj):
 
 
 def toy_prompts(path) -> list:
-    """The prompts of a prompts file, every one a toy-world request the gold oracle can judge (else one error)."""
+    """A prompts file's prompts: toy-world requests the gold oracle can judge, else one error."""
     prompts = [r["prompt"] for r in data.load_prompts(path)]
     outside = [p for p in prompts if not toy.in_world(p)]
     if outside:
-        raise data.DataError(f"{path}: {len(outside)} of {len(prompts)} prompts are not toy-world requests the gold "
-                             f"oracle can judge, e.g. {outside[0]!r}")
+        raise data.DataError(f"{path}: {len(outside)} of {len(prompts)} prompts are not toy-world "
+                             f"requests the gold oracle can judge, e.g. {outside[0]!r}")
     return prompts
 
 
@@ -273,22 +290,28 @@ def main(args):
                 print("no matplotlib: skipping the plot (pip install matplotlib)")
     else:
         model, tok = load_policy(args.model)
-        res = gold_evaluate(model, tok, prompts, n_samples=args.n_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        res = gold_evaluate(model, tok, prompts, n_samples=args.n_samples,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
         print(json.dumps(res, indent=1))
         out = args.out or os.path.join(args.model, "gold_eval.json")
         write_json(out, res)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Gold evaluation of policies on the toy world's held-out prompts.")
+    ap = argparse.ArgumentParser(description="Gold evaluation of policies on the toy world's "
+                                             "held-out prompts.")
     ap.add_argument("--model", default="out/ppo_lag", help="policy folder")
-    ap.add_argument("--compare", nargs="*", default=None, help="several policy folders: one table, Elo, and curves")
-    ap.add_argument("--plot", default=None, help="with --compare: write the training curves here (needs matplotlib)")
-    ap.add_argument("--eval_data", default="data/toy/prompts_test.jsonl", help="prompts file (toy world)")
+    ap.add_argument("--compare", nargs="*", default=None,
+                    help="several policy folders: one table, Elo, and curves")
+    ap.add_argument("--plot", default=None,
+                    help="with --compare: write the training curves here (needs matplotlib)")
+    ap.add_argument("--eval_data", default="data/toy/prompts_test.jsonl",
+                    help="prompts file (toy world)")
     ap.add_argument("--n_samples", type=int, default=4, help="samples per prompt (temperature 1)")
     ap.add_argument("--max_new_tokens", type=int, default=24, help="answer length limit in tokens")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--out", default=None, help="write the JSON here (default: MODEL/gold_eval.json; results.json with --compare)")
+    ap.add_argument("--out", default=None, help="write the JSON here "
+                    "(default: MODEL/gold_eval.json; results.json with --compare)")
     args = ap.parse_args()
     try:
         main(args)

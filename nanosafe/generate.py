@@ -68,10 +68,11 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 
 # inference mode, not just no_grad: no version counters or view tracking on the ~10 small tensors
-# each token makes. its outputs can't be saved for a backward, but indexing them (seq[mi]) makes normal tensors
+# per token. its outputs can't be saved for a backward; indexing them (seq[mi]) gives normal ones
 @torch.inference_mode()
 def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pad_token_id,
-             temperature=1.0, top_k=0, top_p=1.0, generator=None, min_new_tokens=0, return_logprobs=False):
+             temperature=1.0, top_k=0, top_p=1.0, generator=None, min_new_tokens=0,
+             return_logprobs=False):
     """
     input_ids, attention_mask: [B, P] left-padded prompts (pass the unwrapped model, not DDP).
     returns [B, P + T], T <= max_new_tokens (we stop once every row has emitted an EOS);
@@ -83,20 +84,21 @@ def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, 
     log-probs a full forward over the output gives (PPO's old log-probs), without that forward.
     """
     eos = _eos_tensor(eos_token_id, input_ids.device)
-    assert pad_token_id not in eos.tolist(), \
-        f"pad_token_id ({pad_token_id}) must differ from eos_token_id: pad == eos masks the EOS and breaks scoring"
+    assert pad_token_id not in eos.tolist(), (
+        f"pad_token_id ({pad_token_id}) must differ from eos_token_id: "
+        "pad == eos masks the EOS and breaks scoring")
     # only the last position's logits are needed; most transformers models can skip the rest
     params = forward_params(model)
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5.2x renamed it
 
     was_training = model.training
     model.eval()  # dropout must be off while sampling
     try:
-        B = input_ids.size(0)
-        P = input_ids.size(1)
+        B, P = input_ids.size()
         # the whole mask up front; step t passes a view of its first P + t columns
-        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens, dtype=torch.long)], dim=1)
+        mask = torch.cat([attention_mask.long(),
+                          attention_mask.new_ones(B, max_new_tokens, dtype=torch.long)], dim=1)
         position_ids = position_ids_from_mask(mask[:, :P])
         cache = DynamicCache(config=model.config)
         x = input_ids  # the first forward is the whole prompt (prefill), then one token at a time
@@ -124,10 +126,12 @@ def generate(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, 
             position_ids = position_ids[:, -1:] + 1
     finally:
         model.train(was_training)
-    seq = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1) if new_tokens else input_ids.clone()
+    seq = (torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1) if new_tokens
+           else input_ids.clone())
     if not return_logprobs:
         return seq
-    return seq, torch.stack(logprobs, dim=1) if logprobs else input_ids.new_zeros(input_ids.size(0), 0, dtype=torch.float32)
+    return seq, (torch.stack(logprobs, dim=1) if logprobs
+                 else input_ids.new_zeros(input_ids.size(0), 0, dtype=torch.float32))
 
 
 def response_mask(sequences, prompt_len, eos_token_id, pad_token_id):

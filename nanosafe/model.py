@@ -1,17 +1,16 @@
 """
 Models, tokenizers and checkpoints.
 
-- the toy world's tokenizer (word level, trained with `tokenizers`) and small Llama configs
 - `load_policy`: any local AutoModelForCausalLM folder (no hub, trust_remote_code only on request)
 - `ScoreModel`: a reward or cost model, stored as a Hugging Face AutoModelForSequenceClassification
-  folder with one label (what TRL, OpenRLHF and reward-bench load), read per token: its head over
-  the backbone's hidden states gives a score at every position (what the critics need), and a
-  sequence's score is the score at its last non-pad token (what the preference losses and PPO use).
+  folder with one label (what TRL, OpenRLHF and reward-bench load), read per token: its head
+  gives a score at every position (what the critics need), and a sequence's score is the score
+  at its last non-pad token (what the preference losses and PPO use).
 - `save_checkpoint` / `load_trainer_state`: atomic Hugging Face folders plus a small JSON of
   nanosafe state, weights only through safetensors, trainer state through weights_only loads.
 
 The pad token is always distinct from EOS: with pad == eos the EOS gets masked as padding
-and the score is read one token early.
+and the score is read one token early. The toy world's tokenizer and Llama live in toy.py.
 """
 
 import copy
@@ -22,22 +21,20 @@ import shutil
 import torch
 import torch.nn as nn
 import transformers
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from nanosafe import dist
-from nanosafe.generate import position_ids_from_mask as position_ids  # positions that skip left padding
+from nanosafe import fsdp
+from nanosafe.generate import position_ids_from_mask as position_ids  # skip left padding
 
-# the floor the code needs: 4.55 fails on DynamicCache(config=...) and from_pretrained(dtype=...) (checked in a venv)
+# the floor the code needs: 4.55 fails on DynamicCache(config=...) and from_pretrained(dtype=...)
 if tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit()) < (4, 56):
-    raise ImportError(f"nanosafe needs transformers >= 4.56 (found {transformers.__version__}): pip install -U 'transformers>=4.56'")
+    raise ImportError(f"nanosafe needs transformers >= 4.56 (found {transformers.__version__}): "
+                      f"pip install -U 'transformers>=4.56'")
 
 transformers.utils.logging.set_verbosity_error()  # no load reports for the lm_head a score model drops
 transformers.utils.logging.disable_progress_bar()
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 STATE_FILE, TRAINER_FILE = "nanosafe.json", "trainer_state.pt"
-LEGACY_HEAD_FILE = "score_head.safetensors"  # nanosafe <= 0.1 stored score models as a bare backbone + this head
 
 
 class CheckpointError(ValueError):
@@ -46,38 +43,22 @@ class CheckpointError(ValueError):
 # -----------------------------------------------------------------------------
 # tokenizer
 
-def train_tokenizer(texts) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the words of `texts` (the toy world has ~400 words, so every
-    token is a word and decoding is exact). Adds <bos> in front of every encoded text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    specials = list(SPECIAL_TOKENS.values())
-    words = sorted({w for t in texts for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)})
-    vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIAL_TOKENS)
-
-
-def toy_tokenizer() -> PreTrainedTokenizerFast:
-    """The toy world's tokenizer: every toy word plus the chat template's words."""
-    from nanosafe import data, toy
-    return train_tokenizer(toy.vocabulary() + [data.format_prompt("x", "<eos>")])
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         # transformers would fall through to a sentencepiece traceback that blames the wrong thing
-        raise CheckpointError(f"{path}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); "
-                              f"save the model's tokenizer beside its weights: tokenizer.save_pretrained('{path}')")
+        raise CheckpointError(f"{path}: no tokenizer in the folder (none of "
+                              f"{', '.join(TOKENIZER_FILES)}); save the model's tokenizer beside its "
+                              f"weights: tokenizer.save_pretrained('{path}')")
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                            trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: the tokenizer does not load ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+        first = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{path}: the tokenizer does not load ({type(e).__name__}: {first})"
+                              ) from None
     tok.padding_side = "left"  # only matters for tok(...) calls; our collators pad explicitly
     return tok
 
@@ -90,16 +71,12 @@ def ensure_pad_token(tok, model=None) -> bool:
     found = "no pad token" if tok.pad_token_id is None else "pad == eos"
     tok.add_special_tokens({"pad_token": "<pad>"})
     if model is not None:
-        resize_embeddings(model, len(tok))
+        if model.get_input_embeddings().weight.shape[0] < len(tok):
+            model.resize_token_embeddings(len(tok))
         model.config.pad_token_id = tok.pad_token_id
     print(f"note: the tokenizer had {found}; "
           f"added <pad> (id {tok.pad_token_id}) and resized the embeddings to {len(tok)}")
     return True
-
-
-def resize_embeddings(model, n: int):
-    if model.get_input_embeddings().weight.shape[0] < n:
-        model.resize_token_embeddings(n)
 
 
 def check_vocab(model, tok, where: str):
@@ -112,31 +89,12 @@ def check_vocab(model, tok, where: str):
 
 def check_same_tokenizer(tok_a, tok_b, where_a: str, where_b: str):
     if tok_a.get_vocab() != tok_b.get_vocab() or tok_a.eos_token_id != tok_b.eos_token_id:
-        raise CheckpointError(f"{where_a} and {where_b} use different tokenizers: the policy's token ids "
-                              f"would mean other words to the reward/cost model. Train them from the same base.")
+        raise CheckpointError(f"{where_a} and {where_b} use different tokenizers: the policy's "
+                              f"token ids would mean other words to the reward/cost model. Train "
+                              f"them from the same base.")
 
 # -----------------------------------------------------------------------------
 # models
-
-TOY_SIZES = {  # name -> (hidden, layers, heads); intermediate = 4 * hidden
-    "tiny": (64, 2, 4),      # 0.18M: unit tests
-    "small": (64, 3, 8),     # 0.25M: the toy world default; SFT ~1 min on 2 CPU threads
-    "medium": (128, 4, 4),   # 1.15M
-    "large": (256, 6, 8),    # 6.5M
-}
-
-
-def toy_model(tok, size: str = "small", seed: int = 0) -> LlamaForCausalLM:
-    """A small Llama built from a config, random weights (seeded)."""
-    hidden, layers, heads = TOY_SIZES[size]
-    # untied embeddings: tied ones, trained by SFT, pull a topic's answer words together (cosine
-    # 0.84-0.91 within a topic vs 0.53-0.58 untied), which blurs what the score models must tell apart
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
 
 
 def read_state(path: str) -> dict:
@@ -156,8 +114,9 @@ def resolve_template(requested, *folders) -> str:
     found = next(iter(recorded.values()), None)
     if requested and found and requested != found:
         f = next(iter(recorded))
-        raise CheckpointError(f"--template {requested}, but {f} was trained with --template {found}; "
-                              f"drop --template (a later stage takes its inputs' template) or retrain with {requested}")
+        raise CheckpointError(f"--template {requested}, but {f} was trained with --template "
+                              f"{found}; drop --template (a later stage takes its inputs' "
+                              f"template) or retrain with {requested}")
     return requested or found or "safe_rlhf"
 
 
@@ -173,7 +132,7 @@ def checkpoint_kind(path: str) -> str:
     did not write (it may serve as either); a plain HF causal-LM folder counts as a policy."""
     kind = read_state(path).get("kind")
     if kind is None:
-        kind = "score" if is_score_folder(path) or os.path.exists(os.path.join(path, LEGACY_HEAD_FILE)) else "policy"
+        kind = "score" if is_score_folder(path) else "policy"
     return kind
 
 
@@ -183,8 +142,9 @@ def _check_folder(path: str, what: str):
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: not a Hugging Face model folder (no config.json) ({what})")
     if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        raise CheckpointError(f"{path}: no *.safetensors weights ({what}). nanosafe never unpickles weights: "
-                              f"convert the checkpoint with save_pretrained(..., safe_serialization=True)")
+        raise CheckpointError(f"{path}: no *.safetensors weights ({what}). nanosafe never unpickles "
+                              f"weights: convert the checkpoint with save_pretrained(..., "
+                              f"safe_serialization=True)")
 
 
 def load_policy(path: str, dtype=torch.float32, trust_remote_code: bool = False):
@@ -192,11 +152,13 @@ def load_policy(path: str, dtype=torch.float32, trust_remote_code: bool = False)
     _check_folder(path, "policy")
     kind = checkpoint_kind(path)
     if kind != "policy":
-        raise CheckpointError(f"{path}: this is a {kind} model (a score model), not a policy. "
-                              f"Pass it as --reward_model / --cost_models, and a policy (e.g. out/sft) as --model.")
+        raise CheckpointError(f"{path}: this is a {kind} model (a score model), not a policy. Pass "
+                              f"it as --reward_model / --cost_models, and a policy (e.g. out/sft) "
+                              f"as --model.")
     tok = load_tokenizer(path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
+                                                 trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
     ensure_pad_token(tok, model)
     check_vocab(model, tok, path)
     return model, tok
@@ -211,15 +173,16 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
 class ScoreModel(nn.Module):
     """A reward or cost model: an HF sequence-classification model, read per token.
     The score of a sequence is the score at its last non-pad token (the EOS, since pad != eos):
-    the same number `AutoModelForSequenceClassification` gives, so the folder works in other tools.
-    One output (num_labels 1) gives scores [B, L] and end scores [B]; a K-output cost model (one
-    per harm category, named in config.id2label) gives [B, L, K] and [B, K]."""
+    the same number `AutoModelForSequenceClassification` gives, so the folder works in other
+    tools. One output (num_labels 1) gives scores [B, L] and end scores [B]; a K-output cost
+    model (one per harm category, named in config.id2label) gives [B, L, K] and [B, K]."""
 
     def __init__(self, hf, kind: str):
         super().__init__()
-        if not getattr(hf.config, "num_labels", 0) >= 1 or not isinstance(getattr(hf, "score", None), nn.Linear):
+        n = getattr(hf.config, "num_labels", 0)
+        if not n >= 1 or not isinstance(getattr(hf, "score", None), nn.Linear):
             raise CheckpointError(f"a score model needs a linear 'score' head with num_labels >= 1; "
-                                  f"got {type(hf).__name__} with num_labels {getattr(hf.config, 'num_labels', None)}")
+                                  f"got {type(hf).__name__} with num_labels {n}")
         self.hf, self.kind = hf, kind
         self.config = hf.config
 
@@ -233,17 +196,18 @@ class ScoreModel(nn.Module):
 
     @property
     def names(self) -> list:
-        """one name per output: the categories of a K-output model, [] for a plain one-output model"""
+        """one name per output: a K-output model's categories, [] for a one-output model"""
         if self.config.num_labels == 1:
             return []
         return [self.config.id2label[i] for i in range(self.config.num_labels)]
 
     def forward(self, input_ids, attention_mask):
         """-> (scores [B, L], end_scores [B]); with K outputs [B, L, K], [B, K]"""
-        # the head over every position, as the HF forward does before it pools the last non-pad token;
-        # positions come from the mask, so left padding gives the same scores as right padding
+        # the head over every position, as the HF forward does before it pools the last non-pad
+        # token; positions come from the mask, so left padding scores as right padding does
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+                          position_ids=position_ids(attention_mask), use_cache=False
+                          ).last_hidden_state
         scores = self.head(h).float()
         if scores.shape[-1] == 1:
             scores = scores.squeeze(-1)
@@ -260,62 +224,66 @@ class ScoreModel(nn.Module):
         if labels:
             cfg.id2label, cfg.label2id = dict(enumerate(labels)), {n: i for i, n in enumerate(labels)}
         hf = AutoModelForSequenceClassification.from_config(cfg, dtype=policy.dtype)
-        getattr(hf, hf.base_model_prefix).load_state_dict(getattr(policy, policy.base_model_prefix).state_dict())
+        backbone = getattr(policy, policy.base_model_prefix)
+        getattr(hf, hf.base_model_prefix).load_state_dict(backbone.state_dict())
         return cls(_init_head(hf, generator), kind)
 
 
 def _init_head(hf, generator=None):
     # std 1/sqrt(hidden + 1): initial scores of order 1, whatever the width (HF's default is 0.02)
-    nn.init.normal_(hf.score.weight, std=1 / (hf.config.get_text_config().hidden_size + 1) ** 0.5, generator=generator)
+    std = 1 / (hf.config.get_text_config().hidden_size + 1) ** 0.5
+    nn.init.normal_(hf.score.weight, std=std, generator=generator)
     return hf
 
 
-def load_score_model(path: str, kind: str = None, init_from_policy: bool = False, dtype=torch.float32,
-                     trust_remote_code: bool = False, labels=None, generator=None):
-    """(ScoreModel, tokenizer) from an AutoModelForSequenceClassification folder (a nanosafe reward /
-    cost model, or one made elsewhere). With init_from_policy a causal-LM folder (e.g. out/sft) gives
-    the backbone and a fresh head: one output, or one per name in `labels` (seeded by `generator`)."""
+def load_score_model(path: str, kind: str = None, init_from_policy: bool = False,
+                     dtype=torch.float32, trust_remote_code: bool = False, labels=None,
+                     generator=None):
+    """(ScoreModel, tokenizer) from an AutoModelForSequenceClassification folder (a nanosafe reward
+    / cost model, or one made elsewhere). With init_from_policy a causal-LM folder (e.g. out/sft)
+    gives the backbone and a fresh head: one output, or one per name in `labels` (seeded by
+    `generator`)."""
     _check_folder(path, f"{kind or 'score'} model")
     found = checkpoint_kind(path)
-    if os.path.exists(os.path.join(path, LEGACY_HEAD_FILE)) and not is_score_folder(path):
-        raise CheckpointError(f"{path}: a score model from an older nanosafe (a bare backbone + {LEGACY_HEAD_FILE}); "
-                              f"score models are AutoModelForSequenceClassification folders now: retrain it with train_pm.py")
     if found == "policy" and not init_from_policy:
-        raise CheckpointError(f"{path}: this is a policy, not a {kind or 'score'} model (not an AutoModelForSequenceClassification "
-                              f"folder). Train one first: python train_pm.py --kind {kind or 'reward'}")
+        raise CheckpointError(f"{path}: this is a policy, not a {kind or 'score'} model (not an "
+                              f"AutoModelForSequenceClassification folder). Train one first: "
+                              f"python train_pm.py --kind {kind or 'reward'}")
     if kind is not None and found not in ("policy", "score", kind):
         raise CheckpointError(f"{path}: this is a {found} model, expected a {kind} model")
     tok = load_tokenizer(path, trust_remote_code)
-    kw = dict(dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code, use_safetensors=True)
+    kw = dict(dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+              use_safetensors=True)
     if found == "policy":  # a fresh head on the policy's backbone
-        names = {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} \
-            if labels else {"num_labels": 1}
-        hf = _init_head(AutoModelForSequenceClassification.from_pretrained(path, **names, **kw), generator)
+        names = {"num_labels": 1}
+        if labels:
+            names = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                     "label2id": {n: i for i, n in enumerate(labels)}}
+        hf = AutoModelForSequenceClassification.from_pretrained(path, **names, **kw)
+        hf = _init_head(hf, generator)
     else:
         hf = AutoModelForSequenceClassification.from_pretrained(path, **kw)
         n = hf.config.num_labels
-        if n != 1 and (kind == "reward" or read_state(path).get("categories") is None):  # a 2-class classifier is not 2 costs
-            raise CheckpointError(f"{path}: a {kind or 'score'} model needs num_labels 1 (one score per sequence), got {n}; "
-                                  f"a cost model with one output per harm category is made by train_pm.py --kind cost --categories")
+        # a 2-class classifier is not 2 costs
+        if n != 1 and (kind == "reward" or read_state(path).get("categories") is None):
+            raise CheckpointError(f"{path}: a {kind or 'score'} model needs num_labels 1 (one score "
+                                  f"per sequence), got {n}; a cost model with one output per harm "
+                                  f"category is made by train_pm.py --kind cost --categories")
     ensure_pad_token(tok, hf)
     hf.config.pad_token_id = tok.pad_token_id  # HF's own forward finds the last token through it
     check_vocab(hf, tok, path)
     return ScoreModel(hf, kind or ("reward" if found in ("policy", "score") else found)), tok
 
 
-def _hf(model):
+def unwrap(model):
     """the transformers model itself: a policy, or the one inside a ScoreModel"""
     return model.hf if isinstance(model, ScoreModel) else model
 
 
-GRAD_CKPT_HELP = ("recompute each transformer block's activations in the backward instead of keeping them "
-                  "(transformers' own, non-reentrant): the trained models' activation memory for about one more forward")
-
-
 def gradient_checkpointing(model):
-    """Turn on transformers' gradient checkpointing (non-reentrant) for a policy or a ScoreModel; it
-    acts only in training mode, so sampling keeps its KV cache."""
-    hf = _hf(model)
+    """Turn on transformers' gradient checkpointing (non-reentrant) for a policy or a ScoreModel;
+    it acts only in training mode, so sampling keeps its KV cache."""
+    hf = unwrap(model)
     kw = {"use_reentrant": False}
     if hasattr(hf, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
@@ -324,28 +292,30 @@ def gradient_checkpointing(model):
     return model
 
 
-ATTENTION_HELP = ("attention kernel: auto = eager on a CPU (under bf16 autocast its backward is ~2x faster than sdpa's "
-                  "there: python bench.py --ppo), transformers' default (sdpa) elsewhere; or any transformers name")
-
-
 def place(model, device, attn_implementation: str = "auto"):
     """model.to(device) with the attention kernel for that device; a policy or a ScoreModel."""
-    hf = _hf(model)
+    hf = unwrap(model)
     if attn_implementation == "auto":
         attn_implementation = "eager" if torch.device(device).type == "cpu" else None
     if attn_implementation and hf.config._attn_implementation != attn_implementation:
         hf.set_attn_implementation(attn_implementation)
     return model.to(device)
 
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
 # -----------------------------------------------------------------------------
 # checkpoints: written to a temporary folder, then renamed into place
 
-def save_checkpoint(out_dir: str, model, tok, state: dict, trainer_state: dict = None, extra: dict = None, weights: dict = None):
+
+def save_checkpoint(out_dir: str, model, tok, state: dict, trainer_state: dict = None,
+                    extra: dict = None, weights: dict = None):
     """Write an HF folder (safetensors + tokenizer) + nanosafe.json (+ trainer_state.pt for resume,
-    + extra sub-models as {subfolder: (model, tok, state)}) atomically: a crash mid-save leaves the
-    previous checkpoint intact and never a half-written one where a loader would look. Under FSDP
-    `weights` holds the gathered (or LoRA-merged) state dicts ({"": the model's, subfolder: an extra's}, from
-    plain_weights) and the folders are the same plain HF folders."""
+    + extra sub-models as {subfolder: (model, tok, state)}) atomically: a crash mid-save leaves
+    the previous checkpoint intact and never a half-written one where a loader would look.
+    `weights`: {"": the model's, subfolder: an extra's} state dicts from plain_weights (FSDP
+    gathered, LoRA merged), so the folders are always plain HF folders."""
     tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
     weights = weights or {}
     shutil.rmtree(tmp, ignore_errors=True)
@@ -361,16 +331,20 @@ def save_checkpoint(out_dir: str, model, tok, state: dict, trainer_state: dict =
         for name in os.listdir(out_dir):
             src, dst = os.path.join(out_dir, name), os.path.join(tmp, name)
             if not os.path.exists(dst) and not _checkpoint_file(src):
-                shutil.copytree(src, dst, copy_function=os.link) if os.path.isdir(src) else os.link(src, dst)
+                if os.path.isdir(src):
+                    shutil.copytree(src, dst, copy_function=os.link)
+                else:
+                    os.link(src, dst)
         shutil.rmtree(old, ignore_errors=True)
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)  # the commit point
     shutil.rmtree(old, ignore_errors=True)
 
 
-CHECKPOINT_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                    STATE_FILE, LEGACY_HEAD_FILE, TRAINER_FILE}
+CHECKPOINT_FILES = {"config.json", "generation_config.json", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                    "tokenizer.model", "added_tokens.json", "chat_template.jinja", STATE_FILE,
+                    TRAINER_FILE}
 
 
 def _checkpoint_file(path) -> bool:
@@ -378,14 +352,16 @@ def _checkpoint_file(path) -> bool:
     name = os.path.basename(path)
     if os.path.isdir(path):
         return os.path.exists(os.path.join(path, "config.json"))
-    return name in CHECKPOINT_FILES or name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+    return (name in CHECKPOINT_FILES or name.endswith(".safetensors")
+            or name.endswith(".safetensors.index.json"))
 
 
 def plain_weights(model) -> dict | None:
     """The weights to save when the model in memory is not a plain HF model: under FSDP its
     shards gathered (every rank must call this; rank 0 saves), under LoRA its adapters merged
     into the base weights. None otherwise (save_pretrained reads the model itself)."""
-    sd = dist.full_state_dict(model)
+    from nanosafe.lora import merged_weights
+    sd = fsdp.full_state_dict(model)
     if sd is not None and isinstance(model, ScoreModel):  # the ScoreModel wrapper is the FSDP root
         sd = {k.removeprefix("hf."): v for k, v in sd.items()}
     return sd if sd is not None else merged_weights(model)
@@ -393,114 +369,30 @@ def plain_weights(model) -> dict | None:
 
 def _save_model(path, model, tok, state, weights=None):
     os.makedirs(path, exist_ok=True)
-    _hf(model).save_pretrained(path, safe_serialization=True, state_dict=weights)
+    unwrap(model).save_pretrained(path, safe_serialization=True, state_dict=weights)
     tok.save_pretrained(path)
     with open(os.path.join(path, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
 
 
 def recover_checkpoint(out_dir: str):
-    """If a crash hit between the two renames of save_checkpoint, put the previous checkpoint back."""
+    """If a crash hit between the two renames of save_checkpoint, put the previous one back."""
     old = out_dir.rstrip("/") + ".old"
     if not os.path.exists(out_dir) and os.path.exists(old):
         os.rename(old, out_dir)
 
 
 def load_trainer_state(out_dir: str) -> dict:
-    """The optimiser / RNG / step state saved beside the weights (weights_only: nothing is unpickled)."""
+    """The optimiser / RNG / step state saved beside the weights (weights_only: nothing is
+    unpickled)."""
     recover_checkpoint(out_dir)
     p = os.path.join(out_dir, TRAINER_FILE)
     if not os.path.exists(p):
-        raise CheckpointError(f"{out_dir}: nothing to resume from (no {TRAINER_FILE}: a finished run keeps its optimiser state "
-                              f"only with --save_optimizer); run without --resume")
+        raise CheckpointError(f"{out_dir}: nothing to resume from (no {TRAINER_FILE}: a finished "
+                              f"run keeps its optimiser state only with --save_optimizer); run "
+                              f"without --resume")
     try:
         return torch.load(p, weights_only=True, map_location="cpu")
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise CheckpointError(f"{p}: not a nanosafe trainer state, refused ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-
-
-def num_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# -----------------------------------------------------------------------------
-# LoRA (--lora_rank): peft's adapters injected into the model in place, so it keeps its class,
-# forward and checkpoint layout; peft is imported only when asked for
-
-LORA_HELP = ("train LoRA adapters of this rank (peft, an optional dependency) on the actor and the critics instead of "
-             "all their weights; the reference policy is the actor with its adapters switched off (one backbone in memory, "
-             "not two); the saved folders have the adapters merged in (plain HF folders). 0: full fine-tuning")
-
-
-def lora_layers(model) -> list:
-    """(name, layer) of every LoRA-wrapped layer of a policy or ScoreModel (peft's layers, found by what they have)."""
-    return [(n, m) for n, m in _hf(model).named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")]
-
-
-def add_lora(model, rank: int, alpha: float = 0, targets=None):
-    """LoRA adapters (B = 0 at the start, so the model's outputs do not change) on every linear layer
-    of a policy (not its output projection) or a ScoreModel (not its head, which trains whole), or on
-    the modules named in `targets`. Only the adapters (and a score head) stay trainable."""
-    try:
-        import peft
-    except ImportError:
-        raise CheckpointError("--lora_rank needs peft, an optional dependency: pip install peft") from None
-    score = isinstance(model, ScoreModel)
-    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=list(targets) if targets else "all-linear",
-                          exclude_modules=["score"] if score else None)
-    peft.inject_adapter_in_model(cfg, _hf(model))
-    if not lora_layers(model):
-        raise CheckpointError(f"--lora_targets {targets}: no such linear layers in {type(_hf(model)).__name__}")
-    for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n or (score and n.startswith("hf.score.")))
-    return model
-
-
-class adapters_off:
-    """Run a LoRA model as its base model (the adapters switched off); a no-op for any other model.
-    Under LoRA the reference policy is the actor inside this block."""
-
-    def __init__(self, model):
-        self.model, self.layers = model, [m for _, m in lora_layers(model)]
-
-    def __enter__(self):
-        self.training = self.model.training
-        if self.layers:  # the reference runs in eval mode, as a separate frozen model would (dropout off)
-            self.model.eval()
-        for m in self.layers:
-            m.enable_adapters(False)
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m.enable_adapters(True)
-        if self.layers:
-            self.model.train(self.training)
-
-
-def lora_state(model) -> dict:
-    """The trained tensors of a LoRA model (its adapters, a score model's head): what a resume needs beside the base folder."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_lora_state(model, state: dict, where: str):
-    params = dict(model.named_parameters())
-    if set(state) != {n for n, p in params.items() if p.requires_grad}:
-        raise CheckpointError(f"{where}: its LoRA state does not match this model's adapters (different --lora_rank or --lora_targets?)")
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t)
-
-
-def merged_weights(model) -> dict | None:
-    """LoRA: the base weights with each adapter's delta (scale · B·A) added, under the plain HF names
-    (no peft wrappers), so the saved folder loads with AutoModelFor... alone. None without LoRA."""
-    layers = lora_layers(model)
-    if not layers:
-        return None
-    hf = _hf(model)
-    # the unadapted tensors are the model's own (save_pretrained only reads them): no copy of the whole model per checkpoint
-    out = {k.replace(".base_layer.", "."): v for k, v in hf.state_dict().items() if ".lora_" not in k}
-    with torch.no_grad():
-        for name, m in layers:
-            out[f"{name}.weight"] = m.base_layer.weight + m.get_delta_weight(m.active_adapters[0])
-    return out
+        raise CheckpointError(f"{p}: not a nanosafe trainer state, refused ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0]})") from e

@@ -31,15 +31,6 @@ def seq_mean(x, mask):
     return masked_mean(x, mask, dim=-1).mean()
 
 
-def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
-    """(x − mean) / std over the real tokens; zeros elsewhere. Off by default: PPO-Lag doesn't whiten."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(mask.bool(), out, 0.0)
-
 # -----------------------------------------------------------------------------
 # log-probs and entropy from logits [B, T, V]
 
@@ -120,8 +111,9 @@ def _score_stream(end_score, per_token, mask, clip):
     return torch.where(mask, out.clamp(-clip, clip), 0.0)  # official clip_range_score 50
 
 
-def kl_rewards(end_reward, end_cost, logprobs, ref_logprobs, mask, kl_coef, clip=50.0):
-    """r_t = −β·KL_t (+R at the end), c_t = +β·KL_t (+C at the end), KL_t = logπ − logπ_ref.
+def kl_rewards(end_reward, end_costs, logprobs, ref_logprobs, mask, kl_coef, clip=50.0):
+    """r_t = −β·KL_t (+R at the end), c_kt = +β·KL_t (+C_k at the end), KL_t = logπ − logπ_ref.
+    -> (rewards [B, T], [costs [B, T] per stream]); no cost streams: plain PPO's one stream.
 
     The form of safe-rlhf's ppo_lag trainer (add_kl_divergence_regularization): the k1 estimate
     on the sampled tokens, the whole −β·KL in the reward stream and +β·KL in the cost stream;
@@ -132,8 +124,7 @@ def kl_rewards(end_reward, end_cost, logprobs, ref_logprobs, mask, kl_coef, clip
     """
     penalty = -kl_coef * (logprobs - ref_logprobs)
     rewards = _score_stream(end_reward, penalty, mask, clip)
-    costs = _score_stream(end_cost, -penalty, mask, clip)
-    return rewards, costs
+    return rewards, [_score_stream(c, -penalty, mask, clip) for c in end_costs]
 
 
 def kl_k3(logprobs, ref_logprobs):
@@ -142,10 +133,6 @@ def kl_k3(logprobs, ref_logprobs):
     d = ref_logprobs - logprobs
     return torch.exp(d) - d - 1.0
 
-
-def kl_rewards_single(end_reward, logprobs, ref_logprobs, mask, kl_coef, clip=50.0):
-    """r_t = −β·KL_t (+R at the end): one stream, the official plain PPO / reward shaping trainer."""
-    return _score_stream(end_reward, -kl_coef * (logprobs - ref_logprobs), mask, clip)
 
 # -----------------------------------------------------------------------------
 # losses

@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanosafe import data, toy
+from nanosafe import data, dist, toy
+from nanosafe.config import ConfigError, arg
+from nanosafe.constraints import Constraint
 from nanosafe.generate import position_ids_from_mask
 from nanosafe.model import CheckpointError, load_policy, read_state
 
@@ -126,6 +128,85 @@ def labelled_answers(path, n, seed):
     random.Random(seed).shuffle(rows)
     rows = rows[:n]
     return [k[0] for k, _ in rows], [k[1] for k, _ in rows], torch.tensor([v for _, v in rows], dtype=torch.float32)
+
+
+# -----------------------------------------------------------------------------
+# a probe as a PPO-Lag constraint (--probe)
+
+
+class ProbeConstraint(Constraint):
+    """A linear probe's logit on the actor's hidden states (> 0: the probe calls the answer unsafe).
+    refresh_every > 0: every that many iterations the probe is refit on the actor's answers since the
+    last refit, labelled by `labeller(prompts, answers) -> [bool unsafe]` (the toy world's oracle plays
+    the human labeller, as it labels the preference pairs); 0 keeps the probe frozen. A refit changes
+    the logits' scale, so d is calibrated again on the same answers, to the same target rate: the
+    constraint stays "at most target_rate of the answers called unsafe by the current probe"."""
+
+    flags = {
+        "probe": (str | None, arg(None, "a linear probe folder (python -m nanosafe.probe), read on "
+                                  "the actor's hidden states; d calibrated", group="constraints")),
+        "probe_refresh_every": (int, arg(0, "refit the probe every N iterations on the actor's "
+                                         "answers, oracle-labelled (0: frozen)",
+                                         group="constraints")),
+    }
+
+    def __init__(self, path, labeller=None, refresh_every=0, thresholds=None, target_rate=0.01):
+        self.probe = LinearProbe.load(path)
+        self.names, self.layer = ["probe"], self.probe.layer
+        self.thresholds = list(thresholds) if thresholds else [None]
+        self.labeller, self.refresh_every, self.target_rate = labeller, refresh_every, target_rate
+        self.buffer = []  # (features, unsafe) of the answers since the last refresh, pooled over ranks
+        if refresh_every and labeller is None:
+            raise ConfigError("--probe_refresh_every needs labels for the policy's answers: the toy world's oracle "
+                                     "(toy prompts) or your own labeller")
+
+    @classmethod
+    def from_flags(cls, cfg, dtype, labeller):
+        if cfg.probe_refresh_every and not cfg.probe:
+            raise ConfigError("--probe_refresh_every refreshes the --probe constraint: give --probe "
+                              "FOLDER")
+        if not cfg.probe:
+            return []
+        return [cls(cfg.probe, labeller, cfg.probe_refresh_every,
+                    target_rate=cfg.target_unsafe_rate)]
+
+    def cost(self, ro):
+        self.probe.to(ro.seq.device)  # a few hundred numbers: it follows the rollout, not the trainer's placing
+        return self.probe(self.probe.features(ro.hidden[self.layer], ro.attn, ro.P)).float()
+
+    def observe(self, ro, costs, step):
+        if not self.refresh_every:
+            return False
+        feats = self.probe.features(ro.hidden[self.layer], ro.attn, ro.P).float().cpu()  # the actor's, at this iteration
+        unsafe = torch.tensor(self.labeller(ro.prompts, ro.answers()), dtype=torch.float32)
+        for f, y in dist.gather_objects((feats, unsafe)):  # every rank refits on the same answers
+            self.buffer.append((f, y))
+        if (step + 1) % self.refresh_every:
+            return False
+        f, y = torch.cat([b[0] for b in self.buffer]), torch.cat([b[1] for b in self.buffer])
+        self.buffer = []
+        if not 0 < y.sum() < len(y):  # both classes, or there is nothing to separate
+            return False
+        # unweighted: the current answers are mostly safe, and a class-balanced fit on them flags many safe
+        # ones (measured: 67% of the answers to harmful prompts flagged at 2% gold-unsafe, see docs/constraints.md)
+        self.probe.to("cpu").fit(f, y, warm_start=True, balanced=False)
+        s = self.probe(f)
+        if (s > 0).any() and (s <= 0).any():
+            safe, unsafe = s[s <= 0].mean().item(), s[s > 0].mean().item()
+            self.thresholds = [safe + self.target_rate * (unsafe - safe)]
+        return True
+
+    def save(self, folder):
+        if self.refresh_every:
+            self.probe.save(folder, dict(self.probe.info, refreshed_every=self.refresh_every))
+
+    def state_dict(self):
+        return {"probe": {k: v.clone() for k, v in self.probe.state_dict().items()}, "buffer": self.buffer,
+                "thresholds": self.thresholds}
+
+    def load_state_dict(self, state):
+        self.probe.load_state_dict(state["probe"])
+        self.buffer, self.thresholds = state["buffer"], state["thresholds"]
 
 
 def main(argv=None):

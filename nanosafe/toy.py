@@ -398,20 +398,6 @@ def ensure_dataset(out_dir, seed=0):
     print(f"wrote the toy world's data to {out_dir}")
 
 
-def data_paths(cfg, rt, kind: str):
-    """A stage's data: --train_data / --eval_data, or the toy world's {kind}_train / {kind}_test files
-    (written by rank 0 if missing, the other ranks wait). -> (toy_world, train_path, eval_path or None)"""
-    toy_world = cfg.train_data is None
-    if toy_world and rt.master:
-        ensure_dataset(cfg.data_dir, seed=0)
-    if rt.ddp:
-        import torch.distributed
-        torch.distributed.barrier()
-    train = cfg.train_data or os.path.join(cfg.data_dir, f"{kind}_train.jsonl")
-    held_out = cfg.eval_data or (os.path.join(cfg.data_dir, f"{kind}_test.jsonl") if toy_world else None)
-    return toy_world, train, held_out
-
-
 def vocabulary() -> list:
     """Every word the toy world can produce, for the tokenizer."""
     words = {w for ws in ANSWER.values() for w in ws} | {w for ws in REDIRECT_WORDS.values() for w in ws}
@@ -439,6 +425,57 @@ def summary(data) -> dict:
         "better_label_agrees_with_oracle": agree("better_response_id", H),
         "safer_label_agrees_with_oracle": agree("safer_response_id", C),
     }
+
+
+# -----------------------------------------------------------------------------
+# the toy model: a word-level tokenizer over the toy words, small Llamas built from a config
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>",
+                  "unk_token": "<unk>"}
+TOY_SIZES = {  # name -> (hidden, layers, heads); intermediate = 4 * hidden
+    "tiny": (64, 2, 4),      # 0.18M: unit tests
+    "small": (64, 3, 8),     # 0.25M: the toy world default; SFT ~1 min on 2 CPU threads
+    "medium": (128, 4, 4),   # 1.15M
+    "large": (256, 6, 8),    # 6.5M
+}
+
+
+def train_tokenizer(texts):
+    """A word-level tokenizer over the words of `texts` (the toy world has ~400 words, so every
+    token is a word and decoding is exact). Adds <bos> in front of every encoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    specials = list(SPECIAL_TOKENS.values())
+    words = sorted({w for t in texts for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(t)})
+    vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                      special_tokens=[("<bos>", vocab["<bos>"])])
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **SPECIAL_TOKENS)
+
+
+def toy_tokenizer():
+    """The toy world's tokenizer: every toy word plus the chat template's words."""
+    from nanosafe import data
+    return train_tokenizer(vocabulary() + [data.format_prompt("x", "<eos>")])
+
+
+def toy_model(tok, size: str = "small", seed: int = 0):
+    """A small Llama built from a config, random weights (seeded)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hidden, layers, heads = TOY_SIZES[size]
+    # untied embeddings: tied ones, trained by SFT, pull a topic's answer words together (cosine
+    # 0.84-0.91 within a topic vs 0.53-0.58 untied): it blurs what the score models tell apart
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
 
 
 if __name__ == "__main__":

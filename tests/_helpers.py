@@ -70,7 +70,8 @@ def tiny_world(tmp_path_factory) -> dict:
     if (base / "done").exists():
         return world
     from nanosafe import toy
-    from nanosafe.model import save_checkpoint, toy_model, toy_tokenizer
+    from nanosafe.model import save_checkpoint
+    from nanosafe.toy import toy_model, toy_tokenizer
     base.mkdir(exist_ok=True)
     tok = toy_tokenizer()
     save_checkpoint(world["policy"], toy_model(tok, "tiny", seed=0), tok, {"kind": "policy"})

@@ -18,12 +18,12 @@ def one_thread():
 @pytest.fixture
 def tok():
     # function scope: cheap (~10 ms), and some tests mutate tokenizers (pad tokens, added words)
-    return model.toy_tokenizer()
+    return toy.toy_tokenizer()
 
 
 @pytest.fixture
 def tiny_policy(tok):
-    return model.toy_model(tok, "tiny", seed=0)
+    return toy.toy_model(tok, "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

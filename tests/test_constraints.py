@@ -12,7 +12,8 @@ from transformers import LlamaForSequenceClassification
 
 import train_pm
 from nanosafe import constraints, data, model, toy
-from nanosafe.constraints import BannedWords, Constraint, Rollout
+from nanosafe.constraints import BannedWords, Constraint
+from nanosafe.rl import Rollout
 from nanosafe.generate import generate, response_mask
 from nanosafe.probe import LinearProbe, encode, hidden_features
 
@@ -172,7 +173,7 @@ def test_probe_sees_a_rollout_as_its_training_encoder_does(tok, tiny_policy):
 
 def test_refreshed_probe_refits_on_labelled_answers(tok):
     """observe(): features and labels are buffered every iteration; on the refresh step the probe is refit on them."""
-    from nanosafe.constraints import ProbeConstraint
+    from nanosafe.probe import ProbeConstraint
     p = LinearProbe(0, 3)
     p.mu.zero_()
     p.weight.data = torch.tensor([1.0, 0.0, 0.0])  # reads feature 0; the labels will follow feature 1

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from _helpers import ForkServer, load_weights, max_abs_diff, read_jsonl, run_torchrun, tiny_args, tiny_world
-from nanosafe import dist
-from nanosafe.dist import step_indices
+from nanosafe import dist, monitor
+from nanosafe.train import step_indices
 from nanosafe.ppo import masked_mean, seq_mean
 
 
@@ -55,8 +55,8 @@ def test_step_indices_grouped_by_length(n, monkeypatch):
     """With lengths: still a permutation per epoch, the same partition across ranks, and within
     each run of GROUP_BATCHES batches no two batches' length ranges overlap (each batch is a
     slice of the sorted run), so a batch pads to much less than a random batch does."""
-    import nanosafe.dist as D
-    monkeypatch.setattr(D, "GROUP_BATCHES", 4)
+    import nanosafe.train as T
+    monkeypatch.setattr(T, "GROUP_BATCHES", 4)
     gb, g = 8, torch.Generator().manual_seed(0)
     lengths = tuple(torch.randint(1, 100, (n,), generator=g).tolist())
     epoch_steps = n // gb  # whole steps inside the first epoch
@@ -78,7 +78,7 @@ def test_step_indices_grouped_by_length(n, monkeypatch):
     # 44 = 4 batches of 8 + (8 + 4); the 8 must be the shorter slice of the sorted last run
     lengths44 = tuple(torch.randint(1, 100, (44,), generator=g).tolist())
     for seed in range(10):
-        perm = D._perm(44, seed, lengths44, 8)
+        perm = T._perm(44, seed, lengths44, 8)
         assert max(lengths44[i] for i in perm[32:40]) <= min(lengths44[i] for i in perm[40:]), seed
     # padding: the mean longest-in-batch falls well below that of ungrouped batches
     plain = [step_indices(n, s, gb, 0, 1, seed=3) for s in range(epoch_steps)]
@@ -194,7 +194,7 @@ def test_stopwatch_laps_sum_to_the_iteration(monkeypatch):
     # a fake clock: each reading is the next of these seconds
     ticks = iter([10.0, 10.5, 11.0, 12.5, 12.75, 20.0, 21.0])
     monkeypatch.setattr(dist.time, "perf_counter", lambda: next(ticks))
-    clock = dist.Stopwatch("cpu")  # reset: 10.0
+    clock = monitor.Stopwatch("cpu")  # reset: 10.0
     clock.lap("generate")  # 0.5
     clock.lap("backward")  # 0.5
     clock.lap("generate")  # 1.5 more: a name seen again adds up

@@ -62,14 +62,14 @@ def stages(tmp_path_factory, fork_server):
 def test_on_policy_agreement_command(stages):
     t = stages
     common = ["--model", t / "sft", "--eval_data", t / "data" / "prompts_test.jsonl", "--n_samples", 1, "--max_new_tokens", 8]
-    run("-m", "nanosafe.diagnostics", "--on_policy", t / "rm", *common, "--out", t / "on_policy.json")
+    run("-m", "experiments.diagnostics", "--on_policy", t / "rm", *common, "--out", t / "on_policy.json")
     res = json.load(open(t / "on_policy.json"))
     assert res["benign"]["n"] + res["harmful"]["n"] == res["all"]["n"] <= 352  # 352 held-out prompts, one pair each
     assert res["all"]["n"] > 0 and 0 <= res["all"]["agreement"] <= 1
-    p = run("-m", "nanosafe.diagnostics", "--on_policy", t / "sft", *common, check=False)  # a policy is not a reward model
+    p = run("-m", "experiments.diagnostics", "--on_policy", t / "sft", *common, check=False)  # a policy is not a reward model
     assert p.returncode == 1 and "not a reward model" in p.stderr and "Traceback" not in p.stderr
     (t / "outside.jsonl").write_text('{"prompt": "how do i bake bread"}\n{"prompt": "what is the capital of france"}\n')
-    p = run("-m", "nanosafe.diagnostics", "--on_policy", t / "rm", *common[:2], "--eval_data", t / "outside.jsonl", check=False)
+    p = run("-m", "experiments.diagnostics", "--on_policy", t / "rm", *common[:2], "--eval_data", t / "outside.jsonl", check=False)
     assert p.returncode == 1 and "1 of 2 prompts are not toy-world requests" in p.stderr and "Traceback" not in p.stderr
 
 

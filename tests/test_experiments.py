@@ -1,4 +1,4 @@
-"""nanosafe.experiments: the round-k labelling draws from the oracles as the toy generator does, and the
+"""experiments.run: the round-k labelling draws from the oracles as the toy generator does, and the
 oracles only label: reward/cost model and PPO-Lag training give bit-identical weights when every oracle is
 replaced by noise. Plus the overshoot / oscillation measure on a hand-made trajectory."""
 
@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanosafe import config, experiments, toy
+from experiments import run
+from nanosafe import config, toy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def test_label_pairs_is_the_noisy_bradley_terry_draw_of_the_oracles(monkeypatch)
     dh = toy.helpfulness(p, good) - toy.helpfulness(p, worse)
     assert dh > 0
     n = 4000
-    recs = experiments.label_pairs([p] * n, [good] * n, [worse] * n, seed=1)
+    recs = run.label_pairs([p] * n, [good] * n, [worse] * n, seed=1)
     freq = sum(r["better_response_id"] == 0 for r in recs) / n
     want = 1 / (1 + math.exp(-dh / 0.1))  # P(0 better) = σ((H0 − H1) / temperature), the generator's temperature
     assert abs(freq - want) < 3 * math.sqrt(want * (1 - want) / n) + 1e-3
@@ -44,14 +45,14 @@ def test_label_pairs_is_the_noisy_bradley_terry_draw_of_the_oracles(monkeypatch)
     bad = " ".join(toy.ANSWER[toy.topic_of(hp)][:4])
     c_bad = sum(toy.cost(hp, bad).values())
     assert c_bad > 0 and sum(toy.cost(hp, toy.REFUSAL).values()) == 0
-    recs = experiments.label_pairs([hp] * n, [toy.REFUSAL] * n, [bad] * n, seed=2)
+    recs = run.label_pairs([hp] * n, [toy.REFUSAL] * n, [bad] * n, seed=2)
     freq = sum(r["safer_response_id"] == 0 for r in recs) / n
     want = 1 / (1 + math.exp(-c_bad / 0.5))
     assert abs(freq - want) < 3 * math.sqrt(want * (1 - want) / n) + 1e-3
     assert all(r["is_response_0_safe"] and not r["is_response_1_safe"] for r in recs)
     # the labels are the oracles' and nothing else's: noise oracles give other labels
     sabotage(monkeypatch)
-    noisy = experiments.label_pairs([hp] * n, [toy.REFUSAL] * n, [bad] * n, seed=2)
+    noisy = run.label_pairs([hp] * n, [toy.REFUSAL] * n, [bad] * n, seed=2)
     assert [r["is_response_1_safe"] for r in noisy] != [r["is_response_1_safe"] for r in recs]
 
 
@@ -65,8 +66,8 @@ def tiny(tmp_path_factory):
     subprocess.run([sys.executable, "train_sft.py", *map(str, argv)],
                    cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     prompts = [json.loads(ln)["prompt"] for ln in open(t / "data" / "prompts_train.jsonl")][:40]
-    ps, a0, a1 = experiments.sample_pairs(str(t / "sft"), prompts, 2, seed=5, max_new_tokens=12, threads=1)
-    new = experiments.label_pairs(ps, a0, a1, seed=2)
+    ps, a0, a1 = run.sample_pairs(str(t / "sft"), prompts, 2, seed=5, max_new_tokens=12, threads=1)
+    new = run.label_pairs(ps, a0, a1, seed=2)
     old = open(t / "data" / "pref_train.jsonl").read().splitlines()[:200]
     with gzip.open(t / "pairs.jsonl.gz", "wt") as f:
         f.writelines(ln + "\n" for ln in old)
@@ -110,9 +111,9 @@ def test_dynamics_overshoot_and_oscillation_by_hand():
     J = [3, 1, -0.5, -2, 0.5, -1]
     lam = [2, 3, 2.5, 2, 2.2, 2.1]
     ms = [{"episode_cost_window_0": j, "threshold_0": 0.0, "lambda_0": l, "rollout_flagged_cost": 0.1} for j, l in zip(J, lam)]
-    d = experiments.dynamics(ms)
+    d = run.dynamics(ms)
     assert d["first_crossing"] == 2 and d["overshoot"] == 2 and d["reviolation"] == 0.5 and d["iterations_above_d_after"] == 1
     # after the crossing λ goes 2.5 -> 2 -> 2.2 -> 2.1: steps -0.5, +0.2, -0.1: two turns, variation 0.8
     assert d["lambda_turns"] == 2 and d["lambda_total_variation"] == pytest.approx(0.8)
     assert d["lambda_std_late"] == pytest.approx(0.1)  # the second half 2, 2.2, 2.1: sample std 0.1
-    assert experiments.dynamics(ms[:2])["first_crossing"] is None
+    assert run.dynamics(ms[:2])["first_crossing"] is None

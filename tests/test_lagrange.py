@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanosafe.lagrange import LOG_LAMBDA_BOUND, EpisodeCostWindow, Lagrange, PIDLagrange
+from nanosafe.lagrange import LOG_LAMBDA_BOUND, EpisodeCostWindow, Lagrange
+from nanosafe.pid import PIDLagrange
 
 
 def test_one_step_by_hand():

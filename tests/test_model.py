@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
-from nanosafe import data, model, toy
+from nanosafe import data, lora, model, toy
 from nanosafe.model import CheckpointError, ScoreModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -113,7 +113,7 @@ def test_end_score_is_the_eos_score_for_both_paddings(tok, score_model):
 # checkpoints
 
 def make_score_model(tok, kind, seed=1):
-    m = ScoreModel.from_policy(model.toy_model(tok, "tiny", seed=seed), kind)
+    m = ScoreModel.from_policy(toy.toy_model(tok, "tiny", seed=seed), kind)
     torch.nn.init.normal_(m.head.weight, std=1.0)  # far from any init, so a head lost on the way would show
     return m.eval()
 
@@ -164,7 +164,7 @@ def test_our_score_model_loads_in_transformers_with_the_same_end_scores(tok, tmp
 
 @torch.no_grad()
 def test_a_sequence_classification_folder_made_with_transformers_loads_as_a_reward_model(tok, tmp_path):
-    policy = model.toy_model(tok, "tiny", seed=4)
+    policy = toy.toy_model(tok, "tiny", seed=4)
     cfg = policy.config
     cfg.num_labels, cfg.pad_token_id = 1, tok.pad_token_id
     torch.manual_seed(5)
@@ -186,16 +186,6 @@ def test_a_sequence_classification_folder_made_with_transformers_loads_as_a_rewa
     tok.save_pretrained(str(tmp_path / "two"))
     with pytest.raises(CheckpointError, match="num_labels 1"):
         model.load_score_model(str(tmp_path / "two"), kind="reward")
-
-
-def test_a_score_model_of_an_older_nanosafe_is_refused_with_a_clear_message(tok, tiny_policy, tmp_path):
-    path = tmp_path / "old_rm"
-    tiny_policy.model.save_pretrained(str(path))  # the old layout: a bare backbone + score_head.safetensors
-    tok.save_pretrained(str(path))
-    (path / model.LEGACY_HEAD_FILE).write_bytes(b"")
-    (path / model.STATE_FILE).write_text('{"kind": "reward"}')
-    with pytest.raises(CheckpointError, match="older nanosafe.*retrain it with train_pm.py"):
-        model.load_score_model(str(path), kind="reward")
 
 
 def test_policy_folder_as_score_model(tok, tiny_policy, tmp_path):
@@ -241,7 +231,7 @@ def word_tokenizer(pad=None):
 def test_ensure_pad_token_adds_a_distinct_pad(pad):
     t = word_tokenizer(pad)
     assert t.pad_token_id == (None if pad is None else t.eos_token_id)
-    m = model.toy_model(t, "tiny")
+    m = toy.toy_model(t, "tiny")
     assert m.get_input_embeddings().weight.shape[0] == 5
     assert model.ensure_pad_token(t, m) is True
     assert t.pad_token_id == 5 and t.pad_token_id != t.eos_token_id and len(t) == 6
@@ -373,7 +363,7 @@ def test_lora_adapters_merge_into_a_plain_folder_with_the_same_outputs(tok, tiny
     for m, out, kind in [(tiny_policy.eval(), policy_out, "policy"), (score_model, score_out, "reward")]:
         with torch.no_grad():
             base = out(m).clone()
-        model.add_lora(m, rank=4, alpha=8)
+        lora.add_lora(m, rank=4, alpha=8)
         trained = [n for n, p in m.named_parameters() if p.requires_grad]
         assert trained and all("lora_" in n or n.startswith("hf.score.") for n in trained), trained
         assert (kind == "reward") == any(n.startswith("hf.score.") for n in trained)  # a score head trains whole
@@ -384,7 +374,7 @@ def test_lora_adapters_merge_into_a_plain_folder_with_the_same_outputs(tok, tiny
                     p.normal_(std=0.3)  # as if trained
             adapted = out(m).clone()
             assert (adapted - base).abs().max() > 1e-2
-            with model.adapters_off(m):
+            with lora.adapters_off(m):
                 torch.testing.assert_close(out(m), base, atol=0, rtol=0)
             torch.testing.assert_close(out(m), adapted, atol=0, rtol=0)  # switched back on
         path = str(tmp_path / kind)
@@ -403,4 +393,4 @@ def test_lora_without_peft_is_one_clear_error(tiny_policy, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(CheckpointError, match="pip install peft"):
-        model.add_lora(tiny_policy, rank=4)
+        lora.add_lora(tiny_policy, rank=4)

@@ -195,14 +195,14 @@ def test_cost_model_fits_real_hh_pairs(one_thread):
     assert report["format"] == "hh-rlhf" and records[0]["is_response_0_safe"] is None
     records = records[:200]
     texts = [data.format_prompt(r["prompt"], "<eos>") + " " + r["response_0"] + " " + r["response_1"] for r in records]
-    tok = model.train_tokenizer(texts)
+    tok = toy.train_tokenizer(texts)
     # 15 steps of 8 fresh pairs stay at chance (measured: last-5 mean 0.67-0.69): 120 pairs teach a
     # random 0.1M model nothing general. So fit 40 pairs for 3 epochs: that checks the whole path
     # (template, tokenizer, collate, end score, loss, backward) learns, and in the right direction.
     fit = records[:40]
     ds = data.PreferenceDataset(fit, tok, max_length=128, truncate_prompts=True)
     torch.manual_seed(0)
-    sm = model.ScoreModel.from_policy(model.toy_model(tok, "tiny", seed=0), "cost")
+    sm = model.ScoreModel.from_policy(toy.toy_model(tok, "tiny", seed=0), "cost")
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     losses = []
     for step in range(15):
@@ -271,8 +271,8 @@ def test_init_auto_starts_a_toy_backbone_afresh(tmp_path, toy_data, tok):
     (measured better on the toy world, README), else --model's own weights; --init overrides."""
     pairs = tmp_path / "pairs.jsonl"
     toy.write_jsonl(str(pairs), toy_data["pref_train"][:16])
-    policy = model.toy_model(tok, "tiny", seed=1)  # not seed 0: --seed 0's fresh draw is toy_model's seed-0 init
-    seed0 = model.toy_model(tok, "tiny", seed=0).model.state_dict()
+    policy = toy.toy_model(tok, "tiny", seed=1)  # not seed 0: --seed 0's fresh draw is toy_model's seed-0 init
+    seed0 = toy.toy_model(tok, "tiny", seed=0).model.state_dict()
 
     def one_step(state, init="auto"):
         """-> (init recorded in nanosafe.json, distance of the backbone from the policy's weights, from seed-0 init)"""

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from nanosafe.ppo import (combined_advantage, group_zscore, grpo_lag_advantage, entropy_from_logits, gae, kl_k3, kl_rewards, kl_rewards_single,
-                          logprobs_from_logits, masked_mean, masked_whiten, policy_loss, seq_mean, value_loss)
+from nanosafe.ppo import (combined_advantage, group_zscore, grpo_lag_advantage, entropy_from_logits, gae, kl_k3, kl_rewards,
+                          logprobs_from_logits, masked_mean, policy_loss, seq_mean, value_loss)
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def test_kl_rewards_end_score_on_last_real_token():
     mask = ragged([3, 1, 4], 4)
     logp = torch.randn(3, 4)
     R, C = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-1.0, 0.5, 4.0])
-    rewards, costs = kl_rewards(R, C, logp, logp, mask, kl_coef=0.1)  # logp == ref: no KL
+    rewards, (costs,) = kl_rewards(R, [C], logp, logp, mask, kl_coef=0.1)  # logp == ref: no KL
     expected_r = torch.tensor([[0, 0, 1.0, 0], [2.0, 0, 0, 0], [0, 0, 0, 3.0]])
     expected_c = torch.tensor([[0, 0, -1.0, 0], [0.5, 0, 0, 0], [0, 0, 0, 4.0]])
     torch.testing.assert_close(rewards, expected_r, rtol=0, atol=0)
@@ -109,7 +109,7 @@ def test_kl_rewards_official_form_hand_values():
     logp = with_junk(torch.full((2, 4), 0.5), mask)  # logp > ref: the policy drifted, KL_t = 0.5
     R, C = torch.tensor([100.0, 1.0]), torch.tensor([0.0, -100.0])
     beta = 0.2
-    rewards, costs = kl_rewards(R, C, logp, ref, mask, kl_coef=beta, clip=50.0)
+    rewards, (costs,) = kl_rewards(R, [C], logp, ref, mask, kl_coef=beta, clip=50.0)
     # drift lowers the reward stream and raises the cost stream by β·KL = 0.1 each, not half of it
     torch.testing.assert_close(rewards[0, :2], torch.full((2,), -0.1), rtol=0, atol=1e-15)
     torch.testing.assert_close(costs[0, :2], torch.full((2,), 0.1), rtol=0, atol=1e-15)
@@ -119,7 +119,8 @@ def test_kl_rewards_official_form_hand_values():
     # masked positions are 0 even though logp holds 1e6-sized junk there
     assert (rewards[~mask] == 0).all() and (costs[~mask] == 0).all()
     # the single stream (plain PPO / reward shaping) takes the same −β·KL
-    single = kl_rewards_single(R, logp, ref, mask, kl_coef=beta, clip=50.0)
+    single, none = kl_rewards(R, [], logp, ref, mask, kl_coef=beta, clip=50.0)
+    assert none == [] and torch.equal(single, rewards)  # no cost stream: the same reward stream
     torch.testing.assert_close(single[0, :2], torch.full((2,), -0.1), rtol=0, atol=1e-15)
     assert single[0, 2].item() == 50.0 and (single[~mask] == 0).all()
 
@@ -133,7 +134,7 @@ def test_combined_advantage_carries_exactly_minus_beta_kl_whatever_lambda(lam):
     logp, ref = with_junk(torch.randn(3, 4), mask), torch.randn(3, 4)
     beta = 0.05
     zeros = torch.zeros(3)
-    rewards, costs = kl_rewards(zeros, zeros, logp, ref, mask, kl_coef=beta)
+    rewards, (costs,) = kl_rewards(zeros, [zeros], logp, ref, mask, kl_coef=beta)
     a_r, _ = gae(rewards, torch.zeros(3, 4), mask, gamma=1.0, lam=1.0)
     a_c, _ = gae(costs, torch.zeros(3, 4), mask, gamma=1.0, lam=1.0)
     adv = combined_advantage(a_r, [a_c], [lam])
@@ -141,7 +142,7 @@ def test_combined_advantage_carries_exactly_minus_beta_kl_whatever_lambda(lam):
     expected = -beta * kl.flip(-1).cumsum(-1).flip(-1)  # −β·(KL_t + KL_{t+1} + ...)
     torch.testing.assert_close(adv[mask], expected[mask], rtol=0, atol=1e-12)
     # the same as plain PPO's single stream at the same β
-    single, _ = gae(kl_rewards_single(zeros, logp, ref, mask, kl_coef=beta), torch.zeros(3, 4), mask, 1.0, 1.0)
+    single, _ = gae(kl_rewards(zeros, [], logp, ref, mask, kl_coef=beta)[0], torch.zeros(3, 4), mask, 1.0, 1.0)
     torch.testing.assert_close(adv[mask], single[mask], rtol=0, atol=1e-12)
 
 # -----------------------------------------------------------------------------
@@ -271,17 +272,6 @@ def test_logprobs_and_entropy_from_logits():
     torch.testing.assert_close(entropy_from_logits(logits), ent, rtol=0, atol=1e-12)
     # half-precision logits come back as float32 log-probs
     assert logprobs_from_logits(logits.bfloat16(), labels).dtype == torch.float32
-
-
-def test_masked_whiten():
-    torch.manual_seed(6)
-    mask = ragged([4, 2, 3], 4)
-    x = with_junk(3.0 + 2.0 * torch.randn(3, 4), mask)
-    w = masked_whiten(x, mask)
-    assert abs(masked_mean(w, mask)) < 1e-9 and abs(masked_mean(w ** 2, mask) - 1) < 1e-6
-    assert (w[~mask] == 0).all()
-    kept = masked_whiten(x, mask, shift_mean=False)
-    assert abs(masked_mean(kept, mask) - masked_mean(x, mask)) < 1e-9
 
 
 def test_grpo_lag_advantage_hand_values():

@@ -1,4 +1,4 @@
-"""The real-checkpoint path end to end: scripts/real_model.sh (SFT -> reward model -> cost model ->
+"""The real-checkpoint path end to end: experiments/real_model.sh (SFT -> reward model -> cost model ->
 PPO-Lag -> sample) on SmolLM2-135M-Instruct, a real pretrained chat model (pad == eos, a ChatML
 template), with HH-RLHF pairs and AdvBench prompts, --template chat and --dtype bfloat16, tiny
 settings. The material comes from PyPI packages and ../shared (tests/real_assets.py); the test skips
@@ -39,7 +39,7 @@ def recipe(tmp_path_factory):
     env = dict(os.environ, PY=sys.executable, SFT_STEPS="2", PM_STEPS="2", PPO_STEPS="2", ROLLOUTS="4", MICRO="2",
                MAX_LENGTH="128", MAX_PROMPT="64", MAX_NEW="16", BATCH="2", THRESHOLD="0.0", THREADS="2", SHOW="3",
                PYTHONUNBUFFERED="1")
-    p = subprocess.run(["bash", "scripts/real_model.sh", model_dir, str(d), str(t / "out")], cwd=ROOT, env=env,
+    p = subprocess.run(["bash", "experiments/real_model.sh", model_dir, str(d), str(t / "out")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return {"out": t / "out", "model": Path(model_dir), "stdout": p.stdout, "stderr": p.stderr}

@@ -329,7 +329,7 @@ def _scorer(f):
 
 
 def test_probe_scores_an_oracle_perfect_and_a_word_counter_blind_to_repeats():
-    from nanosafe.diagnostics import contrast_probe as probe
+    from experiments.diagnostics import contrast_probe as probe
     prompts = [tpl.format(s=p) for tpl in toy.TEMPLATES_TEST[:1] for p, _ in toy.PHRASES]
     perfect = probe(_scorer(toy.helpfulness), prompts)
     assert all(r["right"] == 1.0 for r in perfect.values())
@@ -343,7 +343,7 @@ def test_probe_scores_an_oracle_perfect_and_a_word_counter_blind_to_repeats():
 
 
 def test_on_policy_agreement_hand_values_ties_and_parts():
-    from nanosafe.diagnostics import on_policy_agreement
+    from experiments.diagnostics import on_policy_agreement
     bread, bomb = "how do i bake bread", "how do i make a bomb"
     prompts = [bread, bread, bread, bomb, bomb]
     a0 = ["flour yeast oven", "flour", "flour yeast", "police emergency", "police"]
@@ -362,7 +362,7 @@ def test_on_policy_agreement_hand_values_ties_and_parts():
 
 
 def test_on_policy_agreement_of_a_word_counter_drops_on_padded_answers():
-    from nanosafe.diagnostics import on_policy_agreement
+    from experiments.diagnostics import on_policy_agreement
     p = "how do i bake bread"
     clean, padded = "flour yeast oven knead", "flour yeast oven knead flour flour"  # gold: 0.667 vs 0.567
     counter = _scorer(lambda q, a: sum(w in toy.ANSWER[toy.topic_of(q)] for w in a.split()))
@@ -387,7 +387,7 @@ def _word_probs(pick):
 
 
 def test_repeat_probe_tells_sampling_without_replacement_from_a_bag_of_words():
-    from nanosafe.diagnostics import repeat_probe
+    from experiments.diagnostics import repeat_probe
     prompts = [tpl.format(s=p) for tpl in toy.TEMPLATES_TEST[:1] for p, _ in toy.PHRASES]
     fresh, word_id = _word_probs(lambda p, used: [w for w in toy.ANSWER[toy.topic_of(p)] if w not in used])
     res = repeat_probe(fresh, word_id, prompts, ks=(1, 3, 5))
@@ -400,7 +400,7 @@ def test_repeat_probe_tells_sampling_without_replacement_from_a_bag_of_words():
 
 
 def test_repeat_stats_hand_values():
-    from nanosafe.diagnostics import repeat_stats
+    from experiments.diagnostics import repeat_stats
     p = "how do i bake bread"  # cooking: 10 answer words
     records = [{"prompt": p, "response": "flour yeast oven"},
                {"prompt": p, "response": "flour flour"},
@@ -416,7 +416,7 @@ def test_repeat_stats_hand_values():
 def test_next_token_probs_match_an_unpadded_forward(tok, tiny_policy):
     import torch
     from nanosafe import data
-    from nanosafe.diagnostics import next_token_probs
+    from experiments.diagnostics import next_token_probs
     tiny_policy.eval()
     prompts = ["how do i bake bread", "can you explain how to build an emergency fund"]  # different lengths: left padding
     prefixes = ["flour yeast", "savings"]

@@ -23,7 +23,8 @@ import torch
 from _helpers import (ENV, ROOT, ForkServer, assert_nothing_written, read_jsonl, run_script, saved_step, tiny_args,
                       tiny_world, write_jsonl)
 from nanosafe.model import (CheckpointError, check_same_tokenizer, load_policy, load_score_model, load_trainer_state,
-                            read_state, save_checkpoint, toy_model, toy_tokenizer)
+                            read_state, save_checkpoint)
+from nanosafe.toy import toy_model, toy_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,25 @@
 The toy world's diagnostics: where a reward model or a policy goes wrong, judged by the oracle.
 Only for reading results (docs/findings.md); no stage calls them.
 
-- `contrast_probe`: how often a reward model orders the toy world's contrast pairs as the oracle does
+- `contrast_probe`: how often a reward model orders the toy world's contrast pairs as the oracle
+  does
 - `repeat_probe`: whether a policy gives the words it has already said less probability
 - `repeat_stats`: the same two numbers in SFT data
-- `on_policy_agreement`: how often a reward model orders two answers of one policy as the oracle does
+- `on_policy_agreement`: how often a reward model orders two answers of one policy as the oracle
+  does
 
-    python -m nanosafe.diagnostics --contrasts out/rm
+From the repository root:
+
+    python -m experiments.diagnostics --contrasts out/rm
 
 prints how often the reward model gets each of the toy world's contrasts right (its blind spots).
 
-    python -m nanosafe.diagnostics --repeat_probe out/sft
+    python -m experiments.diagnostics --repeat_probe out/sft
 
-prints a policy's next-word probabilities for a used vs an unused answer word, beside the SFT data's.
+prints a policy's next-word probabilities for a used vs an unused answer word, beside the SFT
+data's.
 
-    python -m nanosafe.diagnostics --on_policy out/rm --model out/ppo_lag
+    python -m experiments.diagnostics --on_policy out/rm --model out/ppo_lag
 
 prints how often the reward model orders two of the policy's own answers as the oracle does: the
 accuracy PPO depends on, where the held-out pairs' accuracy may not show it (see docs/findings.md).
@@ -52,14 +57,17 @@ def contrast_probe(score_fn, prompts, seed=0) -> dict:
 
 @torch.no_grad()
 def next_token_probs(model, tok, prompts, prefixes, batch_size=64, device="cpu") -> torch.Tensor:
-    """P(next token | prompt template + answer prefix) from a policy -> [N, vocab], one row per pair."""
+    """P(next token | prompt template + answer prefix) from a policy -> [N, vocab], one row per
+    pair."""
     out, enc = [], data.Encoder(tok)
     for i in range(0, len(prompts), batch_size):
         seqs = [data.tokenize_prompt(tok, p, max_prompt_length=10**9) + enc(data.format_response(a))
                 for p, a in zip(prompts[i:i + batch_size], prefixes[i:i + batch_size])]
-        ids, mask = data.pad_left(seqs, tok.pad_token_id)  # left padding: every row's last column is its last token
+        # left padding: every row's last column is its last token
+        ids, mask = data.pad_left(seqs, tok.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
+        logits = model(input_ids=ids, attention_mask=mask,
+                       position_ids=position_ids_from_mask(mask)).logits[:, -1]
         out.append(logits.float().softmax(-1).cpu())
     return torch.cat(out)
 
@@ -83,7 +91,8 @@ def repeat_probe(probs_fn, word_id, prompts, ks=(1, 3, 5), seed=0) -> dict:
             rest = [x for x in ans if x not in w]
             used.append(sum(pr[word_id(x)].item() for x in w) / len(w))
             unused.append(sum(pr[word_id(x)].item() for x in rest) / len(rest))
-        out[k] = {"used": sum(used) / len(used), "unused": sum(unused) / len(unused), "n": len(heads)}
+        out[k] = {"used": sum(used) / len(used), "unused": sum(unused) / len(unused),
+                  "n": len(heads)}
     return out
 
 
@@ -91,16 +100,21 @@ def on_policy_agreement(score_fn, prompts, answers_0, answers_1) -> dict:
     """How often score_fn(prompts, answers) -> [N] orders two answers to the same prompt as the gold
     oracle does, on pairs the oracle does not tie (a score tie counts ½). With both answers sampled
     from one policy this is the reward model's accuracy where PPO needs it, on the policy's own
-    answers rather than the preference data's mix. -> {'all' | 'benign' | 'harmful': {agreement, n}}"""
-    gold = [(toy.helpfulness(p, a), toy.helpfulness(p, b)) for p, a, b in zip(prompts, answers_0, answers_1)]
+    answers rather than the preference data's mix.
+    -> {'all' | 'benign' | 'harmful': {agreement, n}}"""
+    gold = [(toy.helpfulness(p, a), toy.helpfulness(p, b))
+            for p, a, b in zip(prompts, answers_0, answers_1)]
     keep = [i for i, (g0, g1) in enumerate(gold) if g0 != g1]
     ps = [prompts[i] for i in keep]
-    s0, s1 = score_fn(ps, [answers_0[i] for i in keep]).tolist(), score_fn(ps, [answers_1[i] for i in keep]).tolist()
+    s0 = score_fn(ps, [answers_0[i] for i in keep]).tolist()
+    s1 = score_fn(ps, [answers_1[i] for i in keep]).tolist()
     out = {}
     for part, want in (("all", None), ("benign", False), ("harmful", True)):
         right = [0.5 if x == y else float((x > y) == (gold[i][0] > gold[i][1]))
-                 for i, p, x, y in zip(keep, ps, s0, s1) if want is None or toy.is_harmful(p) == want]
-        out[part] = {"agreement": sum(right) / len(right) if right else float("nan"), "n": len(right)}
+                 for i, p, x, y in zip(keep, ps, s0, s1)
+                 if want is None or toy.is_harmful(p) == want]
+        out[part] = {"agreement": sum(right) / len(right) if right else float("nan"),
+                     "n": len(right)}
     return out
 
 
@@ -143,26 +157,35 @@ def main(args):
         vocab = tok.get_vocab()
         missing = sorted({w for ws in toy.ANSWER.values() for w in ws} - set(vocab))
         if missing:
-            raise CheckpointError(f"--repeat_probe needs the toy tokenizer (one token per toy word); {args.repeat_probe}'s "
-                             f"tokenizer has no single token for {len(missing)} of them, e.g. {missing[:3]}")
+            raise CheckpointError("--repeat_probe needs the toy tokenizer (one token per toy "
+                                  f"word); {args.repeat_probe}'s tokenizer has no single token for "
+                                  f"{len(missing)} of them, e.g. {missing[:3]}")
         word_id = vocab.__getitem__
-        res = {"policy": repeat_probe(lambda ps, prefixes: next_token_probs(model, tok, ps, prefixes), word_id, prompts, seed=args.seed),
-               "sft_data": repeat_stats(data.load_sft(args.sft_data)) if os.path.exists(args.sft_data) else None}
-        print("per word, P(next word) after k distinct answer words:  used | unused (policy)   used | unused (SFT data)")
+        res = {"policy": repeat_probe(lambda ps, pre: next_token_probs(model, tok, ps, pre),
+                                      word_id, prompts, seed=args.seed),
+               "sft_data": (repeat_stats(data.load_sft(args.sft_data))
+                            if os.path.exists(args.sft_data) else None)}
+        print("per word, P(next word) after k distinct answer words:  "
+              "used | unused (policy)   used | unused (SFT data)")
         for k, r in res["policy"].items():
             d = (res["sft_data"] or {}).get(k)
-            print(f"  k = {k}:  {r['used']:.4f} | {r['unused']:.4f}" + (f"   {d['used']:.4f} | {d['unused']:.4f}  ({d['n']} answers)" if d else ""))
+            print(f"  k = {k}:  {r['used']:.4f} | {r['unused']:.4f}"
+                  + (f"   {d['used']:.4f} | {d['unused']:.4f}  ({d['n']} answers)" if d else ""))
         out = args.out or os.path.join(args.repeat_probe, "repeat_probe.json")
         write_json(out, res)
     elif args.on_policy:
         rm, rtok = load_score_model(args.on_policy, kind="reward")
-        model, tok = load_policy(args.model)  # answers go to the reward model as text: its own tokenizer reads them
+        # answers go to the reward model as text: its own tokenizer reads them
+        model, tok = load_policy(args.model)
         rm.eval()
         model.eval()
         ps = [p for p in prompts for _ in range(args.n_samples)]
-        answers, _ = sample(model, tok, ps + ps, max_new_tokens=args.max_new_tokens, seed=args.seed)  # two answers per pair
-        res = on_policy_agreement(lambda q, a: score(rm, rtok, q, a), ps, answers[:len(ps)], answers[len(ps):])
-        print(f"{args.on_policy} on pairs of {args.model}'s answers ({len(ps)} pairs, gold ties left out):")
+        # two answers per pair
+        answers, _ = sample(model, tok, ps + ps, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        res = on_policy_agreement(lambda q, a: score(rm, rtok, q, a), ps, answers[:len(ps)],
+                                  answers[len(ps):])
+        print(f"{args.on_policy} on pairs of {args.model}'s answers ({len(ps)} pairs, "
+              "gold ties left out):")
         for part, r in res.items():
             print(f"  {part:8s} agreement with the oracle {r['agreement']:.3f}  ({r['n']} pairs)")
         out = args.out or os.path.join(args.on_policy, "on_policy.json")
@@ -172,17 +195,27 @@ def main(args):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--contrasts", default=None, help="a reward model folder: how often it orders the toy world's contrast pairs right")
-    ap.add_argument("--repeat_probe", default=None, help="a policy folder: P(next = a word it already said) vs an unused answer word, beside the SFT data's")
-    ap.add_argument("--on_policy", default=None, help="a reward model folder: how often it orders pairs of --model's own answers (--n_samples pairs per prompt) as the oracle does")
-    ap.add_argument("--model", default="out/ppo_lag", help="with --on_policy: the policy whose answers are paired")
-    ap.add_argument("--sft_data", default="data/toy/sft_train.jsonl", help="with --repeat_probe: the SFT data to compare with")
-    ap.add_argument("--eval_data", default="data/toy/prompts_test.jsonl", help="prompts file (toy world)")
+    ap = argparse.ArgumentParser(prog="python -m experiments.diagnostics", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contrasts", default=None, help="a reward model folder: how often it orders "
+                    "the toy world's contrast pairs right")
+    ap.add_argument("--repeat_probe", default=None, help="a policy folder: P(next = a word it "
+                    "already said) vs an unused answer word, beside the SFT data's")
+    ap.add_argument("--on_policy", default=None, help="a reward model folder: how often it orders "
+                    "pairs of --model's own answers (--n_samples pairs per prompt) as the oracle "
+                    "does")
+    ap.add_argument("--model", default="out/ppo_lag",
+                    help="with --on_policy: the policy whose answers are paired")
+    ap.add_argument("--sft_data", default="data/toy/sft_train.jsonl",
+                    help="with --repeat_probe: the SFT data to compare with")
+    ap.add_argument("--eval_data", default="data/toy/prompts_test.jsonl",
+                    help="prompts file (toy world)")
     ap.add_argument("--n_samples", type=int, default=4, help="with --on_policy: pairs per prompt")
-    ap.add_argument("--max_new_tokens", type=int, default=24, help="answer length limit in tokens")
+    ap.add_argument("--max_new_tokens", type=int, default=24,
+                    help="answer length limit in tokens")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--out", default=None, help="write the JSON here (default: contrasts.json, repeat_probe.json or on_policy.json in the probed folder)")
+    ap.add_argument("--out", default=None, help="write the JSON here (default: contrasts.json, "
+                    "repeat_probe.json or on_policy.json in the probed folder)")
     args = ap.parse_args()
     try:
         main(args)

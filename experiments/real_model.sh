@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Safe RLHF on a real checkpoint, on local files: SFT -> reward model -> cost model -> PPO-Lag -> sample.
 #
-#   scripts/real_model.sh MODEL_DIR DATA_DIR [OUT_DIR]
+#   experiments/real_model.sh MODEL_DIR DATA_DIR [OUT_DIR]
 #
 # MODEL_DIR: any local Hugging Face causal-LM folder (safetensors + tokenizer), e.g. Qwen2.5-0.5B-Instruct.
 # DATA_DIR:  sft.jsonl (prompt, response), pref.jsonl (PKU-SafeRLHF or HH-RLHF pairs) and prompts.jsonl
@@ -10,12 +10,12 @@
 #
 # The defaults are for one GPU and a 0.5B instruct model on PKU-SafeRLHF; every size can be set from the
 # environment (the test runs it on SmolLM2-135M with tiny ones), e.g.
-#   LAUNCH="torchrun --nproc_per_node=8" scripts/real_model.sh ~/models/qwen2.5-0.5b-instruct data/pku
+#   LAUNCH="torchrun --nproc_per_node=8" experiments/real_model.sh ~/models/qwen2.5-0.5b-instruct data/pku
 # A cost model trained without safe/unsafe labels (HH-RLHF) has no meaningful zero: set THRESHOLD then.
 set -euo pipefail
 if [ $# -lt 2 ]; then sed -n 2,14p "$0"; exit 2; fi
 MODEL=$1 DATA=$2 OUT=${3:-out/real}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.."            # the repository root, where the stage scripts are
 
 PY=${PY:-python3}
 LAUNCH=${LAUNCH:-$PY}               # torchrun --nproc_per_node=N for DDP

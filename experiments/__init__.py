@@ -1,0 +1,1 @@
+"""Research tooling, not part of the package (sweeps, bench, diagnostics, reports)."""

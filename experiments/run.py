@@ -1,0 +1,722 @@
+"""
+The paper's experiments on the toy world, each one command; results and times in
+docs/experiments.md. From the repository root:
+
+    python -m experiments.run sweep    # PPO-Lag, PPO, reward shaping ν ∈ {0.01 .. 10}, 3 seeds:
+                                       #   table + Pareto plot
+    python -m experiments.run budget   # PPO-Lag --target_unsafe_rate 1/5/10/20 %: asked against
+                                       #   reached
+    python -m experiments.run pid      # PID against the log-λ step (overshoot, λ's oscillation);
+                                       #   cost model without its sign term
+    python -m experiments.run grpo     # Lagrangian GRPO against PPO-Lag at the same wall-clock
+    python -m experiments.run rounds   # three rounds of Safe RLHF: sample, label with the oracles,
+                                       #   retrain, PPO-Lag; Elo
+
+Every run is `train_ppo_lag.py` (or `train_pm.py`) in a subprocess, --jobs at a time with --threads
+each, in out/experiments/<experiment>/<run>/ with its log; a run with a summary is not run again, so
+an interrupted experiment goes on where it stopped. The runs take out/sft, out/rm, out/cm (make
+demo). A shorter budget than the default run (--steps 150 of 350) keeps the sweep's 27 runs within
+90 minutes on 2 CPU cores; every run of an experiment has the same budget. The gold oracles only
+judge the results, except in `rounds`, where they are the labellers of the new pairs (as people are
+in the paper).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+from nanosafe import toy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the stage scripts are here
+
+NUS = [0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0]
+BUDGETS = [0.01, 0.05, 0.10, 0.20]
+PID_GAINS = ["--multiplier", "pid", "--pid_kp", "0.1", "--pid_ki", "0.02", "--pid_kd", "0.5"]
+
+# -----------------------------------------------------------------------------
+# running: subprocesses, --jobs at a time, skipped when done
+
+
+def run_jobs(jobs, n_jobs, threads):
+    """jobs: [(out_dir, argv)] -> runs those without out_dir/done.json, n_jobs at a time; each one's
+    stdout + stderr in out_dir/log.txt, its wall time in out_dir/done.json. A failed run is reported
+    (with its log's last line) after the others finish. argv[0] is a stage script of the repository
+    root, by name: it runs from there whatever the working folder (the paths stay the caller's)."""
+    todo = [(d, a) for d, a in jobs if not os.path.exists(os.path.join(d, "done.json"))]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; running {len(todo)}, "
+          f"{n_jobs} at a time, {threads} thread(s) each", flush=True)
+    running, failed, t_start = [], [], time.time()
+    while todo or running:
+        while todo and len(running) < n_jobs:
+            d, argv = todo.pop(0)
+            os.makedirs(d, exist_ok=True)
+            # a killed run goes on
+            resume = ["--resume"] if os.path.exists(os.path.join(d, "trainer_state.pt")) else []
+            log = open(os.path.join(d, "log.txt"), "a")
+            cmd = [sys.executable, os.path.join(ROOT, argv[0]), *argv[1:], "--out_dir", d,
+                   "--threads", str(threads), *resume]
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            running.append((p, d, log, time.time()))
+        time.sleep(0.5)
+        for job in list(running):
+            p, d, log, t0 = job
+            if p.poll() is None:
+                continue
+            running.remove(job)
+            log.close()
+            if p.returncode:
+                last = _last_line(os.path.join(d, "log.txt"))
+                failed.append(f"{d} (exit {p.returncode}): {last}")
+                continue
+            with open(os.path.join(d, "done.json"), "w") as f:
+                json.dump({"wall_s": time.time() - t0, "parallel_jobs": n_jobs,
+                           "threads": threads}, f)
+            print(f"  done {d} in {time.time() - t0:.0f} s "
+                  f"({(time.time() - t_start) / 60:.1f} min so far)", flush=True)
+    if failed:
+        sys.exit("failed runs (their logs are in their folders):\n  " + "\n  ".join(failed))
+
+
+def _last_line(path):
+    with open(path) as f:
+        lines = [ln.strip() for ln in f.read().replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1] if lines else "(empty log)"
+
+
+def ppo_argv(args, *flags):
+    """train_ppo_lag.py with the experiment's shared budget."""
+    return ["train_ppo_lag.py", "--max_steps", str(args.steps), "--show_every", "0",
+            "--model", args.sft, "--reward_model", args.rm, "--cost_models", args.cm, *flags]
+
+
+def read_run(d):
+    """A finished run: its summary (final gold numbers, λ), metrics per iteration, wall time."""
+    with open(os.path.join(d, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+        metrics = [json.loads(ln) for ln in f if ln.strip()]
+    with open(os.path.join(d, "done.json")) as f:
+        wall = json.load(f)["wall_s"]
+    return {"final": summary["final"], "lambdas": summary.get("lambdas", []),
+            "metrics": [m for m in metrics if not m.get("final")], "wall_s": wall}
+
+
+def mean_std(xs):
+    """(mean, sample std) over seeds."""
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def over_seeds(runs, key):
+    return mean_std([r["final"][key] for r in runs])
+
+
+def fmt(ms, pct=False):
+    m, s = ms
+    return f"{100 * m:.1f} ± {100 * s:.1f}%" if pct else f"{m:.3f} ± {s:.3f}"
+
+
+def write(args, name, result, table):
+    """out/experiments/<name>.json and .md (the table docs/experiments.md quotes)."""
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"wrote {args.out}/{name}.json and .md")
+
+# -----------------------------------------------------------------------------
+# the reward-shaping sweep and its Pareto picture
+
+
+def sweep(args):
+    configs = {"ppo_lag": ["--algo", "ppo_lag"], "ppo": ["--algo", "ppo"]}
+    configs |= {f"shaping_{nu:g}": ["--algo", "reward_shaping", "--shaping_coef", str(nu)]
+                for nu in NUS}
+    root = os.path.join(args.out, "sweep")
+    jobs = [(os.path.join(root, n, f"seed{s}"), ppo_argv(args, *f, "--seed", str(s)))
+            for s in args.seeds for n, f in configs.items()]
+    run_jobs(jobs, args.jobs, args.threads)
+    rows = {}
+    for n in configs:
+        runs = [read_run(os.path.join(root, n, f"seed{s}")) for s in args.seeds]
+        rows[n] = {k: over_seeds(runs, k) for k in ("gold_helpfulness", "gold_unsafe_rate_harmful",
+                                                    "gold_unsafe_rate", "gold_helpfulness_benign")}
+        rows[n]["per_seed"] = {k: [r["final"][k] for r in runs]
+                               for k in ("gold_helpfulness", "gold_unsafe_rate_harmful")}
+        rows[n]["wall_s"] = sum(r["wall_s"] for r in runs) / len(runs)
+        rows[n]["optimum"] = runs[0]["final"]["gold_optimum_helpfulness"]
+
+    # the frontier check: does a ν beat PPO-Lag on both axes by more than the standard error of
+    # the difference?
+    def se(a, b, k):
+        return math.sqrt((rows[a][k][1] ** 2 + rows[b][k][1] ** 2) / len(args.seeds))
+
+    lag = rows["ppo_lag"]
+    for n in rows:
+        if n.startswith("shaping"):
+            d_help = rows[n]["gold_helpfulness"][0] - lag["gold_helpfulness"][0]
+            d_safe = lag["gold_unsafe_rate_harmful"][0] - rows[n]["gold_unsafe_rate_harmful"][0]
+            rows[n]["dominates_ppo_lag"] = (
+                d_help > se(n, "ppo_lag", "gold_helpfulness")
+                and d_safe > se(n, "ppo_lag", "gold_unsafe_rate_harmful"))
+            rows[n]["unsafe"] = rows[n]["gold_unsafe_rate_harmful"][0] > 0.05
+            rows[n]["over_cautious"] = d_help <= -0.1
+    lines = [f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), {args.steps} "
+             "iterations each; mean ± std over seeds; gold numbers on the 352 held-out prompts, "
+             "4 samples each",
+             "", "| run | helpfulness, all | % of optimum | unsafe, harmful prompts | "
+             "unsafe, all prompts | beats PPO-Lag on both axes | minutes per run |",
+             "|---|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        label = ({"ppo_lag": "**PPO-Lag**", "ppo": "PPO (reward only)"}.get(n)
+                 or f"reward shaping ν = {n.split('_')[1]}")
+        flag = {True: "yes", False: "no"}.get(r.get("dominates_ppo_lag"), "")
+        flag += (" (unsafe > 5%)" if r.get("unsafe")
+                 else " (over-cautious: ≥ 0.1 less helpful)" if r.get("over_cautious") else "")
+        lines.append(f"| {label} | {fmt(r['gold_helpfulness'])} | "
+                     f"{r['gold_helpfulness'][0] / r['optimum']:.1%} | "
+                     f"{fmt(r['gold_unsafe_rate_harmful'], True)} | "
+                     f"{fmt(r['gold_unsafe_rate'], True)} | {flag} | {r['wall_s'] / 60:.1f} |")
+    write(args, "sweep", rows, "\n".join(lines))
+    plot_pareto(rows, os.path.join(args.out, "sweep.png"), args)
+
+
+def plot_pareto(rows, path, args):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: no plot (the table has the numbers)")
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    shaping = [(float(n.split("_")[1]), r) for n, r in rows.items() if n.startswith("shaping")]
+    # x: the unsafe rate on a log axis, reversed (safer to the right): the safe runs sit within
+    # 0.5-3%
+    xs = [100 * r["gold_unsafe_rate_harmful"][0] for _, r in shaping]
+    ys = [r["gold_helpfulness"][0] for _, r in shaping]
+    ax.plot(xs, ys, "-", color="tab:blue", alpha=0.4)
+    for k, ((nu, r), x, y) in enumerate(zip(shaping, xs, ys)):
+        ax.errorbar(x, y, xerr=100 * r["gold_unsafe_rate_harmful"][1],
+                    yerr=r["gold_helpfulness"][1], fmt="o", color="tab:blue", capsize=2)
+        ax.annotate(f"ν={nu:g}", (x, y), textcoords="offset points",
+                    xytext=(6, -12 if k % 2 else 6), fontsize=8, color="tab:blue")
+    for n, style, label in [("ppo_lag", "*", "PPO-Lag"), ("ppo", "s", "PPO (reward only)")]:
+        r = rows[n]
+        ax.errorbar(100 * r["gold_unsafe_rate_harmful"][0], r["gold_helpfulness"][0],
+                    xerr=100 * r["gold_unsafe_rate_harmful"][1], yerr=r["gold_helpfulness"][1],
+                    fmt=style, markersize=13 if style == "*" else 7, capsize=2,
+                    color="tab:red" if n == "ppo_lag" else "gray", label=label, zorder=3)
+    ax.plot([], [], "o-", color="tab:blue", alpha=0.6, label="reward shaping R − ν·C")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("gold unsafe rate on harmful prompts, % (log scale; safer →)")
+    ax.set_ylabel("gold helpfulness (all held-out prompts)")
+    ax.set_title(f"Reward shaping against PPO-Lag ({len(args.seeds)} seeds, {args.steps} "
+                 "iterations; mean ± std)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+# -----------------------------------------------------------------------------
+# ask for X% unsafe, get X%?
+
+
+def budget(args):
+    """Asked against reached, at the default dual step (3 seeds) and at the official λ lr 0.1 (the
+    first seed): λ's step is lr·λ·(J − d), so once the policy is safer than asked λ decays only as
+    1 / (1/λ₀ + lr·|J − d|·t)."""
+    root = os.path.join(args.out, "budget")
+    # the sweep's PPO-Lag runs are the 1% ones: the same flags
+    sweep_lag = os.path.join(args.out, "sweep", "ppo_lag")
+
+    def run_dir(b, s):
+        if b == 0.01:
+            return os.path.join(sweep_lag, f"seed{s}")
+        return os.path.join(root, f"target_{b:g}", f"seed{s}")
+
+    def fast_dir(b, s):
+        return os.path.join(root, f"target_{b:g}_lambda_lr_0.1", f"seed{s}")
+
+    jobs = [(run_dir(b, s), ppo_argv(args, "--target_unsafe_rate", str(b), "--seed", str(s)))
+            for s in args.seeds for b in BUDGETS]
+    jobs += [(fast_dir(b, s), ppo_argv(args, "--target_unsafe_rate", str(b), "--lambda_lr", "0.1",
+                                       "--seed", str(s)))
+             for s in args.seeds[:1] for b in BUDGETS]
+    run_jobs(jobs, args.jobs, args.threads)
+    # the cost model's view: its unsafe rate over the last fifth of training's rollouts
+    rows, last = {}, max(1, args.steps // 5)
+    for series, where, seeds in (("", run_dir, args.seeds),
+                                 ("_lambda_lr_0.1", fast_dir, args.seeds[:1])):
+        for b in BUDGETS:
+            runs = [read_run(where(b, s)) for s in seeds]
+            flagged = [sum(m["rollout_flagged_cost"] for m in r["metrics"][-last:]) / last
+                       for r in runs]
+            rollout_gold = [sum(m["rollout_gold_unsafe"] for m in r["metrics"][-last:]) / last
+                            for r in runs]
+            slack = [sum(m["threshold_0"] - m["episode_cost_window_0"]
+                         for m in r["metrics"][-last:]) / last for r in runs]
+            rows[f"{b:g}{series}"] = {
+                "asked": b, "lambda_lr": 0.1 if series else 0.02, "seeds": seeds,
+                "gold_unsafe_rate": over_seeds(runs, "gold_unsafe_rate"),
+                "gold_unsafe_rate_harmful": over_seeds(runs, "gold_unsafe_rate_harmful"),
+                "gold_helpfulness": over_seeds(runs, "gold_helpfulness"),
+                "rollout_flagged_by_cost_model": mean_std(flagged),
+                "rollout_gold_unsafe": mean_std(rollout_gold),
+                "slack_d_minus_J": mean_std(slack),
+                "threshold": mean_std([r["metrics"][0]["threshold_0"] for r in runs]),
+                "per_seed_gold_unsafe_rate": [r["final"]["gold_unsafe_rate"] for r in runs],
+                "lambda_final": mean_std([r["lambdas"][0] for r in runs])}
+    harmful_share = sum(toy.is_harmful(p) for p in _eval_prompts(args)) / len(_eval_prompts(args))
+    lines = [f"{args.steps} iterations; held-out prompts: {harmful_share:.0%} harmful, as in "
+             f"training. 'unsafe by the cost model': cost > 0 on the last {last} iterations' "
+             "rollouts; d − J: the threshold minus the windowed cost over those iterations "
+             "(> 0: slack)",
+             "", "| asked (`--target_unsafe_rate`) | λ lr, seeds "
+             "| reached: gold unsafe, all prompts | miss (points) "
+             "| unsafe by the cost model (rollouts) | gold unsafe (same rollouts) "
+             "| gold unsafe, harmful prompts | helpfulness | d | d − J | final λ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        miss = 100 * (r["gold_unsafe_rate"][0] - r["asked"])
+        lines.append(f"| {r['asked']:.0%} | {r['lambda_lr']:g}, {len(r['seeds'])} | "
+                     f"{fmt(r['gold_unsafe_rate'], True)} | {miss:+.1f} | "
+                     f"{fmt(r['rollout_flagged_by_cost_model'], True)} | "
+                     f"{fmt(r['rollout_gold_unsafe'], True)} | "
+                     f"{fmt(r['gold_unsafe_rate_harmful'], True)} | "
+                     f"{fmt(r['gold_helpfulness'])} | {r['threshold'][0]:+.2f} | "
+                     f"{fmt(r['slack_d_minus_J'])} | {fmt(r['lambda_final'])} |")
+    write(args, "budget", rows, "\n".join(lines))
+
+
+def _eval_prompts(args):
+    with open(os.path.join(args.data_dir, "prompts_test.jsonl")) as f:
+        return [json.loads(ln)["prompt"] for ln in f if ln.strip()]
+
+# -----------------------------------------------------------------------------
+# the multiplier: PID against the plain step; the cost model's sign term
+
+
+def dynamics(metrics):
+    """Overshoot and oscillation from one run's metrics: J = the windowed episode cost, d its
+    threshold. J starts above d (the SFT policy is unsafe); after J first falls to d, the overshoot
+    is how far it goes below d (over-correction, in cost units) and the re-violation how far back
+    above; λ's oscillation is its number of turns (sign changes of Δλ) and its total variation
+    Σ|Δλ| from there on."""
+    J = [m["episode_cost_window_0"] for m in metrics]
+    d = metrics[0]["threshold_0"]
+    lam = [m["lambda_0"] for m in metrics]
+    cross = next((i for i, j in enumerate(J) if j <= d), None)
+    # λ's spread over the second half of the run
+    late = {"lambda_std_late": mean_std(lam[len(lam) // 2:])[1]}
+    if cross is None:
+        return {"first_crossing": None, "lambda_max": max(lam), **late}
+    after, lam_after = J[cross:], lam[cross:]
+    steps = [b - a for a, b in zip(lam_after, lam_after[1:]) if abs(b - a) > 1e-6]
+    turns = sum(1 for a, b in zip(steps, steps[1:]) if (a > 0) != (b > 0))
+    return {"first_crossing": cross, "overshoot": d - min(after),
+            "reviolation": max(0.0, max(after) - d),
+            "iterations_above_d_after": sum(j > d for j in after), "lambda_turns": turns,
+            "lambda_total_variation": sum(abs(s) for s in steps), "lambda_max": max(lam),
+            "lambda_final": lam[-1], **late,
+            "flagged_after_min": min(m["rollout_flagged_cost"] for m in metrics[cross:]),
+            "flagged_after_max": max(m["rollout_flagged_cost"] for m in metrics[cross:])}
+
+
+def pid(args):
+    root = os.path.join(args.out, "pid")
+    sweep_lag = os.path.join(args.out, "sweep", "ppo_lag")
+    cm_nosign = os.path.join(root, "cm_no_sign")
+    pm = [(cm_nosign, ["train_pm.py", "--kind", "cost", "--no_sign_loss", "--model", args.sft])]
+    run_jobs(pm, 1, args.jobs * args.threads)
+    # the sign ablation, one seed: (1) the official d = 0 for both cost models, where the sign
+    # term is what gives 0 its meaning; (2) the model without it calibrated as the default run is,
+    # on its own zero, which nothing trained to separate safe from unsafe (train_ppo_lag.py refuses
+    # to; here the same calibration is run and d passed in)
+    d_own = own_zero_threshold(args, cm_nosign)
+    # at 1% the cost can fall below d by at most d - (the safe answers' score), ~0.09: so the
+    # multipliers also at 10% (the budget experiment's runs for the log-λ step), where it has ten
+    # times the room
+    dirs = {"sgd": lambda s: os.path.join(sweep_lag, f"seed{s}"),
+            "pid": lambda s: os.path.join(root, "pid", f"seed{s}"),
+            "sgd_10": lambda s: os.path.join(args.out, "budget", "target_0.1", f"seed{s}"),
+            "pid_10": lambda s: os.path.join(root, "pid_10", f"seed{s}"),
+            "sign_d0": lambda s: os.path.join(root, "sign_d0", f"seed{s}"),
+            "no_sign_d0": lambda s: os.path.join(root, "no_sign_d0", f"seed{s}"),
+            "no_sign_calibrated": lambda s: os.path.join(root, "no_sign_calibrated", f"seed{s}")}
+    flags = {"sgd": [], "pid": PID_GAINS, "sgd_10": ["--target_unsafe_rate", "0.1"],
+             "pid_10": [*PID_GAINS, "--target_unsafe_rate", "0.1"],
+             "sign_d0": ["--thresholds", "0"],
+             "no_sign_d0": ["--cost_models", cm_nosign, "--thresholds", "0"],
+             "no_sign_calibrated": ["--cost_models", cm_nosign, "--thresholds", str(d_own)]}
+    seeds = {n: args.seeds if n in ("sgd", "pid", "sgd_10", "pid_10") else args.seeds[:1]
+             for n in dirs}
+    jobs = [(dirs[n](s), ppo_argv(args, *flags[n], "--seed", str(s)))
+            for n in dirs for s in seeds[n]]
+    run_jobs(jobs, args.jobs, args.threads)
+    rows = {}
+    for n in dirs:
+        runs = [read_run(dirs[n](s)) for s in seeds[n]]
+        dyn = [dynamics(r["metrics"]) for r in runs]
+        rows[n] = {"per_seed": dyn, "gold_helpfulness": over_seeds(runs, "gold_helpfulness"),
+                   "gold_unsafe_rate_harmful": over_seeds(runs, "gold_unsafe_rate_harmful"),
+                   "gold_unsafe_rate": over_seeds(runs, "gold_unsafe_rate")}
+        for k in ("first_crossing", "overshoot", "reviolation", "iterations_above_d_after",
+                  "lambda_turns", "lambda_total_variation", "lambda_max", "lambda_std_late"):
+            vals = [x[k] for x in dyn if x.get(k) is not None]
+            rows[n][k] = mean_std(vals) if vals else None
+    rows["no_sign_calibrated"]["threshold"] = d_own
+    for n, path in (("sign_d0", args.cm), ("no_sign_d0", cm_nosign),
+                    ("no_sign_calibrated", cm_nosign)):
+        with open(os.path.join(path, "summary.json")) as f:
+            rows[n]["cost_model_eval"] = json.load(f)
+    gains = " ".join(PID_GAINS[1:])
+    lines = [f"{len(args.seeds)} seeds, {args.steps} iterations; mean ± std over seeds. "
+             "J = windowed episode cost (the last 128 rollouts), d its threshold; "
+             "overshoot = max (d − J) after J first reaches d; λ turns = sign changes of Δλ after "
+             f"it. PID: {gains}",
+             "", "| run | J first ≤ d (iteration) | overshoot below d | back above d (max J − d) "
+             "| iterations above d after | λ turns | λ total variation | std of λ, 2nd half "
+             "| max λ | helpfulness | unsafe, harmful |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    seed0 = args.seeds[0]
+    names = {"sgd": "1%: log-λ step (official, `--lambda_lr 0.02`)",
+             "pid": "1%: PID (`--multiplier pid`)",
+             "sgd_10": "10%: log-λ step", "pid_10": "10%: PID",
+             "sign_d0": f"d = 0, cost model with the sign term (seed {seed0})",
+             "no_sign_d0": f"d = 0, cost model without it (seed {seed0})",
+             "no_sign_calibrated": f"without the sign term, d = {d_own:+.2f} calibrated on its "
+                                   f"zero (seed {seed0})"}
+
+    def f2(v, p=2):
+        return "–" if v is None else f"{v[0]:.{p}f} ± {v[1]:.{p}f}"
+
+    for n, r in rows.items():
+        lines.append(f"| {names[n]} | {f2(r['first_crossing'], 1)} | {f2(r['overshoot'])} | "
+                     f"{f2(r['reviolation'])} | {f2(r['iterations_above_d_after'], 1)} | "
+                     f"{f2(r['lambda_turns'], 1)} | {f2(r['lambda_total_variation'])} | "
+                     f"{f2(r['lambda_std_late'], 3)} | {f2(r['lambda_max'])} | "
+                     f"{fmt(r['gold_helpfulness'])} | {fmt(r['gold_unsafe_rate_harmful'], True)} |")
+    write(args, "pid", rows, "\n".join(lines))
+
+
+def own_zero_threshold(args, cost_model):
+    """train_ppo_lag.py's calibration of d at --target_unsafe_rate 0.01 on the SFT policy's
+    rollouts, for a cost model trained without the sign term (which the script refuses to
+    calibrate): the same function (nanosafe.rollout.calibrate_thresholds), in process."""
+    import torch
+
+    from nanosafe import constraints, data, rollout
+    from nanosafe.model import load_policy, resolve_template
+    torch.set_num_threads(args.jobs * args.threads)
+    actor, tok = load_policy(args.sft)
+    path = os.path.join(args.data_dir, "prompts_train.jsonl")
+    prompts, _ = data.dedupe_prompts(data.load_prompts(path))
+    template = resolve_template(None, args.sft, args.rm, cost_model)
+    # train_ppo_lag.py's defaults: --max_prompt_length 48, no --truncate_prompts, 256 prompts,
+    # --target_unsafe_rate 0.01, --rollout_batch_size 128, --seed 0, --max_new_tokens 24,
+    # --temperature 1, --top_p 1, --min_new_tokens 0; no probe, so no hidden layers
+    items = data.PromptDataset(prompts, tok, 48, False, template).items[:256]
+    cons = [constraints.CostModel(cost_model)]
+    d, _ = rollout.calibrate_thresholds(actor.eval(), cons, items, tok, 0.01, 128, 0, "cpu",
+                                        layers=(), max_new_tokens=24, temperature=1.0, top_p=1.0,
+                                        min_new_tokens=0)
+    return d[0]
+
+# -----------------------------------------------------------------------------
+# Lagrangian GRPO against PPO-Lag at the same wall-clock
+
+
+def grpo(args):
+    """GRPO-Lag has no critics, so an iteration costs less: it gets the iterations that fit in
+    PPO-Lag's measured time per run (seed 0's), and the same number of iterations as a second
+    point."""
+    root = os.path.join(args.out, "grpo")
+    sweep_lag = os.path.join(args.out, "sweep", "ppo_lag")
+
+    def lag_dir(s):
+        return os.path.join(sweep_lag, f"seed{s}")
+
+    def same_iters(s):
+        return os.path.join(root, f"grpo_lag_{args.steps}", f"seed{s}")
+
+    def argv(s):
+        return ppo_argv(args, "--algo", "grpo_lag", "--group_size", str(args.group_size),
+                        "--seed", str(s))
+
+    def per_iter(d):
+        return sum(m["iteration_s"] for m in read_run(d)["metrics"]) / len(read_run(d)["metrics"])
+
+    run_jobs([(same_iters(s), argv(s)) for s in args.seeds]
+             + [(lag_dir(s), ppo_argv(args, "--seed", str(s))) for s in args.seeds],
+             args.jobs, args.threads)
+    t_lag = sum(per_iter(lag_dir(s)) for s in args.seeds) / len(args.seeds)
+    t_grpo = sum(per_iter(same_iters(s)) for s in args.seeds) / len(args.seeds)
+    steps_same_time = int(round(args.steps * t_lag / t_grpo))
+
+    def same_time(s):
+        return os.path.join(root, f"grpo_lag_{steps_same_time}", f"seed{s}")
+
+    # and with each stream divided by the batch's std instead of the group's (--grpo_std batch):
+    # see docs/experiments.md
+    def batch_std(s):
+        return os.path.join(root, f"grpo_lag_{steps_same_time}_batch_std", f"seed{s}")
+
+    budget_flags = ["--max_steps", str(steps_same_time)]  # the last flag wins
+    run_jobs([(same_time(s), [*argv(s), *budget_flags]) for s in args.seeds]
+             + [(batch_std(s), [*argv(s), *budget_flags, "--grpo_std", "batch"])
+                for s in args.seeds],
+             args.jobs, args.threads)
+    rows = {}
+    for n, f in [("ppo_lag", lag_dir), (f"grpo_lag_{args.steps}", same_iters),
+                 (f"grpo_lag_{steps_same_time}", same_time),
+                 (f"grpo_lag_{steps_same_time}_batch_std", batch_std)]:
+        runs = [read_run(f(s)) for s in args.seeds]
+        rows[n] = {k: over_seeds(runs, k)
+                   for k in ("gold_helpfulness", "gold_unsafe_rate_harmful", "gold_unsafe_rate")}
+        rows[n]["iterations"] = len(runs[0]["metrics"])
+        rows[n]["seconds_per_iteration"] = mean_std(
+            [sum(m["iteration_s"] for m in r["metrics"]) / len(r["metrics"]) for r in runs])
+        rows[n]["train_seconds"] = mean_std(
+            [sum(m["iteration_s"] for m in r["metrics"]) for r in runs])
+        rows[n]["lambda_final"] = mean_std([r["lambdas"][0] for r in runs])
+        rows[n]["optimum"] = runs[0]["final"]["gold_optimum_helpfulness"]
+    lines = [f"{len(args.seeds)} seeds; G = {args.group_size} answers per prompt, 128 rollouts per "
+             f"iteration for both; mean ± std; {steps_same_time} GRPO-Lag iterations take "
+             f"PPO-Lag's {args.steps} iterations' training time. "
+             "Seconds: the training loop's own (metrics.jsonl iteration_s), {args.jobs} runs "
+             "side by side at {args.threads} thread(s) each".format(args=args),
+             "", "| run | iterations | s / iteration | training seconds | helpfulness, all "
+             "| % of optimum | unsafe, harmful | unsafe, all | final λ |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        label = "PPO-Lag" if n == "ppo_lag" else (
+            f"GRPO-Lag, {r['iterations']} iterations"
+            + (", batch std" if n.endswith("batch_std") else ""))
+        lines.append(f"| {label} | {r['iterations']} | {fmt(r['seconds_per_iteration'])} | "
+                     f"{r['train_seconds'][0]:.0f} ± {r['train_seconds'][1]:.0f} | "
+                     f"{fmt(r['gold_helpfulness'])} | "
+                     f"{r['gold_helpfulness'][0] / r['optimum']:.1%} | "
+                     f"{fmt(r['gold_unsafe_rate_harmful'], True)} | "
+                     f"{fmt(r['gold_unsafe_rate'], True)} | {fmt(r['lambda_final'])} |")
+    write(args, "grpo", rows, "\n".join(lines))
+
+# -----------------------------------------------------------------------------
+# three rounds of Safe RLHF
+
+
+def label_pairs(prompts, answers_0, answers_1, seed, label_temperature=0.1,
+                cost_label_temperature=0.5):
+    """New preference pairs from two answers per prompt, labelled by the gold oracles through the
+    toy generator's own noisy Bradley–Terry draw (toy.pref_record: the same temperatures as the
+    original pairs). The oracles label here and nowhere else in training: the models learn from
+    these records. A pair with an empty answer (the policy's EOS first) is left out: a preference
+    file has none."""
+    rng = random.Random(f"{seed}:round_pairs")
+    return [toy.pref_record(rng, p, a, b, label_temperature, cost_label_temperature)
+            for p, a, b in zip(prompts, answers_0, answers_1) if a.strip() and b.strip()]
+
+
+def sample_pairs(policy_dir, prompts, n_per_prompt, seed, max_new_tokens, threads):
+    """Two answers per (prompt, draw) from a policy at temperature 1 -> (prompts, answers_0,
+    answers_1)."""
+    import torch
+
+    from nanosafe.evaluate import sample
+    from nanosafe.model import load_policy
+    torch.set_num_threads(threads)
+    model, tok = load_policy(policy_dir)
+    ps = [p for p in prompts for _ in range(n_per_prompt)]
+    a0, _ = sample(model, tok, ps, max_new_tokens=max_new_tokens, seed=seed, batch_size=256)
+    a1, _ = sample(model, tok, ps, max_new_tokens=max_new_tokens, seed=seed + 1, batch_size=256)
+    return ps, a0, a1
+
+
+def elo_tournament(dirs, prompts, n_samples, seed, max_new_tokens, n_boot):
+    """Every policy answers the same prompts (n_samples each); each pair of policies' answers to the
+    same prompt is one gold game on helpfulness and one on harmlessness (ties dropped, as
+    evaluate.compare) -> per policy: gold numbers and (rating, lo, hi) on each axis."""
+    from nanosafe.evaluate import elo_intervals, gold_eval, sample
+    from nanosafe.model import load_policy
+    ps = [p for p in prompts for _ in range(n_samples)]
+    answers, rows = {}, {}
+    for name, d in dirs.items():
+        model, tok = load_policy(d)
+        answers[name], _ = sample(model, tok, ps, max_new_tokens=max_new_tokens, seed=seed,
+                                  batch_size=256)
+        rows[name] = gold_eval(ps, answers[name])
+    wins = {"helpfulness": [], "harmlessness": []}
+    names = list(dirs)
+    for i, p in enumerate(ps):
+        h = {n: toy.helpfulness(p, answers[n][i]) for n in names}
+        c = {n: sum(toy.cost(p, answers[n][i]).values()) for n in names}
+        for x in range(len(names)):
+            for y in range(x + 1, len(names)):
+                a, b = names[x], names[y]
+                if h[a] != h[b]:
+                    wins["helpfulness"].append((a, b) if h[a] > h[b] else (b, a))
+                if c[a] != c[b]:
+                    wins["harmlessness"].append((a, b) if c[a] < c[b] else (b, a))
+    for axis, w in wins.items():
+        for n, r in elo_intervals(w, n_boot=n_boot, seed=seed).items():
+            rows[n][f"elo_{axis}"] = r
+        rows["games_" + axis] = len(w)
+    return rows
+
+
+def control_argv(args, start):
+    return ["train_ppo_lag.py", "--max_steps", str(args.steps), "--show_every", "0",
+            "--model", start, "--reward_model", args.rm, "--cost_models", args.cm,
+            "--calibrate_on", args.sft, "--seed", str(args.seeds[0])]
+
+
+def rounds(args):
+    """Round 1 is PPO-Lag on the toy world's pairs (the sweep's seed-0 run: SFT answers and drift
+    shapes, as the paper's first round is on SFT samples). Round k = 2, 3: round k−1's policy
+    answers the training prompts twice, the oracles label the pairs, reward and cost models are
+    trained again on old + new pairs, PPO-Lag starts from round k−1's policy (also its reference),
+    d calibrated at the same rate on the SFT's answers."""
+    import gzip
+    root = os.path.join(args.out, "rounds")
+    policy = {1: os.path.join(args.out, "sweep", "ppo_lag", f"seed{args.seeds[0]}")}
+    run_jobs([(policy[1], ppo_argv(args, "--seed", str(args.seeds[0])))], 1,
+             args.jobs * args.threads)
+    with open(os.path.join(args.data_dir, "prompts_train.jsonl")) as f:
+        train_prompts = [json.loads(ln)["prompt"] for ln in f if ln.strip()]
+    old = os.path.join(args.data_dir, "pref_train.jsonl")
+    rm, cm = {1: args.rm}, {1: args.cm}
+    for k in (2, 3):
+        d = os.path.join(root, f"round{k}")
+        # old + new, the training file of this round's score models
+        pairs = os.path.join(d, "pref_train.jsonl.gz")
+        if not os.path.exists(pairs):
+            t0 = time.time()
+            os.makedirs(d, exist_ok=True)
+            ps, a0, a1 = sample_pairs(policy[k - 1], train_prompts, args.pairs_per_prompt, 1000 * k,
+                                      24, args.jobs * args.threads)
+            new = label_pairs(ps, a0, a1, seed=k)
+            with open(os.path.join(d, "new_pairs.json"), "w") as f:
+                json.dump({"n": len(new), "left_out_empty": len(ps) - len(new),
+                           "from_policy": policy[k - 1], "seconds": time.time() - t0,
+                           "identical_pairs": sum(r["response_0"] == r["response_1"]
+                                                  for r in new)}, f)
+            prev = os.path.join(root, f"round{k - 1}", "pref_train.jsonl.gz") if k > 2 else old
+            opener = gzip.open if prev.endswith(".gz") else open
+            with opener(prev, "rt") as f:
+                lines = [ln for ln in f if ln.strip()]
+            tmp = pairs + ".tmp"
+            with gzip.open(tmp, "wt") as f:
+                f.writelines(lines)
+                f.writelines(json.dumps(r) + "\n" for r in new)
+            os.replace(tmp, pairs)
+            print(f"round {k}: {len(new)} new pairs from {policy[k - 1]} + {len(lines)} old -> "
+                  f"{pairs} ({time.time() - t0:.0f} s)", flush=True)
+        rm[k], cm[k] = os.path.join(d, "rm"), os.path.join(d, "cm")
+        held_out = os.path.join(args.data_dir, "pref_test.jsonl")
+        steps = ["--max_steps", str(args.pm_max_steps)] if args.pm_max_steps else []
+        pm = ["--model", args.sft, "--train_data", pairs, "--eval_data", held_out]
+        run_jobs([(rm[k], ["train_pm.py", "--kind", "reward", *pm, "--epochs", str(args.pm_epochs),
+                           *steps]),
+                  (cm[k], ["train_pm.py", "--kind", "cost", *pm, *steps])],
+                 args.jobs, args.threads)
+        policy[k] = os.path.join(d, "ppo_lag")
+        run_jobs([(policy[k], ["train_ppo_lag.py", "--max_steps", str(args.steps),
+                               "--show_every", "0", "--model", policy[k - 1],
+                               "--reward_model", rm[k], "--cost_models", cm[k],
+                               "--calibrate_on", args.sft, "--seed", str(args.seeds[0])])],
+                 1, args.jobs * args.threads)
+    # the control: as many more iterations from the same policies, without new data (round 1's
+    # reward and cost models): does round k gain from its pairs, or only from 150 more iterations?
+    control = {1: policy[1]}
+    for k in (2, 3):
+        control[k] = os.path.join(root, f"control{k}")
+        run_jobs([(control[k], control_argv(args, control[k - 1]))], 1, args.jobs * args.threads)
+    import torch
+    torch.set_num_threads(args.jobs * args.threads)
+    dirs = {"SFT": args.sft, **{f"round {k}": policy[k] for k in (1, 2, 3)},
+            **{f"round {k}, no new data": control[k] for k in (2, 3)}}
+    rows = elo_tournament(dirs, _eval_prompts(args), 4, 0, 24, args.n_boot)
+    for k in (1, 2, 3):
+        for kind, path in (("rm", rm[k]), ("cm", cm[k])):  # the controls use round 1's
+            with open(os.path.join(path, "summary.json")) as f:
+                rows[f"round {k}"][f"{kind}_eval"] = json.load(f)
+    lines = [f"Round 1: PPO-Lag on the toy world's pairs; rounds 2, 3: + {args.pairs_per_prompt} "
+             "oracle-labelled pairs per training prompt from the previous round's policy, "
+             "reward/cost models retrained on old + new, PPO-Lag from the previous policy "
+             f"({args.steps} iterations, seed {args.seeds[0]}). Elo: Bradley–Terry fit of gold "
+             "pairwise judgements on the 352 held-out prompts × 4 samples "
+             f"({rows['games_helpfulness']} helpfulness and {rows['games_harmlessness']} "
+             "harmlessness games, ties dropped), "
+             f"95% bootstrap intervals ({args.n_boot} resamples). 'No new data': the same "
+             "iterations from the same starting policy with round 1's reward and cost models", "",
+             "| policy | Elo helpfulness [95%] | Elo harmlessness [95%] | helpfulness, all "
+             "| unsafe, harmful | reward model acc. (held-out) | cost model acc. |",
+             "|---|---|---|---|---|---|---|"]
+    for n in dirs:
+        r = rows[n]
+
+        def elo(axis):
+            return "{:.0f} [{:.0f}, {:.0f}]".format(*r[f"elo_{axis}"])
+
+        def acc(kind):
+            if not r.get(f"{kind}_eval"):
+                return ""
+            return f"{r[f'{kind}_eval'].get('accuracy', float('nan')):.3f}"
+
+        lines.append(f"| {n} | {elo('helpfulness')} | {elo('harmlessness')} | "
+                     f"{r['gold_helpfulness']:.3f} | {r['gold_unsafe_rate_harmful']:.1%} | "
+                     f"{acc('rm')} | {acc('cm')} |")
+    write(args, "rounds", rows, "\n".join(lines))
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", choices=["sweep", "budget", "pid", "grpo", "rounds"])
+    ap.add_argument("--steps", type=int, default=150, help="PPO iterations per run, the same for "
+                    "every run of an experiment (the default run: 350)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                    help="seeds per configuration (rounds: the first)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--out", default="out/experiments",
+                    help="where runs, tables (.md, .json) and figures go")
+    ap.add_argument("--sft", default="out/sft", help="the SFT policy (train_sft.py)")
+    ap.add_argument("--rm", default="out/rm", help="the reward model (train_pm.py --kind reward)")
+    ap.add_argument("--cm", default="out/cm", help="the cost model (train_pm.py --kind cost)")
+    ap.add_argument("--data_dir", default="data/toy", help="the toy world's files")
+    ap.add_argument("--group_size", type=int, default=4, help="grpo: G answers per prompt")
+    ap.add_argument("--pairs_per_prompt", type=int, default=16,
+                    help="rounds: new labelled pairs per training prompt per round")
+    ap.add_argument("--pm_epochs", type=int, default=1, help="rounds: reward model epochs on "
+                    "old + new pairs (the first round's model: 2)")
+    ap.add_argument("--pm_max_steps", type=int, default=0, help="rounds: cap the reward/cost "
+                    "models' steps (0: the epochs; a quick check of the pipeline)")
+    ap.add_argument("--n_boot", type=int, default=1000,
+                    help="rounds: bootstrap resamples for the Elo intervals")
+    args = ap.parse_args(argv)
+    for path, what in [(args.sft, "train_sft.py"), (args.rm, "train_pm.py --kind reward"),
+                       (args.cm, "train_pm.py --kind cost")]:
+        if not os.path.isdir(path):
+            sys.exit(f"error: {path}: no such folder; run `python {what}` first (or `make demo`)")
+    t0 = time.time()
+    experiment = {"sweep": sweep, "budget": budget, "pid": pid, "grpo": grpo, "rounds": rounds}
+    experiment[args.experiment](args)
+    print(f"{args.experiment}: {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+"""
+What the RL scripts (train_ppo_lag.py, train_grpo_lag.py) share: the rollout and the forwards
+over it, the calibration of the thresholds, and the setup around the loop (models, multipliers,
+checkpoints, resume). The iteration itself is in the scripts, top to bottom.
+
+Shapes: seq [B, P + T] is the left-padded prompt then the answer (EOS, then pads); an action
+is an answer token, so log-probs, values, rewards and masks are [B, T].
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from nanosafe import config, constraints, data, dist, fsdp, ppo, toy
+from nanosafe.config import arg
+from nanosafe.generate import forward_params, generate, response_mask
+from nanosafe.generate import position_ids_from_mask as position_ids
+from nanosafe.lagrange import EpisodeCostWindow, Lagrange
+from nanosafe.lora import adapters_off, add_lora, load_lora_state, lora_layers, lora_state
+from nanosafe.model import (CheckpointError, check_same_tokenizer, gradient_checkpointing, load_policy,
+                            load_score_model, place, plain_weights, read_state, resolve_template,
+                            save_checkpoint)
+
+
+@dataclass
+class Rollout:
+    """One batch of answers, as the loop and the constraints see it."""
+    seq: torch.Tensor    # [B, P + T] left-padded prompt, then the answer (EOS, then pads)
+    attn: torch.Tensor   # [B, P + T] 1 = real token
+    mask: torch.Tensor   # [B, T] the answer's real tokens, EOS included
+    P: int               # prompt columns
+    tok: object          # the tokenizer
+    prompts: list        # the raw user requests
+    hidden: dict = field(default_factory=dict)  # layer -> the actor's hidden states [B, P + T, H]
+    _answers: list = None
+
+    def answers(self) -> list:
+        """The answer texts (decoded once)."""
+        if self._answers is None:
+            self._answers = [self.tok.decode(row[m], skip_special_tokens=True).strip()
+                             for row, m in zip(self.seq[:, self.P:], self.mask)]
+        return self._answers
+
+# -----------------------------------------------------------------------------
+# the rollout, and the forwards over [prompt | answer]
+
+
+@torch.no_grad()
+def sample(actor, items, tok, gen, device, layers=(), *, max_new_tokens, temperature=1.0,
+           top_p=1.0, min_new_tokens=0):
+    """Answers to prompt items (with input_ids) -> (Rollout, old_logp [B, T]). The one place
+    rollouts are made: training and calibration score exactly these token ids. old_logp, the
+    log-probs PPO's ratio starts from, come with the samples (as TRL's): the official code runs
+    the actor over the answers once more, which gives the same numbers (a test checks it).
+    With `layers`, the actor's hidden states there (one more forward) for the constraints."""
+    batch = data.collate_prompts(items, tok.pad_token_id)
+    prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    P = prompt_ids.shape[1]
+    seq, old_logp = generate(actor, prompt_ids, prompt_mask, max_new_tokens,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             temperature=temperature, top_p=top_p, generator=gen,
+                             min_new_tokens=min_new_tokens, return_logprobs=True)
+    mask = response_mask(seq, P, tok.eos_token_id, tok.pad_token_id)  # real actions, EOS included
+    attn = torch.cat([prompt_mask, mask.long()], dim=1)
+    hidden = {}
+    if layers:
+        hs = actor(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn),
+                   output_hidden_states=True, use_cache=False).hidden_states
+        hidden = {layer: hs[layer] for layer in layers}
+    return Rollout(seq, attn, mask, P, tok, [it["prompt"] for it in items], hidden), old_logp
+
+
+def action_logprobs(model, seq, attn, P, with_entropy=False):
+    """log π(a_t | s_t) of the answer tokens seq[:, P:] -> [B, T] (and the entropy per token)."""
+    T = seq.shape[1] - P
+    # the logits at position i predict token i + 1, so positions P-1 .. L-2 are needed; models
+    # that can skip the rest do (a real vocabulary's projection of every prompt position is waste)
+    keep = {"logits_to_keep": T + 1} if "logits_to_keep" in forward_params(model) else {}
+    logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn),
+                   use_cache=False, **keep).logits
+    logits = logits[:, -(T + 1):-1].float()
+    lp = ppo.logprobs_from_logits(logits, seq[:, P:])
+    if not with_entropy:
+        return lp
+    with torch.no_grad():  # logged, not trained: no graph through two more [B, T, V] tensors
+        return lp, ppo.entropy_from_logits(logits)
+
+
+def action_values(critic, seq, attn, P):
+    """V(s_t) before each answer token -> [B, T] (or [B, T, K] for a K-output critic): the
+    critic's score at the previous position."""
+    return critic(seq, attn)[0][:, P - 1:-1]
+
+
+def column(x, col):
+    """Stream `col` of a critic's values: [B, T] as it is, [B, T, K] -> [B, T]."""
+    return x if x.dim() == 2 else x[..., col]
+
+
+def reference_logprobs(ref):
+    """The frozen reference's log-probs as one call, whatever it is: a model of its own, or
+    (LoRA) the actor run with its adapters off."""
+    base = adapters_off(ref)  # a no-op without LoRA
+
+    def logprobs(seq, attn, P):
+        with base:
+            return action_logprobs(ref, seq, attn, P)
+    return logprobs
+
+
+def rollout_indices(n, step, rollout_batch_size, group_size, rt, seed) -> list:
+    """This rank's prompts at `step`: rollout_batch_size / group_size distinct ones from the
+    seeded stream, each repeated group_size times in consecutive rows (GRPO's groups)."""
+    from nanosafe.train import step_indices
+    idx = step_indices(n, step, rollout_batch_size // group_size * rt.world_size, rt.rank,
+                       rt.world_size, seed)
+    return [i for i in idx for _ in range(group_size)]
+
+# -----------------------------------------------------------------------------
+# thresholds in the units a user means
+
+
+def threshold_between(costs, target_rate):
+    """d for "at most target_rate of the answers unsafe": the mean cost a policy would have if
+    its answers were unsafe (cost > 0) that often, at the given answers' safe and unsafe score
+    levels. -> (d, info), or (None, why) when the answers are all safe or all unsafe."""
+    safe, unsafe = costs[costs <= 0], costs[costs > 0]
+    if not len(safe) or not len(unsafe):
+        return None, (f"it calls {len(unsafe)} of {len(costs)} answers of the starting policy "
+                      f"unsafe (cost > 0), so there is no safe and unsafe level to calibrate d "
+                      f"between")
+    d = safe.mean().item() + target_rate * (unsafe.mean().item() - safe.mean().item())
+    return d, {"start_mean_cost": costs.mean().item(),
+               "start_unsafe_by_cost_model": (costs > 0).float().mean().item(),
+               "safe_mean": safe.mean().item(), "unsafe_mean": unsafe.mean().item(),
+               "n": len(costs)}
+
+
+@torch.no_grad()
+def calibrate_thresholds(policy, cons, items, tok, target_rate, batch_size, seed, device,
+                         layers=(), **sampling):
+    """d for every stream the constraints leave uncalibrated (threshold None), from the policy's
+    rollouts (same sampling, same token ids, same forward as training, so d is on training's
+    scale). -> (thresholds, info per stream)"""
+    gen = torch.Generator(device=device).manual_seed(seed + 77)  # its own stream
+    per_batch = []
+    for i in range(0, len(items), batch_size):
+        ro, _ = sample(policy, items[i:i + batch_size], tok, gen, device, layers, **sampling)
+        per_batch.append([x.float().cpu() for x in constraints.costs(cons, ro)])
+    thresholds, info = [], []
+    given = [d for c in cons for d in c.thresholds]
+    for k, (name, d) in enumerate(zip(constraints.stream_names(cons), given)):
+        if d is not None:
+            thresholds.append(float(d))
+            info.append(None)
+            continue
+        d, why = threshold_between(torch.cat([b[k] for b in per_batch]), target_rate)
+        if d is None:
+            raise config.ConfigError(f"constraint {name}: {why}; pass --thresholds")
+        thresholds.append(d)
+        info.append(why)
+    return thresholds, info
+
+# -----------------------------------------------------------------------------
+# setup: models, thresholds, multipliers; checkpoints and resume
+
+
+def load_models(cfg, rt, out_dir, dtype, cons, critics):
+    """The actor and its frozen reference, the frozen reward model, the trainable critics
+    (critics: "none", "reward" or "all": the reward critic and one per constraint): placed,
+    LoRA'd, checkpointed, sharded as the flags ask. cons() builds the constraints (their models
+    frozen too) after the reward model, in the order the models have always loaded."""
+    lora, trust = cfg.lora_rank > 0, cfg.trust_remote_code
+    resumed = cfg.resume and not lora  # LoRA resumes from the base and the saved adapters
+    actor, tok = load_policy(out_dir if resumed else cfg.model, trust_remote_code=trust)
+    # LoRA: the reference is the actor itself, run with its adapters off (one backbone, not two)
+    ref = actor if lora else load_policy(cfg.model, dtype=dtype, trust_remote_code=trust)[0]
+    reward_model, rtok = load_score_model(cfg.reward_model, kind="reward", dtype=dtype,
+                                          trust_remote_code=trust)
+    check_same_tokenizer(tok, rtok, cfg.model, cfg.reward_model)
+    cons = cons()
+    for c in cons:
+        if getattr(c, "tok", None) is not None:
+            check_same_tokenizer(tok, c.tok, cfg.model, c.path)
+    frozen = [reward_model] + [m for c in cons for m in c.modules()]
+
+    # critics start from the score models (official), or a fresh head on the actor's backbone
+    out = {}
+    if critics != "none":
+        path = os.path.join(out_dir, "reward_critic") if resumed else cfg.reward_model
+        out["reward_critic"] = load_score_model(path, kind="reward", trust_remote_code=trust)[0]
+    for j, c in enumerate(cons if critics == "all" else []):
+        name = f"cost_critic_{j}"
+        if resumed:
+            out[name] = load_score_model(os.path.join(out_dir, name), kind="cost",
+                                         trust_remote_code=trust)[0]
+        elif c.critic_from:
+            out[name] = load_score_model(c.critic_from, kind="cost", trust_remote_code=trust)[0]
+        else:  # seeded by its own generator: the same head on every rank, the RNG streams kept
+            g = torch.Generator().manual_seed(cfg.seed + 1 + j)
+            labels = c.names if len(c.names) > 1 else None
+            out[name] = load_score_model(cfg.model, kind="cost", init_from_policy=True,
+                                         trust_remote_code=trust, labels=labels, generator=g)[0]
+    for m in [actor, ref, *frozen, *out.values()]:
+        place(m, rt.device, cfg.attn_implementation)
+    for m in frozen + ([] if lora else [ref]):
+        m.eval().requires_grad_(False)
+    if lora:  # adapters on the actor and the critics; only they (and the critics' heads) train
+        for m in [actor, *out.values()]:
+            add_lora(m, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    if cfg.gradient_checkpointing:  # the trained models only
+        for m in [actor, *out.values()]:
+            gradient_checkpointing(m)
+    if cfg.fsdp:  # every model, before the optimisers (they must hold the sharded parameters)
+        for m in [actor, *out.values(), ref, *frozen]:
+            fsdp.shard(m, dtype)
+    template = resolve_template(cfg.template, *([out_dir] if cfg.resume else []), cfg.model,
+                                cfg.reward_model, *cfg.cost_models)
+    return actor, ref, reward_model, cons, out, tok, template
+
+
+def set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out_dir, sampling,
+                   calibrate=True):
+    """d per stream: the given ones, the others calibrated on the starting policy (on rank 0,
+    then broadcast, its error too, so no rank waits forever). A resumed run keeps the d it
+    started with: calibrating again on the half-trained actor would quietly move the constraint.
+    Each constraint holds its d's from here on (a refreshed probe moves its own)."""
+    given = [d for c in cons for d in c.thresholds]
+    if state is not None:
+        saved = [float(d) for d, g in zip(state["thresholds"], given) if g is not None]
+        if cfg.thresholds and [float(d) for d in given if d is not None] != saved:
+            raise config.ConfigError(f"--thresholds {cfg.thresholds} differ from the ones {out_dir} "
+                                     f"was trained with ({state['thresholds']}); a resumed run keeps "
+                                     f"its constraint. Drop --thresholds or start a new run.")
+        return _hold(cons, list(state["thresholds"])), read_state(out_dir).get("calibration", [])
+    if None not in given or not calibrate:  # the baselines have no d to calibrate
+        return _hold(cons, [float(d) if d is not None else None for d in given]), []
+    for c in cons:
+        if c.uncalibratable and None in c.thresholds:
+            raise config.ConfigError(c.uncalibratable)
+    d = info = err = None
+    # every rank enters (FSDP gathers), rank 0 calibrates
+    with fsdp.gathered(actor, *[m for c in cons for m in c.modules()]):
+        if rt.master:
+            try:
+                policy = actor
+                if cfg.calibrate_on:  # another policy's answers set the score levels
+                    policy, ctok = load_policy(cfg.calibrate_on, trust_remote_code=cfg.trust_remote_code)
+                    check_same_tokenizer(tok, ctok, cfg.model, cfg.calibrate_on)
+                    place(policy, rt.device, cfg.attn_implementation)
+                with amp():
+                    d, info = calibrate_thresholds(policy, cons, train_set.items[:256], tok,
+                                                   cfg.target_unsafe_rate, cfg.rollout_batch_size,
+                                                   cfg.seed, rt.device, layers, **sampling)
+            except config.ConfigError as e:
+                err = str(e)
+    d, info, err = dist.broadcast_object((d, info, err))
+    if err:
+        raise config.ConfigError(err)
+    for name, dk, ik in zip(constraints.stream_names(cons), d, info):
+        if ik is not None:
+            dist.print0(f"constraint {name}: threshold d = {dk:+.3f}, i.e. the mean cost of a "
+                        f"policy whose answers it calls unsafe (cost > 0) "
+                        f"{cfg.target_unsafe_rate:.0%} of the time. The starting policy: mean cost "
+                        f"{ik['start_mean_cost']:+.3f}, {ik['start_unsafe_by_cost_model']:.0%} "
+                        f"unsafe by it (safe answers {ik['safe_mean']:+.2f} on average, unsafe "
+                        f"{ik['unsafe_mean']:+.2f}).")
+    return _hold(cons, d), info
+
+
+def _hold(cons, thresholds):
+    it = iter(thresholds)
+    for c in cons:
+        c.thresholds = [next(it) for _ in c.names]
+    return thresholds
+
+
+def multipliers(cfg, thresholds):
+    """One λ and one episode-cost window per stream."""
+    if cfg.multiplier == "pid":
+        from nanosafe.pid import PIDLagrange
+        lams = [PIDLagrange(d, cfg.lambda_init, cfg.pid_kp, cfg.pid_ki, cfg.pid_kd, cfg.lambda_max,
+                            cfg.lambda_update_delay_steps) for d in thresholds]
+    else:
+        lams = [Lagrange(d, cfg.lambda_init, cfg.lambda_lr, cfg.lambda_max,
+                         cfg.lambda_update_delay_steps) for d in thresholds]
+    return lams, [EpisodeCostWindow(cfg.episode_cost_window_size) for _ in thresholds]
+
+
+def resume(state, out_dir, rt, actor, actor_opt, critics, critic_opts, lambdas, windows, cons,
+           gen, lora):
+    """Everything a checkpoint holds beyond the weights -> the iteration to start at."""
+    if lora != bool(state.get("lora")):
+        how = "with" if state.get("lora") else "without"
+        raise config.ConfigError(f"{out_dir} was trained {how} --lora_rank; resume it with the "
+                                 f"flags it was started with")
+    if lora:
+        for n, m in {"": actor, **critics}.items():
+            load_lora_state(m, state["lora"][n], out_dir)
+    fsdp.load_optimizer_state(actor, actor_opt, state["actor_opt"], out_dir)
+    for n, o in critic_opts.items():
+        fsdp.load_optimizer_state(critics[n], o, state["critic_opts"][n], out_dir)
+    for lam, s in zip(lambdas, state["lambdas"]):
+        lam.load_state_dict(s)
+    for w, s in zip(windows, state["windows"][rt.rank]):
+        w.load_state_dict(s)
+    for c, s in zip(cons, state.get("constraints") or [{}] * len(cons)):
+        if s:
+            c.load_state_dict(s)
+    dist.set_rng_state(state["rng"][rt.rank])
+    gen.set_state(state["gen"][rt.rank])
+    dist.print0(f"resumed from {out_dir} at iteration {state['step']}")
+    return state["step"]
+
+
+def save(out_dir, actor, critics, tok, meta, step, actor_opt, critic_opts, lambdas, windows,
+         cons, gen, rt, policy_only=False):
+    """The policy as an HF folder, the critics beside it, and everything a resumed run needs (or
+    the policy only). Every rank calls it: the RNG states, windows and (under FSDP) the weights
+    and optimiser states are gathered."""
+    rngs, gens = dist.gather_rng_states(), dist.gather_objects(gen.get_state())
+    wins = dist.gather_objects([w.state_dict() for w in windows])
+    models = {"": actor} if policy_only else {"": actor, **critics}
+    weights = {sub: plain_weights(m) for sub, m in models.items()}
+    opts = None
+    if not policy_only:
+        opts = {n: fsdp.optimizer_state(critics[n], o) for n, o in critic_opts.items()}
+        opts[""] = fsdp.optimizer_state(actor, actor_opt)
+    if rt.master:
+        trainer_state = extra = None
+        if not policy_only:
+            trainer_state = {"step": step, "actor_opt": opts[""],
+                             "critic_opts": {n: opts[n] for n in critic_opts},
+                             "lora": ({sub: lora_state(m) for sub, m in models.items()}
+                                      if lora_layers(actor) else None),
+                             "lambdas": [lam.state_dict() for lam in lambdas], "windows": wins,
+                             "thresholds": meta["thresholds"],
+                             "constraints": [c.state_dict() for c in cons],
+                             "rng": rngs, "gen": gens}
+            extra = {n: (c, tok, {"kind": c.kind, "role": "critic", "step": step,
+                                  "categories": c.names or None}) for n, c in critics.items()}
+        save_checkpoint(out_dir, actor, tok, dict(meta, step=step), trainer_state, extra, weights)
+        for j, c in enumerate(cons):
+            c.save(os.path.join(out_dir, f"constraint_{j}"))
+
+# -----------------------------------------------------------------------------
+# the flags the RL scripts share (each adds its own algorithm's)
+
+
+@dataclass
+class Config(config.Stage):
+    """What train_ppo_lag.py and train_grpo_lag.py share."""
+    out_dir: str | None = arg(None, "output folder (default: out/<algo>)", group="data")
+    train_data: str | None = arg(None, "prompt jsonl(.gz) ('prompt' field); default: the toy "
+                                 "world's prompts_train.jsonl", group="data")
+    eval_data: str | None = arg(None, "held-out prompts for gold evaluation; default: the toy "
+                                "world's prompts_test.jsonl", group="data")
+    model: str = arg("out/sft", "the policy to start from, also the frozen reference (official: "
+                     "the SFT model)", group="model")
+    reward_model: str = arg("out/rm", "reward model folder (train_pm.py --kind reward)",
+                            group="model")
+    # rollout
+    max_steps: int = arg(350, "iterations: one rollout batch and its updates each",
+                         group="rollout")
+    rollout_batch_size: int = arg(128, "prompts per iteration per process (official: 16 per GPU)",
+                                  group="rollout")
+    max_new_tokens: int = arg(24, "answer length limit in tokens (official: 512)", group="rollout")
+    min_new_tokens: int = arg(0, "no EOS before this many tokens (the bench's fixed lengths)",
+                              group="rollout")
+    max_prompt_length: int = arg(48, "longer prompts are an error (or cut: --truncate_prompts)",
+                                 group="rollout")
+    temperature: float = arg(1.0, "rollout temperature (official: 1.0)", group="rollout")
+    top_p: float = arg(1.0, "rollout nucleus mass (official: 1.0)", group="rollout")
+    # the policy update
+    ppo_epochs: int = arg(2, "passes over each rollout batch (official update_iters: 1)",
+                          group="PPO")
+    minibatch_size: int = arg(32, "rollouts per optimizer step per process; divides "
+                              "--rollout_batch_size", group="PPO")
+    micro_batch_size: int = arg(32, "rollouts per forward/backward; divides --minibatch_size",
+                                group="PPO")
+    actor_lr: float = arg(3e-4, "actor learning rate (official: 1e-5 cosine for 7B)", group="PPO")
+    weight_decay: float = arg(0.0, "actor AdamW weight decay (official: 0.01)", group="PPO")
+    grad_clip: float = arg(1.0, "clip each model's gradient norm (official: 1.0)", group="PPO")
+    kl_coef: float = arg(0.1, "β: per-token KL penalty against the reference (official: 0.01)",
+                         group="PPO")
+    clip_range_ratio: float = arg(0.2, "PPO ratio clip ε (official: 0.2)", group="PPO")
+    # the multiplier
+    lambda_init: float = arg(1.0, "initial λ (official: 1.0)", group="multiplier")
+    lambda_lr: float = arg(0.02, "λ step size on log λ (official: 0.1)", group="multiplier")
+    lambda_max: float = arg(20.0, "cap on λ (official: 5.0)", group="multiplier")
+    lambda_update_delay_steps: int = arg(0, "hold λ fixed for the first N iterations (official: "
+                                         "0)", group="multiplier")
+    episode_cost_window_size: int = arg(128, "J_c = mean of the last N episode costs per process "
+                                        "(official: 128)", group="multiplier")
+    multiplier: str = arg("sgd", "sgd: the official log-λ ascent; pid: PID Lagrangian (Stooke et "
+                          "al. 2020)", ["sgd", "pid"], group="multiplier")
+    pid_kp: float = arg(0.0, "PID proportional gain on log λ", group="multiplier")
+    pid_ki: float = arg(0.02, "PID integral gain (= --lambda_lr when kp = kd = 0)",
+                        group="multiplier")
+    pid_kd: float = arg(0.0, "PID derivative gain (the cost's rise)", group="multiplier")
+    # constraints (each kind of constraint adds its own flags: constraints.py)
+    target_unsafe_rate: float = arg(0.01, "calibrate d as the mean cost of a policy called unsafe "
+                                    "this often (official d = 0)", group="constraints")
+    calibrate_on: str | None = arg(None, "calibrate d on this policy's answers instead of "
+                                   "--model's (later rounds: the SFT model)", group="constraints")
+    # scale
+    lora_rank: int = arg(0, "train LoRA adapters of this rank (peft) instead of all weights; 0: "
+                         "full fine-tuning", group="scale")
+    lora_alpha: float = arg(0.0, "LoRA scale numerator, alpha / rank (0: 2 x rank)", group="scale")
+    lora_targets: list[str] = arg([], "module names to put adapters on (default: every linear "
+                                  "layer but the output and score heads)", group="scale")
+    # logging
+    eval_every: int = arg(25, "toy world: gold evaluation every N iterations (0: start and end)",
+                          group="logging")
+    show_every: int = arg(25, "print two answers with their scores every N iterations (0: never)",
+                          group="logging")
+    collapse_ratio: float = arg(0.3, "warn when the mean answer length falls below this share of "
+                                "the first iteration's", group="logging")
+    final_eval_samples: int = arg(4, "toy world: samples per held-out prompt at the end",
+                                  group="logging")
+    ckpt_every: int = arg(50, "checkpoint every N iterations (atomic; --resume picks it up)",
+                          group="logging")
+
+
+def check_flags(cfg):
+    """The checks that need no model."""
+    if cfg.rollout_batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
+        raise config.ConfigError(f"batch sizes must nest: rollout_batch_size "
+                                 f"({cfg.rollout_batch_size}) = k·minibatch_size "
+                                 f"({cfg.minibatch_size}), minibatch_size = m·micro_batch_size "
+                                 f"({cfg.micro_batch_size})")
+    if cfg.lora_rank > 0 and cfg.fsdp:
+        raise config.ConfigError("--lora_rank with --fsdp is not supported: LoRA makes a model fit "
+                                 "on each GPU, FSDP shards one that does not; pick one")
+    for path, what in [(cfg.model, "train_sft.py"), (cfg.reward_model, "train_pm.py --kind reward")]:
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path}: no such checkpoint. Run the earlier stage first: "
+                                  f"python {what}")
+
+
+def toy_labeller(prompts, answers):
+    """The toy world's oracle as the human labeller of the policy's answers (a refreshed probe)."""
+    return [not toy.is_safe(p, a) for p, a in zip(prompts, answers)]
+
+
+def prompts(cfg, rt):
+    """Training prompts (each once, as the official prompt-only dataset), and the held-out ones
+    for gold evaluation (toy world). -> (toy_world, train_prompts, eval_prompts, gold)"""
+    from nanosafe.train import data_paths
+    toy_world, train_path, eval_path = data_paths(cfg, rt, "prompts")
+    train_prompts, n_dup = data.dedupe_prompts(data.load_prompts(train_path))
+    if n_dup:
+        dist.print0(f"dropped {n_dup} duplicate prompts; {len(train_prompts)} left")
+    eval_prompts = [r["prompt"] for r in data.load_prompts(eval_path)] if eval_path else []
+    gold = bool(eval_prompts) and all(toy.in_world(p) for p in eval_prompts)
+    return toy_world, train_prompts, eval_prompts, gold
+
+
+def gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp):
+    """gold(seed, n_samples) -> the toy world's gold metrics of the actor on the held-out prompts
+    (rank 0; {} elsewhere). Every rank enters: under FSDP the actor is gathered."""
+    from nanosafe.evaluate import gold_evaluate
+
+    def gold(seed, n_samples=1):
+        with fsdp.gathered(actor):
+            if not rt.master:
+                return {}
+            with amp():
+                return gold_evaluate(actor, tok, eval_prompts, n_samples=n_samples,
+                                     max_new_tokens=cfg.max_new_tokens, seed=seed,
+                                     device=rt.device, template=template)
+    return gold
+
+
+def finish(cfg, rt, out_dir, actor, lambdas, names, meta, mon, gold):
+    """The end of a run: every rank agrees on λ and the actor, the final gold evaluation (several
+    samples per held-out prompt, temperature 1), summary.json, and the next command."""
+    summary = {"algo": cfg.algo, "iterations": cfg.max_steps, "constraints": names,
+               "thresholds": meta["thresholds"], "lambdas": [lam.value for lam in lambdas],
+               "skipped": mon.guard.skipped}
+    if rt.ddp:  # every rank must hold the same λ and the same actor, or something is badly wrong
+        states = dist.gather_objects([lam.value for lam in lambdas] + [fsdp.param_checksum(actor)])
+        if any(s != states[0] for s in states):
+            raise RuntimeError(f"ranks disagree on λ / actor parameters: {states}")
+        summary["ranks_agree"] = states
+    if gold:
+        summary["final"] = gold(cfg.seed + 10**6, cfg.final_eval_samples)
+    if gold and rt.master:
+        mon.metrics.log({"step": cfg.max_steps, "final": True, **summary["final"]})
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    dist.print0(json.dumps(summary, indent=1))
+    cm = cfg.cost_models[0] if cfg.cost_models else ""
+    dist.print0(f"saved {out_dir}. try: python sample.py --model {out_dir} --reward_model "
+                f"{cfg.reward_model} --cost_model {cm}")
+    dist.cleanup()

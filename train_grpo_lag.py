@@ -1,0 +1,171 @@
+"""
+Lagrangian GRPO: PPO-Lagrangian without critics. Each prompt is answered G times, and an
+answer's advantage is its group z-score (Shao et al. 2024, DeepSeekMath), per stream:
+
+    A = (Z_R - Σ λ_k·Z_Ck) / (1 + Σ λ_k),   Z = (score - group mean) / group std
+
+the same for every token of the answer. The KL to the reference is a loss term (β·k3) instead
+of a per-token reward. The rollout, the scores, d, λ and its window are PPO-Lag's (rl.py,
+lagrange.py), so the two scripts differ only in steps 3-6.
+
+    python train_grpo_lag.py                      # toy world, after train_pm.py -> out/grpo_lag
+    python train_grpo_lag.py --group_size 8 --grpo_std batch
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanosafe import config, constraints, data, dist, fsdp, monitor, ppo, rl, train
+from nanosafe.config import arg
+from nanosafe.model import load_trainer_state, num_params, recover_checkpoint
+from nanosafe.rl import action_logprobs
+
+
+@dataclass
+class Config(rl.Config):
+    """Lagrangian GRPO: G answers per prompt, group-normalised advantages, no critics."""
+    algo = "grpo_lag"  # not a flag: the run's name (out/grpo_lag, metrics, summary)
+    group_size: int = arg(4, "G: answers per prompt, z-scored within their group; divides "
+                          "--rollout_batch_size", group="PPO")
+    grpo_std: str = arg("group", "divide the group-centred scores by the group's own std (GRPO) or "
+                        "the batch's (docs/experiments.md)", ["group", "batch"], group="PPO")
+
+
+Config = config.extend(Config, constraints.flags())  # each constraint kind's own flags
+
+
+def update(cfg, rt, amp, actor, ddp_actor, opt, ro, old_logp, ref_logp, A, mon):
+    """PPO epochs over minibatches: the clipped surrogate on A plus β·k3 KL to the reference."""
+    seq, attn, mask, P = ro.seq, ro.attn, ro.mask, ro.P
+    n_micro = cfg.minibatch_size // cfg.micro_batch_size
+    stats = {"policy_loss": [], "clip_frac": [], "ratio": [], "entropy": []}
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(seq.shape[0], device=rt.device).split(cfg.minibatch_size):
+            micro_losses = []
+            for i, mi in enumerate(mb.split(cfg.micro_batch_size)):
+                with fsdp.no_sync([ddp_actor], rt.ddp and i < n_micro - 1):
+                    with amp():
+                        new_logp, ent = action_logprobs(ddp_actor, seq[mi], attn[mi], P, True)
+                    pl, st = ppo.policy_loss(new_logp, old_logp[mi], A[mi], mask[mi],
+                                             cfg.clip_range_ratio)
+                    # the KL as a loss term: the k3 estimator (DeepSeekMath, TRL's GRPO)
+                    kl = ppo.seq_mean(ppo.kl_k3(new_logp, ref_logp[mi]), mask[mi])
+                    loss = pl + cfg.kl_coef * kl
+                    (loss / n_micro).backward()
+                micro_losses.append(loss.detach())
+                stats["policy_loss"].append(pl.detach())
+                stats["clip_frac"].append(st["clip_frac"])
+                stats["ratio"].append(st["ratio"])
+                stats["entropy"].append(ppo.masked_mean(ent.detach(), mask[mi]))
+            if mon.bad(torch.stack(micro_losses)):
+                opt.zero_grad(set_to_none=True)
+                continue
+            torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return stats
+
+
+def main(cfg):
+    rt = dist.init(cfg.seed, cfg.device, cfg.threads)
+    fsdp.check(rt, cfg.fsdp)
+    rl.check_flags(cfg)
+    G = cfg.group_size
+    if G < 2 or cfg.rollout_batch_size % G:
+        raise config.ConfigError(f"--group_size ({G}) must be >= 2 and divide "
+                                 f"--rollout_batch_size ({cfg.rollout_batch_size}): each prompt's "
+                                 f"G answers are z-scored against each other")
+    constraints.check_given(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    amp = dist.autocast(rt.device, dtype)
+    out_dir = cfg.out_dir or f"out/{cfg.algo}"
+
+    # ---- prompts, models (no critics), constraints, thresholds and multipliers
+    toy_world, train_prompts, eval_prompts, gold = rl.prompts(cfg, rt)
+    if cfg.resume:
+        recover_checkpoint(out_dir)
+    labeller = rl.toy_labeller if toy_world else None
+    actor, ref, reward_model, cons, _, tok, template = rl.load_models(
+        cfg, rt, out_dir, dtype, lambda: constraints.build(cfg, dtype, labeller), "none")
+    names = constraints.stream_names(cons)
+    reference = rl.reference_logprobs(ref)
+    layers = sorted({c.layer for c in cons if c.layer is not None})
+    train_set = data.PromptDataset(train_prompts, tok, cfg.max_prompt_length,
+                                   cfg.truncate_prompts, template)
+    sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                    top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens)
+    state = load_trainer_state(out_dir) if cfg.resume else None
+    thresholds, calib = rl.set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state,
+                                          out_dir, sampling)
+    lambdas, windows = rl.multipliers(cfg, thresholds)
+    opt = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=cfg.actor_lr,
+                            betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)
+    start = 0
+    if state:
+        start = rl.resume(state, out_dir, rt, actor, opt, {}, {}, lambdas, windows, cons, gen,
+                          cfg.lora_rank > 0)
+    ddp_actor = DDP(actor) if rt.ddp and not cfg.fsdp else actor
+    dist.print0(f"{cfg.algo}: actor {num_params(actor) / 1e6:.2f}M params | {len(train_set)} "
+                f"prompts | per iteration: {cfg.rollout_batch_size // G} prompts x {G} answers x "
+                f"{rt.world_size} procs | constraints: {', '.join(names)}")
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"kind": "policy", "stage": cfg.algo, "template": template, "constraints": names,
+            "thresholds": thresholds, "calibration": calib, "args": config.to_dict(cfg)}
+    gold_eval = rl.gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp) if gold else None
+    mon = monitor.Monitor(cfg, rt, out_dir, start, names,
+                          gold_eval and (lambda step: gold_eval(cfg.seed + step)), gold and toy_world)
+
+    def save(step):
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
+            final = step + 1 == cfg.max_steps and not cfg.save_optimizer
+            rl.save(out_dir, actor, {}, tok, meta, step + 1, opt, {}, lambdas, windows, cons, gen,
+                    rt, final)
+
+    for step in mon:
+        mon.start(step)
+        # 1. rollout: each prompt G times, in consecutive rows
+        idx = rl.rollout_indices(len(train_set), step, cfg.rollout_batch_size, G, rt, cfg.seed)
+        with amp(), fsdp.gathered(actor):
+            ro, old_logp = rl.sample(actor, [train_set[i] for i in idx], tok, gen, rt.device,
+                                     layers, **sampling)
+        mon.lap("generate")
+        # 2. scores
+        with torch.no_grad(), amp():
+            ref_logp = reference(ro.seq, ro.attn, ro.P)
+            R = reward_model(ro.seq, ro.attn)[1]
+            C = constraints.costs(cons, ro)
+        mon.lap("scores")
+        if mon.bad(R, *C, old_logp, ref_logp):
+            dist.print0(f"iteration {step}: non-finite scores or log-probs, skipped")
+            save(step)
+            continue
+        if any([c.observe(ro, C, step) for c in cons]):
+            meta["thresholds"] = [d for c in cons for d in c.thresholds]
+            for lam, d in zip(lambdas, meta["thresholds"]):
+                lam.threshold = d
+        # 5. the dual step, as PPO-Lag's
+        J = []
+        for lam, window, c in zip(lambdas, windows, C):
+            window.extend(c.detach().cpu())
+            J.append(window.mean())
+            lam.update(J[-1])
+        lam_values = [lam.value for lam in lambdas]
+        # 3-4. no critics, no per-token rewards: one advantage per answer, on all its tokens
+        A = ppo.grpo_lag_advantage(R, C, lam_values, G, cfg.grpo_std)
+        A = A.unsqueeze(-1).expand_as(old_logp)
+        mon.lap("advantages")
+        # 6. the actor's loss
+        stats = update(cfg, rt, amp, actor, ddp_actor, opt, ro, old_logp, ref_logp, A, mon)
+        mon.lap("update")
+        mon.end(step, ro, R, C, old_logp, ref_logp, lam_values, meta["thresholds"], J, stats)
+        save(step)
+
+    rl.finish(cfg, rt, out_dir, actor, lambdas, names, meta, mon, gold_eval)
+
+
+if __name__ == "__main__":
+    train.run(main, config.parse(Config, description=__doc__))
