@@ -37,6 +37,8 @@ experiments: install install-plot
 
 test: install
 	@$(PY) -c "import peft" 2>/dev/null || $(PY) -m pip install -q peft || echo "no peft: the LoRA tests will skip"
+	@$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
+	$(PY) -m ruff check nanosafe experiments tests *.py
 	$(PY) -m pytest -q
 
 clean:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanosafe import config, constraints, data, dist, fsdp, monitor, ppo, rl, train
+from nanosafe import config, constraints, dist, fsdp, monitor, ppo, rl, train
 from nanosafe.config import arg
-from nanosafe.model import load_trainer_state, num_params, recover_checkpoint
+from nanosafe.model import load_trainer_state
 from nanosafe.rl import action_logprobs
 
 
@@ -29,7 +29,7 @@ class Config(rl.Config):
     """Lagrangian GRPO: G answers per prompt, group-normalised advantages, no critics."""
     algo = "grpo_lag"  # not a flag: the run's name (out/grpo_lag, metrics, summary)
     group_size: int = arg(4, "G: answers per prompt, z-scored within their group; divides "
-                          "--rollout_batch_size", group="PPO")
+                          "--rollout_batch_size", group="PPO", check=">=2")
     grpo_std: str = arg("group", "divide the group-centred scores by the group's own std (GRPO) or "
                         "the batch's (docs/experiments.md)", ["group", "batch"], group="PPO")
 
@@ -85,39 +85,32 @@ def main(cfg):
 
     # ---- prompts, models (no critics), constraints, thresholds and multipliers
     toy_world, train_prompts, eval_prompts, gold = rl.prompts(cfg, rt)
-    if cfg.resume:
-        recover_checkpoint(out_dir)
     labeller = rl.toy_labeller if toy_world else None
     actor, ref, reward_model, cons, _, tok, template = rl.load_models(
         cfg, rt, out_dir, dtype, lambda: constraints.build(cfg, dtype, labeller), "none")
     names = constraints.stream_names(cons)
     reference = rl.reference_logprobs(ref)
     layers = sorted({c.layer for c in cons if c.layer is not None})
-    train_set = data.PromptDataset(train_prompts, tok, cfg.max_prompt_length,
-                                   cfg.truncate_prompts, template)
+    train_set = rl.prompt_dataset(cfg, train_prompts, tok, template)
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                     top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens)
     state = load_trainer_state(out_dir) if cfg.resume else None
     thresholds, calib = rl.set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state,
                                           out_dir, sampling)
     lambdas, windows = rl.multipliers(cfg, thresholds)
-    opt = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=cfg.actor_lr,
-                            betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = rl.adamw(actor, cfg.actor_lr, cfg.weight_decay)
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)
     start = 0
     if state:
         start = rl.resume(state, out_dir, rt, actor, opt, {}, {}, lambdas, windows, cons, gen,
                           cfg.lora_rank > 0)
     ddp_actor = DDP(actor) if rt.ddp and not cfg.fsdp else actor
-    dist.print0(f"{cfg.algo}: actor {num_params(actor) / 1e6:.2f}M params | {len(train_set)} "
-                f"prompts | per iteration: {cfg.rollout_batch_size // G} prompts x {G} answers x "
-                f"{rt.world_size} procs | constraints: {', '.join(names)}")
+    rl.describe(cfg, rt, actor, train_set, names, {})
     os.makedirs(out_dir, exist_ok=True)
     meta = {"kind": "policy", "stage": cfg.algo, "template": template, "constraints": names,
             "thresholds": thresholds, "calibration": calib, "args": config.to_dict(cfg)}
-    gold_eval = rl.gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp) if gold else None
-    mon = monitor.Monitor(cfg, rt, out_dir, start, names,
-                          gold_eval and (lambda step: gold_eval(cfg.seed + step)), gold and toy_world)
+    gold_eval = gold and rl.gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp)
+    mon = monitor.Monitor(cfg, rt, out_dir, start, names, gold_eval, gold and toy_world)
 
     def save(step):
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:

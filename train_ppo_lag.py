@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanosafe import config, constraints, data, dist, fsdp, monitor, ppo, rl, train
+from nanosafe import config, constraints, dist, fsdp, monitor, ppo, rl, train
 from nanosafe.config import arg
-from nanosafe.model import load_trainer_state, num_params, recover_checkpoint
+from nanosafe.model import load_trainer_state
 from nanosafe.rl import action_logprobs, action_values, column
 
 
@@ -45,15 +45,16 @@ class Config(rl.Config):
     """Stage 3: PPO-Lagrangian (and the PPO / reward-shaping baselines)."""
     algo: str = arg("ppo_lag", "ppo_lag: constrained; ppo: reward only; reward_shaping: reward "
                     "R - ν·ΣC", ["ppo_lag", "ppo", "reward_shaping"], group="PPO")
-    critic_lr: float = arg(5e-4, "critic learning rate (official: 5e-6)", group="PPO")
+    critic_lr: float = arg(5e-4, "critic learning rate (official: 5e-6)", group="PPO", check=">=0")
     critic_weight_decay: float = arg(0.01, "critic AdamW weight decay (official: 0.0)",
-                                     group="PPO")
-    clip_range_value: float = arg(5.0, "value clip (official: 5.0)", group="PPO")
+                                     group="PPO", check=">=0")
+    clip_range_value: float = arg(5.0, "value clip (official: 5.0)", group="PPO", check=">0")
     clip_range_score: float = arg(50.0, "clamp per-token rewards and costs (official: 50)",
-                                  group="PPO")
-    gamma: float = arg(1.0, "discount (official: 1.0)", group="PPO")
-    gae_lambda: float = arg(0.95, "GAE λ (official: 0.95)", group="PPO")
-    shaping_coef: float = arg(1.0, "ν for --algo reward_shaping: reward R - ν·ΣC", group="PPO")
+                                  group="PPO", check=">0")
+    gamma: float = arg(1.0, "discount (official: 1.0)", group="PPO", check="[0,1]")
+    gae_lambda: float = arg(0.95, "GAE λ (official: 0.95)", group="PPO", check="[0,1]")
+    shaping_coef: float = arg(1.0, "ν for --algo reward_shaping: reward R - ν·ΣC",
+                              group="PPO", check=">=0")
 
 
 Config = config.extend(Config, constraints.flags())  # each constraint kind's own flags
@@ -124,8 +125,6 @@ def main(cfg):
 
     # ---- prompts, models and constraints; the streams k = 0..K-1, each with its d_k, λ_k, window
     toy_world, train_prompts, eval_prompts, gold = rl.prompts(cfg, rt)
-    if cfg.resume:
-        recover_checkpoint(out_dir)  # a crash between save_checkpoint's two renames
     labeller = rl.toy_labeller if toy_world else None
     actor, ref, reward_model, cons, critics, tok, template = rl.load_models(
         cfg, rt, out_dir, dtype, lambda: constraints.build(cfg, dtype, labeller),
@@ -136,10 +135,7 @@ def main(cfg):
     streams = [(f"cost_critic_{j}", col) for j, c in enumerate(cons) for col in range(len(c.names))]
     heads = {"reward": ("reward_critic", 0)} | (dict(enumerate(streams)) if lagrangian else {})
     layers = sorted({c.layer for c in cons if c.layer is not None})  # hidden states they read
-    train_set = data.PromptDataset(train_prompts, tok, cfg.max_prompt_length,
-                                   cfg.truncate_prompts, template)
-    if train_set.truncation_report():
-        dist.print0(train_set.truncation_report())
+    train_set = rl.prompt_dataset(cfg, train_prompts, tok, template)
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                     top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens)
     state = load_trainer_state(out_dir) if cfg.resume else None
@@ -148,11 +144,9 @@ def main(cfg):
     lambdas, windows = rl.multipliers(cfg, thresholds) if lagrangian else ([], [])
 
     # ---- optimisers (LoRA: the adapters only); resume; DDP
-    def adamw(m, lr, wd):
-        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr,
-                                 betas=(0.9, 0.95), weight_decay=wd)
-    actor_opt = adamw(actor, cfg.actor_lr, cfg.weight_decay)
-    critic_opts = {n: adamw(c, cfg.critic_lr, cfg.critic_weight_decay) for n, c in critics.items()}
+    actor_opt = rl.adamw(actor, cfg.actor_lr, cfg.weight_decay)
+    critic_opts = {n: rl.adamw(c, cfg.critic_lr, cfg.critic_weight_decay)
+                   for n, c in critics.items()}
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + 1000 * rt.rank)  # rollouts
     start = 0
     if state:
@@ -161,19 +155,12 @@ def main(cfg):
     ddp = rt.ddp and not cfg.fsdp  # FSDP shards the models in place
     models = (actor, DDP(actor) if ddp else actor, critics,
               {n: DDP(c) if ddp else c for n, c in critics.items()})
-    n_mini = cfg.rollout_batch_size // cfg.minibatch_size
-    dist.print0(f"{cfg.algo}: actor {num_params(actor) / 1e6:.2f}M params from {cfg.model} | "
-                f"{len(train_set)} prompts | per iteration: {cfg.rollout_batch_size} rollouts x "
-                f"{rt.world_size} procs -> {cfg.ppo_epochs} epochs x {n_mini} minibatches of "
-                f"{cfg.minibatch_size} = {cfg.ppo_epochs * n_mini} optimizer steps | "
-                f"{cfg.max_steps} iterations | constraints: {', '.join(names) or 'none'} | "
-                f"critics: {', '.join(critics)}")
+    rl.describe(cfg, rt, actor, train_set, names, critics)
     os.makedirs(out_dir, exist_ok=True)
     meta = {"kind": "policy", "stage": cfg.algo, "template": template, "constraints": names,
             "thresholds": thresholds, "calibration": calib, "args": config.to_dict(cfg)}
-    gold_eval = rl.gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp) if gold else None
-    mon = monitor.Monitor(cfg, rt, out_dir, start, names,
-                          gold_eval and (lambda step: gold_eval(cfg.seed + step)), gold and toy_world)
+    gold_eval = gold and rl.gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp)
+    mon = monitor.Monitor(cfg, rt, out_dir, start, names, gold_eval, gold and toy_world)
 
     def save(step):
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:

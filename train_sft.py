@@ -3,7 +3,7 @@ Stage 1 of Safe RLHF: supervised fine-tuning. Next-token loss on the response to
 (prompt tokens are masked), AdamW, cosine schedule with warmup, gradient clipping and
 accumulation, DDP under torchrun.
 
-    python train_sft.py                          # toy world: data, tokenizer, 0.25M Llama, ~1.5 min on 2 CPU threads
+    python train_sft.py                          # toy world: data, tokenizer, 0.25M Llama
     torchrun --nproc_per_node=2 train_sft.py     # the same under DDP (gloo on CPU, NCCL on GPU)
     python train_sft.py --model path/to/hf_model --train_data sft.jsonl --eval_data sft_test.jsonl
 
@@ -21,8 +21,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanosafe import config, data, dist, fsdp, toy, train
 from nanosafe.config import arg
 from nanosafe.evaluate import gold_eval, gold_evaluate
-from nanosafe.model import (gradient_checkpointing, load_policy, num_params, place, plain_weights,
-                            recover_checkpoint, resolve_template, save_checkpoint)
+from nanosafe.model import (
+    gradient_checkpointing,
+    load_policy,
+    num_params,
+    place,
+    plain_weights,
+    recover_checkpoint,
+    resolve_template,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -38,28 +46,30 @@ class Config(config.Stage):
     toy_size: str = arg("small", "toy model size when --model is not given",
                         list(toy.TOY_SIZES), group="model")
     max_steps: int = arg(1200, "optimizer steps (9.5 epochs of the toy data)",
-                         group="optimisation")
-    batch_size: int = arg(32, "micro-batch size per process", group="optimisation")
-    grad_accum: int = arg(1, "micro-batches per optimizer step", group="optimisation")
-    lr: float = arg(2e-3, "peak learning rate (official: 2e-5 for 7B)", group="optimisation")
-    warmup_steps: int = arg(20, "linear warmup steps", group="optimisation")
-    weight_decay: float = arg(0.0, "AdamW weight decay (official: 0.0)", group="optimisation")
+                         group="optimisation", check=">=1")
+    batch_size: int = arg(32, "micro-batch size per process", group="optimisation", check=">=1")
+    grad_accum: int = arg(1, "micro-batches per optimizer step", group="optimisation", check=">=1")
+    lr: float = arg(2e-3, "peak learning rate (official: 2e-5 for 7B)",
+                    group="optimisation", check=">=0")
+    warmup_steps: int = arg(20, "linear warmup steps", group="optimisation", check=">=0")
+    weight_decay: float = arg(0.0, "AdamW weight decay (official: 0.0)",
+                              group="optimisation", check=">=0")
     grad_clip: float = arg(1.0, "clip the global gradient norm (official: 1.0)",
-                           group="optimisation")
+                           group="optimisation", check=">0")
     max_length: int = arg(64, "max tokens of prompt + response; longer responses are cut",
-                          group="data")
-    eval_every: int = arg(200, "held-out loss every N steps", group="logging")
+                          group="data", check=">=2")
+    eval_every: int = arg(200, "held-out loss every N steps", group="logging", check=">=0")
     ckpt_every: int = arg(200, "checkpoint every N steps (atomic; --resume picks it up)",
-                          group="logging")
+                          group="logging", check=">=1")
     gold_samples: int = arg(4, "toy world: samples per held-out prompt for the final gold "
-                            "evaluation (0: skip)", group="logging")
+                            "evaluation (0: skip)", group="logging", check=">=0")
 
 
 def main(cfg: Config):
     rt = dist.init(cfg.seed, cfg.device, cfg.threads)
     fsdp.check(rt, cfg.fsdp)
     print0 = dist.print0
-    amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # the model stays fp32: master weights
+    amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # fp32 master weights
 
     # ---- data + model
     toy_world, train_path, eval_path = train.data_paths(cfg, rt, "sft")
@@ -125,7 +135,8 @@ def main(cfg: Config):
         # normalise by the response tokens of the whole global batch, so that the loss is the
         # same token mean however the batch is split over processes and micro-batches
         # (DDP averages gradients over ranks, hence the * world_size)
-        n_tokens = dist.all_reduce_sum(sum((b["labels"][:, 1:] != -100).sum() for b in micro).float())
+        n_local = sum((b["labels"][:, 1:] != -100).sum() for b in micro)
+        n_tokens = dist.all_reduce_sum(n_local.float())
         loss_sum = torch.zeros((), device=rt.device)
         for i, b in enumerate(micro):
             with fsdp.no_sync([ddp_model], rt.ddp and i < len(micro) - 1):

@@ -452,8 +452,8 @@ def grpo(args):
         return os.path.join(root, f"grpo_lag_{args.steps}", f"seed{s}")
 
     def argv(s):
-        return ppo_argv(args, "--algo", "grpo_lag", "--group_size", str(args.group_size),
-                        "--seed", str(s))
+        return ["train_grpo_lag.py", *ppo_argv(args, "--group_size", str(args.group_size),
+                                               "--seed", str(s))[1:]]
 
     def per_iter(d):
         return sum(m["iteration_s"] for m in read_run(d)["metrics"]) / len(read_run(d)["metrics"])

@@ -27,10 +27,14 @@ class ConfigError(ValueError):
     """Flags that contradict each other (e.g. 2 cost models, 1 threshold)."""
 
 
-def arg(default, help: str, choices=None, group="run"):
-    """A dataclass field with its help text, optional choices and its --help group."""
-    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return dataclasses.field(metadata={"help": help, "choices": choices, "group": group}, **kw)
+def arg(default, help: str, choices=None, group="run", check=None):
+    """A dataclass field with its help text, optional choices, its --help group, and the range
+    a number must be in, checked at parse time: ">=1", ">0", "[0,1]", "(0,1]"."""
+    kw = {"default": default}
+    if isinstance(default, list):
+        kw = {"default_factory": lambda: list(default)}
+    meta = {"help": help, "choices": choices, "group": group, "check": check}
+    return dataclasses.field(metadata=meta, **kw)
 
 
 @dataclasses.dataclass
@@ -38,22 +42,26 @@ class Stage:
     """The flags every stage script has (each script overrides a default where it differs)."""
     out_dir: str | None = arg(None, "output folder: HF checkpoint, metrics.jsonl", group="data")
     model: str | None = arg("out/sft", "HF causal-LM folder to start from", group="model")
-    train_data: str | None = arg(None, "training jsonl(.gz); default: the toy world's", group="data")
+    train_data: str | None = arg(None, "training jsonl(.gz); default: the toy world's",
+                                 group="data")
     eval_data: str | None = arg(None, "held-out jsonl(.gz); default: the toy world's", group="data")
     data_dir: str = arg("data/toy", "where the toy world's files live (written if missing)",
                         group="data")
     template: str | None = arg(None, "prompt template: safe_rlhf (the official 'BEGINNING OF "
-                               "CONVERSATION: USER: ... ASSISTANT:') or chat (the tokenizer's own); "
+                               "CONVERSATION: USER: ... ASSISTANT:') or chat (the tokenizer's "
+                               "own); "
                                "default: the inputs' recorded one, else safe_rlhf",
                                ["safe_rlhf", "chat"], group="data")
     truncate_prompts: bool = arg(False, "left-truncate over-long prompts instead of stopping with "
                                  "an error", group="data")
     seed: int = arg(0, "random seed (data order, init, sampling)", group="optimisation")
-    max_steps: int = arg(1, "optimizer steps", group="optimisation")
-    device: str = arg("auto", "cpu | cuda | auto", group="scale")
+    max_steps: int = arg(1, "optimizer steps", group="optimisation", check=">=1")
+    device: str = arg("auto", "where to run (auto: cuda if torch sees one, else cpu)",
+                      ["auto", "cpu", "cuda"], group="scale")
     dtype: str = arg("float32", "compute dtype; bfloat16 = bf16 autocast with fp32 master weights",
                      ["float32", "bfloat16"], group="scale")
-    threads: int = arg(0, "CPU threads for torch per process (0: torch's default)", group="scale")
+    threads: int = arg(0, "CPU threads for torch per process (0: torch's default)",
+                       group="scale", check=">=0")
     attn_implementation: str = arg("auto", "attention kernel: auto = eager on a CPU, transformers' "
                                    "default (sdpa) elsewhere; or any transformers name",
                                    group="scale")
@@ -65,7 +73,7 @@ class Stage:
                                   group="scale")
     resume: bool = arg(False, "continue from the checkpoint in --out_dir", group="logging")
     ckpt_every: int = arg(100, "checkpoint every N steps (atomic; --resume picks it up)",
-                          group="logging")
+                          group="logging", check=">=1")
     save_optimizer: bool = arg(False, "keep the optimiser state in the final checkpoint too, to "
                                "--resume past the end", group="logging")
 
@@ -95,9 +103,37 @@ class _Bool(argparse.Action):
         setattr(namespace, self.dest, not option_string.startswith("--no_"))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage block: the flag and what is wrong
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _in_range(x, check) -> bool:
+    if check.startswith(">="):
+        return x >= float(check[2:])
+    if check.startswith(">"):
+        return x > float(check[1:])
+    lo, hi = (float(v) for v in check[1:-1].split(","))
+    return (lo <= x if check[0] == "[" else lo < x) and (x <= hi if check[-1] == "]" else x < hi)
+
+
+def check(cfg):
+    """Every number in the range its flag declares -> the first that is not, as one line."""
+    for f in dataclasses.fields(cfg):
+        rng, x = f.metadata.get("check"), getattr(cfg, f.name)
+        if rng and x is not None and not _in_range(x, rng):
+            raise ConfigError(f"--{f.name} {x}: must be {rng.replace(',', ', ')}")
+    if getattr(cfg, "device", None) == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no CUDA device here (a CPU build of torch, "
+                              "or no GPU); use --device cpu or auto")
+
+
 def build_parser(cls, description: str = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=description or cls.__doc__, formatter_class=_Formatter,
-                                 allow_abbrev=False)
+    ap = _Parser(description=description or cls.__doc__, formatter_class=_Formatter,
+                 allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
     used = [g for g in GROUPS if any(f.metadata.get("group") == g for f in fields)]
@@ -106,7 +142,8 @@ def build_parser(cls, description: str = None) -> argparse.ArgumentParser:
         tp, inner = _base_type(hints[f.name])
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         # argparse formats help with %
-        kw = dict(default=default, help=f.metadata.get("help", "").replace("%", "%%"))
+        rng = f" [{f.metadata['check']}]" if f.metadata.get("check") else ""
+        kw = dict(default=default, help=(f.metadata.get("help", "") + rng).replace("%", "%%"))
         g = groups[f.metadata.get("group", "run")]
         if tp is bool:
             g.add_argument(f"--{f.name}", f"--no_{f.name}", dest=f.name, action=_Bool, **kw)
@@ -118,9 +155,16 @@ def build_parser(cls, description: str = None) -> argparse.ArgumentParser:
 
 
 def parse(cls, argv=None, description: str = None):
-    """Parse sys.argv (or argv) into an instance of the dataclass cls."""
+    """Parse sys.argv (or argv) into an instance of the dataclass cls; a flag out of its range
+    is one `error:` line and exit code 2, as argparse's own errors."""
     args = build_parser(cls, description).parse_args(sys.argv[1:] if argv is None else argv)
-    return cls(**vars(args))
+    cfg = cls(**vars(args))
+    try:
+        check(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return cfg
 
 
 def extend(cls, flags: dict):

@@ -109,8 +109,7 @@ class CostModel(Constraint):
 
 
 class BannedWords(Constraint):
-    """A rule: cost 1 for an answer that says any of `words`, else 0, so the mean cost is the
-    share of answers that do; the threshold keeps that share at most `rate`."""
+    """A rule: cost 1 if an answer says any of `words`, else 0; at most `rate` of them may."""
     flags = {"banned_words": (list[str], arg([], "a rule: at most 2% of answers may say any of "
                                          "these words", group="constraints"))}
 

@@ -46,7 +46,7 @@ def _log_init(lambda_init):
 
 
 class Lagrange:
-    """One multiplier with the official update. Official: lambda_init 1.0, lr 0.1, lambda_max 5.0, delay 0."""
+    """One multiplier, the official update. Official: lambda_init 1.0, lr 0.1, lambda_max 5.0."""
 
     def __init__(self, threshold, lambda_init=1.0, lr=0.1, lambda_max=None, update_delay_steps=0):
         self.threshold = float(threshold)  # d; official 0.0
@@ -69,7 +69,8 @@ class Lagrange:
         if self.step >= self.update_delay_steps:
             # d(−λ·err)/d(log λ) = −λ·err, so one SGD step adds lr·λ·err.
             # the `if err` keeps inf·0 (absurd lr at λ near the bound) from making a nan
-            self.log_lambda = self._clamp(self.log_lambda + (self.lr * self.value * err if err else 0.0))
+            step = self.lr * self.value * err if err else 0.0
+            self.log_lambda = self._clamp(self.log_lambda + step)
         self.step += 1
         return self.value
 
@@ -101,7 +102,8 @@ class EpisodeCostWindow:
     def extend(self, costs):
         costs = torch.as_tensor(costs, dtype=torch.float64)
         if costs.dim() > 1:  # K constraints need K windows, not one flattened window
-            raise ValueError(f"expected a flat list of episode costs, got shape {tuple(costs.shape)}")
+            raise ValueError(f"expected a flat list of episode costs, got shape "
+                             f"{tuple(costs.shape)}")
         self.costs.extend(costs.reshape(-1).tolist())
 
     def mean(self):

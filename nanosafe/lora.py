@@ -88,7 +88,8 @@ def merged_weights(model) -> dict | None:
     hf = unwrap(model)
     # the unadapted tensors are the model's own (save_pretrained only reads them): no copy of
     # the whole model per checkpoint
-    out = {k.replace(".base_layer.", "."): v for k, v in hf.state_dict().items() if ".lora_" not in k}
+    out = {k.replace(".base_layer.", "."): v for k, v in hf.state_dict().items()
+           if ".lora_" not in k}
     with torch.no_grad():
         for name, m in layers:
             out[f"{name}.weight"] = m.base_layer.weight + m.get_delta_weight(m.active_adapters[0])

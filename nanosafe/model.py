@@ -31,7 +31,7 @@ if tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit())
     raise ImportError(f"nanosafe needs transformers >= 4.56 (found {transformers.__version__}): "
                       f"pip install -U 'transformers>=4.56'")
 
-transformers.utils.logging.set_verbosity_error()  # no load reports for the lm_head a score model drops
+transformers.utils.logging.set_verbosity_error()  # no reports of the lm_head a score model drops
 transformers.utils.logging.disable_progress_bar()
 
 STATE_FILE, TRAINER_FILE = "nanosafe.json", "trainer_state.pt"
@@ -50,7 +50,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         # transformers would fall through to a sentencepiece traceback that blames the wrong thing
         raise CheckpointError(f"{path}: no tokenizer in the folder (none of "
-                              f"{', '.join(TOKENIZER_FILES)}); save the model's tokenizer beside its "
+                              f"{', '.join(TOKENIZER_FILES)}); save the model's tokenizer beside "
+                              f"its "
                               f"weights: tokenizer.save_pretrained('{path}')")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True,
@@ -83,8 +84,8 @@ def check_vocab(model, tok, where: str):
     """A checkpoint trained with another vocabulary would read garbage ids: refuse it."""
     n_emb = model.get_input_embeddings().weight.shape[0]
     if n_emb < len(tok):
-        raise CheckpointError(f"{where}: the model has {n_emb} embedding rows but its tokenizer has "
-                              f"{len(tok)} tokens: a checkpoint from a different vocabulary")
+        raise CheckpointError(f"{where}: the model has {n_emb} embedding rows but its tokenizer "
+                              f"has {len(tok)} tokens: a checkpoint from a different vocabulary")
 
 
 def check_same_tokenizer(tok_a, tok_b, where_a: str, where_b: str):
@@ -121,7 +122,7 @@ def resolve_template(requested, *folders) -> str:
 
 
 def is_score_folder(path: str) -> bool:
-    """An AutoModelForSequenceClassification folder (config architectures *ForSequenceClassification)."""
+    """An AutoModelForSequenceClassification folder (its config.json's architectures)."""
     p = os.path.join(path, "config.json")
     archs = (json.load(open(p)).get("architectures") or []) if os.path.exists(p) else []
     return any(a.endswith("ForSequenceClassification") for a in archs)
@@ -142,9 +143,9 @@ def _check_folder(path: str, what: str):
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: not a Hugging Face model folder (no config.json) ({what})")
     if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        raise CheckpointError(f"{path}: no *.safetensors weights ({what}). nanosafe never unpickles "
-                              f"weights: convert the checkpoint with save_pretrained(..., "
-                              f"safe_serialization=True)")
+        raise CheckpointError(f"{path}: no *.safetensors weights ({what}). nanosafe never "
+                              f"unpickles weights: convert the checkpoint with "
+                              f"save_pretrained(..., safe_serialization=True)")
 
 
 def load_policy(path: str, dtype=torch.float32, trust_remote_code: bool = False):
@@ -181,8 +182,8 @@ class ScoreModel(nn.Module):
         super().__init__()
         n = getattr(hf.config, "num_labels", 0)
         if not n >= 1 or not isinstance(getattr(hf, "score", None), nn.Linear):
-            raise CheckpointError(f"a score model needs a linear 'score' head with num_labels >= 1; "
-                                  f"got {type(hf).__name__} with num_labels {n}")
+            raise CheckpointError(f"a score model needs a linear 'score' head with num_labels >= "
+                                  f"1; got {type(hf).__name__} with num_labels {n}")
         self.hf, self.kind = hf, kind
         self.config = hf.config
 
@@ -211,7 +212,8 @@ class ScoreModel(nn.Module):
         scores = self.head(h).float()
         if scores.shape[-1] == 1:
             scores = scores.squeeze(-1)
-        end = scores[torch.arange(scores.shape[0], device=scores.device), last_index(attention_mask)]
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        end = scores[rows, last_index(attention_mask)]
         return scores, end
 
     @classmethod
@@ -222,7 +224,8 @@ class ScoreModel(nn.Module):
         cfg.architectures = None
         cfg.num_labels = len(labels) if labels else 1
         if labels:
-            cfg.id2label, cfg.label2id = dict(enumerate(labels)), {n: i for i, n in enumerate(labels)}
+            cfg.id2label = dict(enumerate(labels))
+            cfg.label2id = {n: i for i, n in enumerate(labels)}
         hf = AutoModelForSequenceClassification.from_config(cfg, dtype=policy.dtype)
         backbone = getattr(policy, policy.base_model_prefix)
         getattr(hf, hf.base_model_prefix).load_state_dict(backbone.state_dict())
@@ -266,9 +269,10 @@ def load_score_model(path: str, kind: str = None, init_from_policy: bool = False
         n = hf.config.num_labels
         # a 2-class classifier is not 2 costs
         if n != 1 and (kind == "reward" or read_state(path).get("categories") is None):
-            raise CheckpointError(f"{path}: a {kind or 'score'} model needs num_labels 1 (one score "
-                                  f"per sequence), got {n}; a cost model with one output per harm "
-                                  f"category is made by train_pm.py --kind cost --categories")
+            raise CheckpointError(f"{path}: a {kind or 'score'} model needs num_labels 1 (one "
+                                  f"score per sequence), got {n}; a cost model with one output "
+                                  f"per harm category is made by train_pm.py --kind cost "
+                                  f"--categories")
     ensure_pad_token(tok, hf)
     hf.config.pad_token_id = tok.pad_token_id  # HF's own forward finds the last token through it
     check_vocab(hf, tok, path)

@@ -133,7 +133,7 @@ class Monitor:
     """Everything an RL iteration reports, in four calls: start(step) (gold evaluation at
     evaluation points; the stopwatch restarts), lap(phase), bad(*tensors) (the NaN guard) and
     end(...) (the metrics line, the toy verdicts, the collapse warning, the samples, the bar).
-    gold_eval(step) -> the gold metrics (rank 0; {} elsewhere), or None off the toy world."""
+    gold_eval(seed) -> the gold metrics (rank 0; {} elsewhere), or None off the toy world."""
 
 
     def __init__(self, cfg, rt, out_dir, start_step, names, gold_eval=None, verdicts=False):
@@ -154,11 +154,12 @@ class Monitor:
         self.rec = {"step": step}
         every = self.cfg.eval_every
         if self.gold_eval and (step == 0 or (every and step % every == 0)):
-            res = self.gold_eval(step)
+            res = self.gold_eval(self.cfg.seed + step)
             self.rec.update(res)
             if res:
-                tqdm.write(f"  [{step}] gold: helpfulness benign {res['gold_helpfulness_benign']:.3f}"
-                           f" harmful {res['gold_helpfulness_harmful']:.3f} | unsafe harmful "
+                tqdm.write(f"  [{step}] gold: helpfulness benign "
+                           f"{res['gold_helpfulness_benign']:.3f} harmful "
+                           f"{res['gold_helpfulness_harmful']:.3f} | unsafe harmful "
                            f"{res['gold_unsafe_rate_harmful']:.3f} benign "
                            f"{res['gold_unsafe_rate_benign']:.3f} | optimum "
                            f"{res['gold_optimum_helpfulness']:.3f}")

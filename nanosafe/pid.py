@@ -10,7 +10,7 @@ from nanosafe.lagrange import Lagrange, _error, _log_init, _upper
 
 
 class PIDLagrange(Lagrange):
-    """A PID multiplier (Stooke, Achiam & Abbeel 2020, "Responsive Safety in RL by PID Lagrangian Methods").
+    """A PID multiplier (Stooke, Achiam & Abbeel 2020).
 
     Stooke et al. set, with e = J_c − d,
 
@@ -33,7 +33,8 @@ class PIDLagrange(Lagrange):
     role): I can't run far past lambda_max and take ages to come back.
     """
 
-    def __init__(self, threshold, lambda_init=1.0, kp=0.0, ki=0.1, kd=0.0, lambda_max=None, update_delay_steps=0):
+    def __init__(self, threshold, lambda_init=1.0, kp=0.0, ki=0.1, kd=0.0, lambda_max=None,
+                 update_delay_steps=0):
         self.threshold = float(threshold)
         self.kp, self.ki, self.kd = float(kp), float(ki), float(kd)
         self.update_delay_steps = int(update_delay_steps)

@@ -36,7 +36,8 @@ def seq_mean(x, mask):
 
 def logprobs_from_logits(logits, labels):
     """log softmax(logits)[labels] → [B, T]."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 is too coarse for exp(logp − logp_old)
+    # bf16 is too coarse for exp(logp − logp_old)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # gather − logsumexp is log_softmax + gather without a second [B, T, V] tensor
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
@@ -51,7 +52,8 @@ def entropy_from_logits(logits):
 
 @torch.no_grad()
 def gae(rewards, values, mask, gamma, lam):
-    """A_t = Σ_k (γλ)^k δ_{t+k}, δ_t = r_t + γ·V_{t+1} − V_t; returns = A + V. Official γ=1.0, λ=0.95."""
+    """A_t = Σ_k (γλ)^k δ_{t+k}, δ_t = r_t + γ·V_{t+1} − V_t; returns = A + V.
+    Official γ = 1.0, λ = 0.95."""
     mask = mask.bool()
     # zero rewards and values after each row's end (the official code does the same), so the
     # value after the last real action is 0 and nothing past it leaks into earlier steps
@@ -69,7 +71,7 @@ def gae(rewards, values, mask, gamma, lam):
 
 def combined_advantage(reward_adv, cost_advs, lambdas):
     """(A_r − Σ_k λ_k·A_ck) / (1 + Σ_k λ_k): the Safe RLHF actor advantage, K = len(lambdas)."""
-    assert len(cost_advs) == len(lambdas), f"{len(cost_advs)} cost advantages, {len(lambdas)} lambdas"
+    assert len(cost_advs) == len(lambdas), f"{len(cost_advs)} cost advantages, {len(lambdas)} λ"
     # dividing by 1 + Σλ keeps the advantage on the reward's scale as λ grows, so the PPO
     # clip range and the actor lr mean the same thing whatever λ is
     penalty = sum(lam * adv for lam, adv in zip(lambdas, cost_advs))
@@ -80,7 +82,7 @@ def group_zscore(scores, group_size, eps=1e-6, std="group"):
     """[B] -> [B]: each score minus its group's mean, over a std, where a group is group_size
     consecutive rows (the G answers to one prompt; GRPO, Shao et al. 2024). std="group": the group's
     own (unbiased, as TRL's GRPOTrainer); a group of equal scores gives 0, not NaN. std="batch": the
-    whole batch's (unbiased), so a group whose scores barely differ gets a small advantage, not ±1."""
+    whole batch's (unbiased): a group whose scores barely differ gets a small advantage, not ±1"""
     B = scores.shape[0]
     if group_size < 2 or B % group_size:
         raise ValueError(f"group_size {group_size} must be >= 2 and divide the batch of {B}")
@@ -94,7 +96,7 @@ def group_zscore(scores, group_size, eps=1e-6, std="group"):
 
 def grpo_lag_advantage(end_reward, end_costs, lambdas, group_size, std="group"):
     """Lagrangian GRPO, critic-free: (Z_R − Σ_k λ_k·Z_Ck) / (1 + Σ_k λ_k) per answer, with Z the
-    per-stream group z-score of its end score (std: group_zscore's). One number per answer [B]; it is
+    per-stream group z-score of its end score (std: group_zscore's). One number per answer [B]; it
     the advantage of every token of that answer."""
     return combined_advantage(group_zscore(end_reward, group_size, std=std),
                               [group_zscore(c, group_size, std=std) for c in end_costs], lambdas)

@@ -19,9 +19,19 @@ from nanosafe.generate import forward_params, generate, response_mask
 from nanosafe.generate import position_ids_from_mask as position_ids
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange
 from nanosafe.lora import adapters_off, add_lora, load_lora_state, lora_layers, lora_state
-from nanosafe.model import (CheckpointError, check_same_tokenizer, gradient_checkpointing, load_policy,
-                            load_score_model, place, plain_weights, read_state, resolve_template,
-                            save_checkpoint)
+from nanosafe.model import (
+    CheckpointError,
+    check_same_tokenizer,
+    gradient_checkpointing,
+    load_policy,
+    load_score_model,
+    place,
+    plain_weights,
+    read_state,
+    recover_checkpoint,
+    resolve_template,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -173,6 +183,8 @@ def load_models(cfg, rt, out_dir, dtype, cons, critics):
     LoRA'd, checkpointed, sharded as the flags ask. cons() builds the constraints (their models
     frozen too) after the reward model, in the order the models have always loaded."""
     lora, trust = cfg.lora_rank > 0, cfg.trust_remote_code
+    if cfg.resume:
+        recover_checkpoint(out_dir)  # a crash between save_checkpoint's two renames
     resumed = cfg.resume and not lora  # LoRA resumes from the base and the saved adapters
     actor, tok = load_policy(out_dir if resumed else cfg.model, trust_remote_code=trust)
     # LoRA: the reference is the actor itself, run with its adapters off (one backbone, not two)
@@ -231,9 +243,10 @@ def set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out
     if state is not None:
         saved = [float(d) for d, g in zip(state["thresholds"], given) if g is not None]
         if cfg.thresholds and [float(d) for d in given if d is not None] != saved:
-            raise config.ConfigError(f"--thresholds {cfg.thresholds} differ from the ones {out_dir} "
-                                     f"was trained with ({state['thresholds']}); a resumed run keeps "
-                                     f"its constraint. Drop --thresholds or start a new run.")
+            raise config.ConfigError(f"--thresholds {cfg.thresholds} differ from the ones "
+                                     f"{out_dir} was trained with ({state['thresholds']}); a "
+                                     f"resumed run keeps its constraint. Drop --thresholds or "
+                                     f"start a new run.")
         return _hold(cons, list(state["thresholds"])), read_state(out_dir).get("calibration", [])
     if None not in given or not calibrate:  # the baselines have no d to calibrate
         return _hold(cons, [float(d) if d is not None else None for d in given]), []
@@ -247,7 +260,8 @@ def set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out
             try:
                 policy = actor
                 if cfg.calibrate_on:  # another policy's answers set the score levels
-                    policy, ctok = load_policy(cfg.calibrate_on, trust_remote_code=cfg.trust_remote_code)
+                    policy, ctok = load_policy(cfg.calibrate_on,
+                                               trust_remote_code=cfg.trust_remote_code)
                     check_same_tokenizer(tok, ctok, cfg.model, cfg.calibrate_on)
                     place(policy, rt.device, cfg.attn_implementation)
                 with amp():
@@ -275,6 +289,30 @@ def _hold(cons, thresholds):
     for c in cons:
         c.thresholds = [next(it) for _ in c.names]
     return thresholds
+
+
+def prompt_dataset(cfg, prompts, tok, template):
+    ds = data.PromptDataset(prompts, tok, cfg.max_prompt_length, cfg.truncate_prompts, template)
+    if ds.truncation_report():
+        dist.print0(ds.truncation_report())
+    return ds
+
+
+def adamw(model, lr, weight_decay):
+    """AdamW (official betas) on the trained parameters: all of them, or LoRA's adapters."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             betas=(0.9, 0.95), weight_decay=weight_decay)
+
+
+def describe(cfg, rt, actor, train_set, names, critics):
+    n_mini = cfg.rollout_batch_size // cfg.minibatch_size
+    n_params = sum(p.numel() for p in actor.parameters())
+    dist.print0(f"{cfg.algo}: actor {n_params / 1e6:.2f}M params from {cfg.model} | "
+                f"{len(train_set)} prompts | per iteration: {cfg.rollout_batch_size} rollouts x "
+                f"{rt.world_size} procs -> {cfg.ppo_epochs} epochs x {n_mini} minibatches of "
+                f"{cfg.minibatch_size} = {cfg.ppo_epochs * n_mini} optimizer steps | "
+                f"{cfg.max_steps} iterations | constraints: {', '.join(names) or 'none'} | "
+                f"critics: {', '.join(critics) or 'none'}")
 
 
 def multipliers(cfg, thresholds):
@@ -363,65 +401,74 @@ class Config(config.Stage):
                             group="model")
     # rollout
     max_steps: int = arg(350, "iterations: one rollout batch and its updates each",
-                         group="rollout")
+                         group="rollout", check=">=1")
     rollout_batch_size: int = arg(128, "prompts per iteration per process (official: 16 per GPU)",
-                                  group="rollout")
-    max_new_tokens: int = arg(24, "answer length limit in tokens (official: 512)", group="rollout")
+                                  group="rollout", check=">=1")
+    max_new_tokens: int = arg(24, "answer length limit in tokens (official: 512)",
+                              group="rollout", check=">=1")
     min_new_tokens: int = arg(0, "no EOS before this many tokens (the bench's fixed lengths)",
-                              group="rollout")
+                              group="rollout", check=">=0")
     max_prompt_length: int = arg(48, "longer prompts are an error (or cut: --truncate_prompts)",
-                                 group="rollout")
-    temperature: float = arg(1.0, "rollout temperature (official: 1.0)", group="rollout")
-    top_p: float = arg(1.0, "rollout nucleus mass (official: 1.0)", group="rollout")
+                                 group="rollout", check=">=1")
+    temperature: float = arg(1.0, "rollout temperature (official: 1.0)",
+                             group="rollout", check=">0")
+    top_p: float = arg(1.0, "rollout nucleus mass (official: 1.0)", group="rollout", check="(0,1]")
     # the policy update
     ppo_epochs: int = arg(2, "passes over each rollout batch (official update_iters: 1)",
-                          group="PPO")
+                          group="PPO", check=">=1")
     minibatch_size: int = arg(32, "rollouts per optimizer step per process; divides "
-                              "--rollout_batch_size", group="PPO")
+                              "--rollout_batch_size", group="PPO", check=">=1")
     micro_batch_size: int = arg(32, "rollouts per forward/backward; divides --minibatch_size",
-                                group="PPO")
-    actor_lr: float = arg(3e-4, "actor learning rate (official: 1e-5 cosine for 7B)", group="PPO")
-    weight_decay: float = arg(0.0, "actor AdamW weight decay (official: 0.01)", group="PPO")
-    grad_clip: float = arg(1.0, "clip each model's gradient norm (official: 1.0)", group="PPO")
+                                group="PPO", check=">=1")
+    actor_lr: float = arg(3e-4, "actor learning rate (official: 1e-5 cosine for 7B)",
+                          group="PPO", check=">=0")
+    weight_decay: float = arg(0.0, "actor AdamW weight decay (official: 0.01)",
+                              group="PPO", check=">=0")
+    grad_clip: float = arg(1.0, "clip each model's gradient norm (official: 1.0)",
+                           group="PPO", check=">0")
     kl_coef: float = arg(0.1, "β: per-token KL penalty against the reference (official: 0.01)",
-                         group="PPO")
-    clip_range_ratio: float = arg(0.2, "PPO ratio clip ε (official: 0.2)", group="PPO")
+                         group="PPO", check=">=0")
+    clip_range_ratio: float = arg(0.2, "PPO ratio clip ε (official: 0.2)", group="PPO", check=">0")
     # the multiplier
-    lambda_init: float = arg(1.0, "initial λ (official: 1.0)", group="multiplier")
-    lambda_lr: float = arg(0.02, "λ step size on log λ (official: 0.1)", group="multiplier")
-    lambda_max: float = arg(20.0, "cap on λ (official: 5.0)", group="multiplier")
+    lambda_init: float = arg(1.0, "initial λ (official: 1.0)", group="multiplier", check=">0")
+    lambda_lr: float = arg(0.02, "λ step size on log λ (official: 0.1)",
+                           group="multiplier", check=">=0")
+    lambda_max: float = arg(20.0, "cap on λ (official: 5.0)", group="multiplier", check=">0")
     lambda_update_delay_steps: int = arg(0, "hold λ fixed for the first N iterations (official: "
-                                         "0)", group="multiplier")
+                                         "0)", group="multiplier", check=">=0")
     episode_cost_window_size: int = arg(128, "J_c = mean of the last N episode costs per process "
-                                        "(official: 128)", group="multiplier")
+                                        "(official: 128)", group="multiplier", check=">=1")
     multiplier: str = arg("sgd", "sgd: the official log-λ ascent; pid: PID Lagrangian (Stooke et "
                           "al. 2020)", ["sgd", "pid"], group="multiplier")
-    pid_kp: float = arg(0.0, "PID proportional gain on log λ", group="multiplier")
+    pid_kp: float = arg(0.0, "PID proportional gain on log λ", group="multiplier", check=">=0")
     pid_ki: float = arg(0.02, "PID integral gain (= --lambda_lr when kp = kd = 0)",
-                        group="multiplier")
-    pid_kd: float = arg(0.0, "PID derivative gain (the cost's rise)", group="multiplier")
+                        group="multiplier", check=">=0")
+    pid_kd: float = arg(0.0, "PID derivative gain (the cost's rise)",
+                        group="multiplier", check=">=0")
     # constraints (each kind of constraint adds its own flags: constraints.py)
     target_unsafe_rate: float = arg(0.01, "calibrate d as the mean cost of a policy called unsafe "
-                                    "this often (official d = 0)", group="constraints")
+                                    "this often (official d = 0)",
+                                    group="constraints", check="[0,1]")
     calibrate_on: str | None = arg(None, "calibrate d on this policy's answers instead of "
                                    "--model's (later rounds: the SFT model)", group="constraints")
     # scale
     lora_rank: int = arg(0, "train LoRA adapters of this rank (peft) instead of all weights; 0: "
-                         "full fine-tuning", group="scale")
-    lora_alpha: float = arg(0.0, "LoRA scale numerator, alpha / rank (0: 2 x rank)", group="scale")
+                         "full fine-tuning", group="scale", check=">=0")
+    lora_alpha: float = arg(0.0, "LoRA scale numerator, alpha / rank (0: 2 x rank)",
+                            group="scale", check=">=0")
     lora_targets: list[str] = arg([], "module names to put adapters on (default: every linear "
                                   "layer but the output and score heads)", group="scale")
     # logging
     eval_every: int = arg(25, "toy world: gold evaluation every N iterations (0: start and end)",
-                          group="logging")
+                          group="logging", check=">=0")
     show_every: int = arg(25, "print two answers with their scores every N iterations (0: never)",
-                          group="logging")
+                          group="logging", check=">=0")
     collapse_ratio: float = arg(0.3, "warn when the mean answer length falls below this share of "
-                                "the first iteration's", group="logging")
+                                "the first iteration's", group="logging", check="[0,1]")
     final_eval_samples: int = arg(4, "toy world: samples per held-out prompt at the end",
-                                  group="logging")
+                                  group="logging", check=">=1")
     ckpt_every: int = arg(50, "checkpoint every N iterations (atomic; --resume picks it up)",
-                          group="logging")
+                          group="logging", check=">=1")
 
 
 def check_flags(cfg):
@@ -434,7 +481,8 @@ def check_flags(cfg):
     if cfg.lora_rank > 0 and cfg.fsdp:
         raise config.ConfigError("--lora_rank with --fsdp is not supported: LoRA makes a model fit "
                                  "on each GPU, FSDP shards one that does not; pick one")
-    for path, what in [(cfg.model, "train_sft.py"), (cfg.reward_model, "train_pm.py --kind reward")]:
+    for path, what in [(cfg.model, "train_sft.py"),
+                       (cfg.reward_model, "train_pm.py --kind reward")]:
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: no such checkpoint. Run the earlier stage first: "
                                   f"python {what}")
