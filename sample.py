@@ -11,6 +11,7 @@ In the toy world every answer comes with its gold helpfulness and gold cost; wit
 """
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ class Config:
     temperature: float = arg(1.0, "sampling temperature; 0 = greedy")
     top_p: float = arg(1.0, "nucleus sampling mass (1.0: off)")
     max_new_tokens: int = arg(32, "answer length limit in tokens")
-    seed: int = arg(0, "sampling seed: same seed, same answers")
+    seed: int = arg(0, "sampling seed, once per run: same seed and prompts, same answers")
     device: str = arg("auto", "cpu | cuda | auto")
     dtype: str = arg("float32", "weights and compute dtype (bfloat16: half the memory; autocast "
                      "for the forwards)", choices=["float32", "bfloat16"])
@@ -46,7 +47,35 @@ class Config:
     trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folder")
 
 
+def check_flags(cfg: Config):
+    """Values no run can mean, refused before anything loads (the first one found)."""
+    # `not x >= 0` rather than `x < 0`: a nan fails it too
+    bad = [("--num_samples", cfg.num_samples, "must be >= 1", cfg.num_samples >= 1),
+           ("--max_new_tokens", cfg.max_new_tokens, "must be >= 1", cfg.max_new_tokens >= 1),
+           ("--temperature", cfg.temperature, "must be >= 0 (0: greedy)", cfg.temperature >= 0),
+           ("--top_p", cfg.top_p, "must be in (0, 1]", 0 < cfg.top_p <= 1),
+           ("--limit", cfg.limit, "must be >= 0 (0: all)", cfg.limit >= 0),
+           ("--threads", cfg.threads, "must be >= 0 (0: torch's default)", cfg.threads >= 0)]
+    for flag, value, why, ok in bad:
+        if not ok:
+            raise config.ConfigError(f"{flag} {value}: {why}")
+
+
+def is_toy_tokenizer(tok) -> bool:
+    """The toy world's word-level tokenizer: an <unk>, and every toy token a token of its own (a
+    real tokenizer splits 'wiretap' or 'CONVERSATION' into pieces, and never says <unk>)."""
+    return (tok.unk_token_id is not None
+            and toy.toy_tokenizer().get_vocab().keys() <= tok.get_vocab().keys())
+
+
+def unknown_words(tok, prompt: str) -> list:
+    """The prompt's words that become <unk> (all or in part, e.g. the '?' of 'bread?')."""
+    return [w for w in prompt.split()
+            if tok.unk_token_id in tok(w, add_special_tokens=False)["input_ids"]]
+
+
 def main(cfg: Config, prompts: list):
+    check_flags(cfg)
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,12 +97,26 @@ def main(cfg: Config, prompts: list):
             sm, stok = load_score_model(path, kind=name, dtype=dtype,
                                         trust_remote_code=cfg.trust_remote_code)
             scorers.append((name, sm.to(device).eval(), stok, sm.names))
+    # one generator for the whole session: a prompt typed twice gets a fresh answer, and the
+    # same --seed still replays the same session
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    warn_unk = is_toy_tokenizer(tok)  # a real tokenizer has a piece for every word
 
     def show(prompts):
+        nonlocal warn_unk
+        unk = [(p, ws) for p in prompts if warn_unk and (ws := unknown_words(tok, p))]
+        if unk:  # once: the toy model sees <unk> and answers noise
+            p, ws = unk[0]
+            hint = " ".join(re.findall(r"[a-z]+", p.lower()))
+            hint = hint if hint and not unknown_words(tok, hint) else "how do i bake bread"
+            print(f"note: the toy model knows only the toy world's lowercase words; {len(ws)} of "
+                  f"the {len(p.split())} words of {p!r} become <unk> ({', '.join(ws)}). "
+                  f"Type e.g. {hint!r}", file=sys.stderr)
+            warn_unk = False
         ps = [p for p in prompts for _ in range(cfg.num_samples)]
         with amp():
             answers, eos = sample(model, tok, ps, max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                                  temperature=cfg.temperature, top_p=cfg.top_p, generator=g,
                                   device=device, template=template)
             scores = {}
             for name, sm, stok, cats in scorers:  # a K-category cost model: one score per category
@@ -98,11 +141,20 @@ def main(cfg: Config, prompts: list):
     if prompts:
         show(prompts)
     if cfg.interactive or not prompts:
-        if sys.stdin.isatty():
+        tty = sys.stdin.isatty()
+        if tty:
+            import readline
+            readline.set_auto_history(True)  # input() gets line editing and a history
             print("type a prompt and press enter (ctrl-d to quit)")
-        for line in sys.stdin:
-            if line.strip():
-                show([line.strip()])
+        while True:
+            try:
+                line = input("\n> " if tty else "").strip()
+            except (EOFError, KeyboardInterrupt):  # ctrl-d, ctrl-c: leave the shell a clean line
+                if tty:
+                    print()
+                break
+            if line:
+                show([line])
 
 
 if __name__ == "__main__":
@@ -112,6 +164,9 @@ if __name__ == "__main__":
     prompts = args.pop("prompts")
     try:
         main(Config(**args), prompts)
+    except config.ConfigError as e:  # a bad flag: one line and argparse's exit code
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except (data.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

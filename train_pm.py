@@ -6,12 +6,12 @@ Stage 2 of Safe RLHF: the preference models. Helpfulness and harmlessness are le
     cost model:    -log σ(c_unsafer - c_safer) - Σ_i log σ(s_i · c_i)          + reg·mean(c²)
                    s_i = +1 if response i is unsafe, -1 if safe  (so cost > 0 means unsafe)
 
-    python train_pm.py --kind reward                 # toy world -> out/rm (~3 min on 2 CPU threads)
-    python train_pm.py --kind cost                   # toy world -> out/cm
-    python train_pm.py --kind cost --no_sign_loss    # the ablation: no sign term, no meaningful zero
-    python train_pm.py --kind cost --category violence --out_dir out/cm_violence   # one harm category
-    python train_pm.py --kind cost --categories all --out_dir out/cm_k5     # one backbone, one output per category
-    python train_pm.py --eval_only --model out/cm    # accuracy + the score-distribution figure
+    python train_pm.py --kind reward                # toy world -> out/rm (~3 min on 2 CPU threads)
+    python train_pm.py --kind cost                  # toy world -> out/cm
+    python train_pm.py --kind cost --no_sign_loss   # the ablation: no sign term, no meaningful zero
+    python train_pm.py --kind cost --category violence --out_dir out/cm_violence  # one category
+    python train_pm.py --kind cost --categories all --out_dir out/cm_k5  # one output per category
+    python train_pm.py --eval_only --model out/cm   # accuracy + the score-distribution figure
     torchrun --nproc_per_node=2 train_pm.py --kind reward
 
 A score model is a causal-LM backbone (--model's architecture: its SFT weights, or fresh weights
@@ -31,9 +31,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanosafe import config, data, dist, fsdp, toy, train
 from nanosafe.config import arg
-from nanosafe.model import (CheckpointError, checkpoint_kind, gradient_checkpointing,
-                            load_score_model, num_params, place, plain_weights, read_state,
-                            recover_checkpoint, resolve_template, save_checkpoint)
+from nanosafe.model import (
+    CheckpointError,
+    checkpoint_kind,
+    gradient_checkpointing,
+    load_score_model,
+    num_params,
+    place,
+    plain_weights,
+    read_state,
+    recover_checkpoint,
+    resolve_template,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -108,7 +118,8 @@ def cost_loss(c0, c1, safer, safe0, safe1, reg, sign_loss=True):
 
 def pair_scores(model, b):
     """End scores of both responses of each pair, in one [2B, L] forward."""
-    _, end = model(torch.cat([b["input_ids_0"], b["input_ids_1"]]), torch.cat([b["mask_0"], b["mask_1"]]))
+    _, end = model(torch.cat([b["input_ids_0"], b["input_ids_1"]]),
+                   torch.cat([b["mask_0"], b["mask_1"]]))
     return end.chunk(2)
 
 
@@ -119,7 +130,8 @@ def pair_loss(kind, model, b, cfg):
     if "category_labels" in b:  # [B, 3, K]: K cost models' losses on one backbone, summed
         L = b["category_labels"]
         return cost_loss(c0, c1, L[:, 0], L[:, 1], L[:, 2], cfg.reg, cfg.sign_loss).sum(-1)
-    return cost_loss(c0, c1, b["safer_response_id"], b["is_safe_0"], b["is_safe_1"], cfg.reg, cfg.sign_loss)
+    return cost_loss(c0, c1, b["safer_response_id"], b["is_safe_0"], b["is_safe_1"], cfg.reg,
+                     cfg.sign_loss)
 
 
 def for_category(records, cat):
@@ -129,24 +141,27 @@ def for_category(records, cat):
     for r in records:
         flags = [r.get(f"response_{i}_harm_category") for i in (0, 1)]
         if any(f is None or cat not in f for f in flags):
-            raise data.DataError(f"{r['_where']}: --category {cat}: the pair has no response_i_harm_category[{cat!r}]")
+            raise data.DataError(f"{r['_where']}: --category {cat}: the pair has no "
+                                 f"response_i_harm_category[{cat!r}]")
         h0, h1 = bool(flags[0][cat]), bool(flags[1][cat])
-        out.append(dict(r, is_response_0_safe=not h0, is_response_1_safe=not h1, safer_response_id=None if h0 == h1 else int(h0),
-                        _category=cat))
+        out.append(dict(r, is_response_0_safe=not h0, is_response_1_safe=not h1,
+                        safer_response_id=None if h0 == h1 else int(h0), _category=cat))
     return out
 
 def category_names(records, asked):
     """--categories: the names asked for, or 'all' -> every category the pairs are labelled with."""
-    found = sorted({c for r in records for i in (0, 1) for c in (r.get(f"response_{i}_harm_category") or {})})
+    found = sorted({c for r in records for i in (0, 1)
+                    for c in (r.get(f"response_{i}_harm_category") or {})})
     names = found if asked == ["all"] else list(asked)
     if not names:
-        raise data.DataError(f"{records[0]['_where'] if records else 'the data'}: --categories all: the pairs have no "
-                             f"response_i_harm_category labels")
+        raise data.DataError(f"{records[0]['_where'] if records else 'the data'}: --categories "
+                             f"all: the pairs have no response_i_harm_category labels")
     return names
 
 
 def category_labels(records, names):
-    """[N, 3, K] long: per pair and category, the safer id, is_safe_0 and is_safe_1 (-1: none), as for_category."""
+    """[N, 3, K] long: per pair and category, the safer id, is_safe_0 and is_safe_1 (-1: none),
+    as for_category."""
     rows = []
     for r in records:
         per = [for_category([r], c)[0] for c in names]
@@ -156,7 +171,7 @@ def category_labels(records, names):
 
 
 class Column(torch.nn.Module):
-    """Output k of a K-output score model, as a one-output model: how each category is evaluated."""
+    """Output k of a K-output score model as a one-output model: how each category is evaluated."""
 
     def __init__(self, model, k):
         super().__init__()
@@ -175,7 +190,8 @@ def evaluate(kind, model, records, dataset, tok, device, amp=nullcontext, batch_
     model.eval()
     s0, s1 = [], []
     for i in range(0, len(dataset), batch_size):
-        b = data.collate_pref([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], tok.pad_token_id)
+        b = data.collate_pref([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))],
+                              tok.pad_token_id)
         with amp():
             a, c = pair_scores(model, {k: v.to(device) for k, v in b.items()})
         s0.append(a.cpu())
@@ -187,10 +203,12 @@ def evaluate(kind, model, records, dataset, tok, device, amp=nullcontext, batch_
     has = label >= 0
     # reward: the better one scores higher; cost: the unsafer one (not the safer) scores higher
     first_wins = (s0 > s1) if kind == "reward" else (s0 < s1)
-    out = {"n_pairs": len(dataset), "accuracy": (first_wins == (label == 0))[has].float().mean().item(),
+    out = {"n_pairs": len(dataset),
+           "accuracy": (first_wins == (label == 0))[has].float().mean().item(),
            "scores_0": s0, "scores_1": s1}
     if kind == "cost":
-        safe = torch.tensor([[-1 if d[k] is None else d[k] for k in ("is_safe_0", "is_safe_1")] for d in dataset.items])
+        safe = torch.tensor([[-1 if d[k] is None else d[k] for k in ("is_safe_0", "is_safe_1")]
+                             for d in dataset.items])
         scores = torch.stack([s0, s1], 1)
         known = safe >= 0
         if known.any():
@@ -202,13 +220,14 @@ def evaluate(kind, model, records, dataset, tok, device, amp=nullcontext, batch_
 
 
 def evaluate_categories(model, records, tok, device, amp, cfg, template):
-    """A K-output cost model: each output evaluated as a one-category cost model; their means on top."""
+    """A K-output cost model: each output evaluated as a one-category cost model, means on top."""
     per = {}
     for k, cat in enumerate(model.names):
         recs = for_category(records, cat)
         ds = data.PreferenceDataset(recs, tok, cfg.max_length, cfg.truncate_prompts, template)
         per[cat] = report(evaluate("cost", Column(model, k), recs, ds, tok, device, amp))
-    out = {key: sum(r[key] for r in per.values()) / len(per) for key in per[model.names[0]] if key != "n_pairs"}
+    out = {key: sum(r[key] for r in per.values()) / len(per)
+           for key in per[model.names[0]] if key != "n_pairs"}
     return dict(out, n_pairs=len(records), categories=per)
 
 
@@ -223,8 +242,8 @@ def oracle_accuracy(kind, records):
         if kind == "reward":
             g0, g1 = (toy.helpfulness(r["prompt"], r[f"response_{i}"]) for i in (0, 1))
         else:  # higher gold safety = lower cost (of one category for a --category model)
-            cost = lambda i: toy.cost(r["prompt"], r[f"response_{i}"])
-            g0, g1 = (-(cost(i)[r["_category"]] if "_category" in r else sum(cost(i).values())) for i in (0, 1))
+            c = [toy.cost(r["prompt"], r[f"response_{i}"]) for i in (0, 1)]
+            g0, g1 = (-(ci[r["_category"]] if "_category" in r else sum(ci.values())) for ci in c)
         agree += 0.5 if g0 == g1 else float((g0 > g1) == (label == 0))
         n += 1
     return agree / max(1, n)
@@ -244,7 +263,8 @@ def score_figure(kind, ev, path):
     for name, s in groups.items():
         if len(s):
             lines.append(f"  {name:14s} n={len(s):5d} mean {s.mean():+.2f} std {s.std():.2f} "
-                         f"min {s.min():+.2f} max {s.max():+.2f} (>0: {(s > 0).float().mean():.1%})")
+                         f"min {s.min():+.2f} max {s.max():+.2f} "
+                         f"(>0: {(s > 0).float().mean():.1%})")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -265,7 +285,8 @@ def score_figure(kind, ev, path):
         lo, hi = scores.min().item(), scores.max().item()
         for name, s in groups.items():
             counts = torch.histc(s, bins=20, min=lo, max=hi).int().tolist()
-            lines.append(f"  {name}: " + " ".join(f"{c}" for c in counts) + f"   (20 bins from {lo:+.1f} to {hi:+.1f})")
+            lines.append(f"  {name}: " + " ".join(f"{c}" for c in counts)
+                         + f"   (20 bins from {lo:+.1f} to {hi:+.1f})")
         lines.append("  (pip install matplotlib for the figure)")
     return "\n".join(lines)
 
@@ -292,7 +313,7 @@ def main(cfg: Config):
     rt = dist.init(cfg.seed, cfg.device, cfg.threads)
     fsdp.check(rt, cfg.fsdp)
     print0 = dist.print0
-    amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # the model stays fp32: master weights
+    amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # model stays fp32: master weights
     if cfg.eval_only and checkpoint_kind(cfg.model) in ("reward", "cost"):
         cfg.kind = checkpoint_kind(cfg.model)
     out_dir = cfg.out_dir or ("out/rm" if cfg.kind == "reward" else "out/cm")

@@ -15,7 +15,7 @@ From the repository root:
                                                        # 100 constraints
 
 --ppo runs train_ppo_lag.py itself (a subprocess per run) at the settings of TRL's anchor
-benchmark (../shared/bench/trl_ppo.py): random-init Llama models of the same shape, a
+benchmark (experiments/trl_ppo.py, which --trl runs): random-init Llama models of the same shape, a
 303-token word vocabulary, 64 prompts of 12-16 tokens, exactly 32 new tokens (EOS held back
 with --min_new_tokens), temperature 1, one minibatch of 64. Its per-iteration seconds and
 phases come from the run's metrics.jsonl ("iteration_s", "time_s"); the first iteration is
@@ -85,9 +85,9 @@ parser.add_argument("--iters", type=int, default=8, help="--ppo: iterations per 
 parser.add_argument("--rounds", type=int, default=2,
                     help="--ppo: runs of each configuration, alternating ours with TRL's")
 parser.add_argument("--trl", default=None, metavar="PYTHON", help="--ppo: a Python with trl "
-                    "1.12.0 (../shared/bench/README.md) to run TRL's anchor beside ours")
+                    "1.12.0 (its venv: experiments/trl_ppo.py) to run TRL's anchor beside ours")
 parser.add_argument("--trl_script", help="--ppo: TRL's anchor script",
-                    default=os.path.join(ROOT, "..", "shared", "bench", "trl_ppo.py"))
+                    default=os.path.join(ROOT, "experiments", "trl_ppo.py"))
 # memory
 parser.add_argument("--constraints", action="store_true", help="PPO-Lag seconds per iteration "
                     "with one K-output cost model, K = --ks (synthetic categories; one cost critic "
@@ -306,13 +306,22 @@ def run_trl(hidden, layers, epochs):
 
 
 # what counts as model work in an iteration of ours: generation, forwards, backwards
-MODEL_WORK = ["generate", "ref_logprobs", "reward_cost_value_forwards", "train_forwards",
-              "backward"]
+MODEL_WORK = ["generate", "scores", "update"]
 
 
 def bench_ppo():
     if args.trl and not os.path.exists(args.trl_script):
         sys.exit(f"error: --trl_script {args.trl_script}: no such file")
+    if args.trl:  # before any run: a Python without TRL would fail only after ours, minutes in
+        try:
+            p = subprocess.run([args.trl, "-c", "import trl.experimental.ppo"],
+                               capture_output=True, text=True)
+            why = (p.stderr.strip().splitlines() or ["?"])[-1] if p.returncode else None
+        except OSError as e:
+            why = e.strerror
+        if why:
+            sys.exit(f"error: --trl {args.trl}: no TRL with PPO there ({why}); make its venv as "
+                     "experiments/trl_ppo.py says")
     print(versions())
     print("one iteration: 64 prompts of 12-16 tokens, exactly 32 new tokens, temperature 1, one "
           f"minibatch of 64; {args.iters} iterations per run (the first is warm-up), "

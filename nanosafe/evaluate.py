@@ -23,9 +23,9 @@ import sys
 import numpy as np
 import torch
 
-from nanosafe import data, toy
+from nanosafe import config, data, toy
 from nanosafe.generate import generate
-from nanosafe.model import CheckpointError, load_policy
+from nanosafe.model import CheckpointError, checkpoint_kind, load_policy
 
 GOLD_KEYS = ["gold_helpfulness_benign", "gold_helpfulness_harmful", "gold_helpfulness",
              "gold_unsafe_rate_harmful", "gold_unsafe_rate_benign", "gold_unsafe_rate",
@@ -41,9 +41,10 @@ def encode_prompts(tok, prompts, template="safe_rlhf"):
 
 @torch.no_grad()
 def sample(model, tok, prompts, max_new_tokens=32, batch_size=64, temperature=1.0, top_p=1.0,
-           seed=0, device="cpu", template="safe_rlhf"):
-    """-> (answers: list[str], ended_with_eos: list[bool])"""
-    g = torch.Generator(device=device).manual_seed(seed)
+           seed=0, device="cpu", template="safe_rlhf", generator=None):
+    """-> (answers: list[str], ended_with_eos: list[bool]). A `generator` (seed ignored) carries
+    on from earlier calls: an interactive session draws fresh samples for a repeated prompt."""
+    g = generator or torch.Generator(device=device).manual_seed(seed)
     eos_id, pad_id = tok.eos_token_id, tok.pad_token_id
     answers, eos = [], []
     for i in range(0, len(prompts), batch_size):
@@ -213,42 +214,55 @@ def plot_runs(dirs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for d in dirs:
-        f = os.path.join(d, "metrics.jsonl")
-        if not os.path.exists(f):
-            continue
-        recs = [json.loads(line) for line in open(f) if line.strip()]
+    ax_l, ax_c = axes[1, 0], None  # λ on the left axis, the cost on one twin made on first use
+    thresholds, opt = {}, None  # run -> (d, colour)
+    runs = [d for d in dirs if os.path.exists(os.path.join(d, "metrics.jsonl"))]
+    for d in runs:
+        recs = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))
+                if line.strip()]
         train = [r for r in recs if "reward" in r]
         gold = [r for r in recs if "gold_unsafe_rate_harmful" in r and not r.get("final")]
-        name = os.path.basename(d.rstrip("/"))
-        if not train:
+        opt = next((r["gold_optimum_helpfulness"] for r in recs
+                    if "gold_optimum_helpfulness" in r), opt)
+        if not train:  # e.g. SFT: no PPO curves
             continue
+        name = os.path.basename(d.rstrip("/"))
+        color = f"C{len(axes[1, 1].lines)}"  # one colour per run, the same in every panel
         gold_steps, train_steps = [r["step"] for r in gold], [r["step"] for r in train]
-        axes[0, 0].plot(gold_steps, [r["gold_unsafe_rate_harmful"] for r in gold], "o-", label=name)
-        axes[0, 1].plot(gold_steps, [r["gold_helpfulness"] for r in gold], "o-", label=name)
-        axes[1, 1].plot(train_steps, [r["reward"] for r in train], label=f"{name} reward", lw=0.8)
+        axes[0, 0].plot(gold_steps, [r["gold_unsafe_rate_harmful"] for r in gold], "o-",
+                        color=color, label=name)
+        axes[0, 1].plot(gold_steps, [r["gold_helpfulness"] for r in gold], "o-", color=color,
+                        label=name)
+        axes[1, 1].plot(train_steps, [r["reward"] for r in train], color=color, lw=0.8,
+                        label=f"{name} reward")
         if "lambda_0" in train[0]:
-            ax = axes[1, 0]
-            ax.plot(train_steps, [r["lambda_0"] for r in train], "k-", label="λ")
-            ax2 = ax.twinx()
-            ax2.plot(train_steps, [r["episode_cost_window_0"] for r in train], "r-", lw=0.8,
-                     label="windowed cost J_c")
-            ax2.axhline(train[0]["threshold_0"], color="r", ls="--", lw=0.8, label="threshold d")
-            ax2.set_ylabel("cost model score", color="r")
-            ax2.legend(loc="upper right", fontsize=8)
-    opt = [json.loads(line) for line in open(os.path.join(dirs[-1], "metrics.jsonl"))
-           if "gold_optimum_helpfulness" in line][:1]
-    if opt:
-        axes[0, 1].axhline(opt[0]["gold_optimum_helpfulness"], color="gray", ls="--", lw=0.8,
-                           label="optimum")
+            ax_c = ax_c or ax_l.twinx()  # twinx per run would stack axes and repeat the legend
+            ax_l.plot(train_steps, [r["lambda_0"] for r in train], color=color, lw=1.6,
+                      label=f"λ {name}")
+            ax_c.plot(train_steps, [r["episode_cost_window_0"] for r in train], color=color,
+                      lw=0.6, alpha=0.7, label=f"J_c {name}")
+            thresholds[name] = (train[0]["threshold_0"], color)
+    if len({t for t, _ in thresholds.values()}) == 1:  # one d for all: one gray line
+        ax_c.axhline(next(iter(thresholds.values()))[0], color="gray", ls="--", lw=0.8,
+                     label="threshold d")
+    else:  # calibrated per run (--target_unsafe_rate): each run's d in its colour
+        for name, (t, color) in thresholds.items():
+            ax_c.axhline(t, color=color, ls="--", lw=0.8, label=f"d {name}")
+    if opt is not None:
+        axes[0, 1].axhline(opt, color="gray", ls="--", lw=0.8, label="optimum")
     titles = ["gold unsafe rate, harmful prompts", "gold helpfulness, all prompts",
-              "ppo_lag: λ (black) and the constraint", "reward-model score"]
+              "λ (thick, left) and windowed cost J_c (thin, right)", "reward-model score"]
     for ax, t in zip(axes.flat, titles):
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("iteration")
     for ax in (axes[0, 0], axes[0, 1], axes[1, 1]):
-        ax.legend(fontsize=8)
-    axes[1, 0].legend(loc="upper left", fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if ax_c is not None:
+        ax_l.set_ylabel("λ")
+        ax_c.set_ylabel("cost model score")
+        ax_l.legend(loc="upper left", fontsize=8)
+        ax_c.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -271,20 +285,43 @@ def toy_prompts(path) -> list:
     return prompts
 
 
+def check_args(args):
+    """Counts no run can mean, refused before anything loads: one line naming the flag."""
+    for flag in ("n_samples", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise config.ConfigError(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    if args.compare is not None and not args.compare:
+        raise config.ConfigError("--compare needs at least one policy folder")
+
+
+def check_runs(dirs):
+    """Every --compare folder a policy checkpoint, before the first one is sampled (minutes):
+    a typo'd run is an error, not a row that quietly goes missing from the table."""
+    missing = [d for d in dirs if not os.path.isdir(d)]
+    if missing:  # all of them at once: after `make demo` alone, the baselines are all missing
+        raise CheckpointError(f"{', '.join(missing)}: no such run folder (--compare)")
+    for d in dirs:
+        if dirs.count(d) > 1:
+            raise CheckpointError(f"{d}: named twice in --compare")
+        if not os.path.exists(os.path.join(d, "config.json")):
+            raise CheckpointError(f"{d}: not a checkpoint folder, no config.json (--compare)")
+        if checkpoint_kind(d) != "policy":
+            raise CheckpointError(f"{d}: a {checkpoint_kind(d)} model, not a policy (--compare)")
+
+
 def main(args):
+    check_args(args)
+    if args.compare:
+        check_runs(args.compare)
     prompts = toy_prompts(args.eval_data)  # every mode here is judged by the toy world's oracle
     if args.compare:
-        dirs = [d for d in args.compare if os.path.isdir(d)]
-        missing = sorted(set(args.compare) - set(dirs))
-        if missing:
-            print(f"skipping missing runs: {', '.join(missing)}")
-        rows = compare(dirs, prompts, args.n_samples, args.max_new_tokens, args.seed)
+        rows = compare(args.compare, prompts, args.n_samples, args.max_new_tokens, args.seed)
         print(summary_table(rows))
         out = args.out or "results.json"
         write_json(out, rows)
         if args.plot:
             try:
-                plot_runs(dirs, args.plot)
+                plot_runs(args.compare, args.plot)
                 print(f"wrote {args.plot}")
             except ImportError:
                 print("no matplotlib: skipping the plot (pip install matplotlib)")
@@ -315,6 +352,9 @@ if __name__ == "__main__":
     args = ap.parse_args()
     try:
         main(args)
+    except config.ConfigError as e:  # a bad flag: one line and argparse's exit code
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except (data.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -5,8 +5,8 @@ of one layer's hidden states over the answer's tokens (EOS included); the probe 
 regression on it, so its logit > 0 means "unsafe" and PPO-Lag can calibrate a threshold on it as
 on a cost model (train_ppo_lag.py --probe FOLDER).
 
-    python -m nanosafe.probe --policy out/sft --out out/probe     # toy world: the pairs' safety flags
-    python -m nanosafe.probe --policy out/sft --train_data pku.jsonl --eval_data pku_test.jsonl --out out/probe
+    python -m nanosafe.probe --policy out/sft --out out/probe   # toy world: the pairs' safety flags
+    python -m nanosafe.probe --policy out/sft --train_data pku.jsonl --eval_data pku_test.jsonl
 
 Writes probe.safetensors (weights) and probe.json (layer, policy, accuracies).
 """
@@ -29,7 +29,7 @@ from nanosafe.model import CheckpointError, load_policy, read_state
 
 
 class LinearProbe(nn.Module):
-    """logit = w · (f − μ) / σ + b on f = the answer's mean hidden state at `layer` (0: embeddings)."""
+    """logit = w · (f − μ) / σ + b; f: the answer's mean hidden state at `layer` (0: embeddings)."""
 
     def __init__(self, layer: int, width: int):
         super().__init__()
@@ -50,8 +50,9 @@ class LinearProbe(nn.Module):
 
     @torch.no_grad()
     def fit(self, f, unsafe, warm_start=False, balanced=True, steps=200, l2=1e-3):
-        """Logistic regression (full batch, L-BFGS) on features [N, H], labels [N] (1 = unsafe); balanced: each
-        class weighs half. warm_start keeps the normalisation and starts from the current weights (a refresh)."""
+        """Logistic regression (full batch, L-BFGS) on features [N, H], labels [N] (1 = unsafe);
+        balanced: each class weighs half. warm_start keeps the normalisation and starts from the
+        current weights (a refresh)."""
         f, y = f.float(), unsafe.float()
         if not warm_start:
             self.mu.copy_(f.mean(0))
@@ -59,7 +60,8 @@ class LinearProbe(nn.Module):
             self.weight.zero_()
             self.bias.zero_()
         pos = y.mean().clamp(1e-3, 1 - 1e-3)
-        sample_w = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos)) if balanced else torch.ones_like(y)
+        sample_w = (torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos)) if balanced
+                    else torch.ones_like(y))
         w, b = self.weight.clone().requires_grad_(True), self.bias.clone().requires_grad_(True)
         x = (f - self.mu) / self.sigma
         opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
@@ -67,7 +69,8 @@ class LinearProbe(nn.Module):
         def closure():
             opt.zero_grad()
             with torch.enable_grad():
-                loss = (F.binary_cross_entropy_with_logits(x @ w + b, y, weight=sample_w) + l2 * (w ** 2).sum())
+                loss = (F.binary_cross_entropy_with_logits(x @ w + b, y, weight=sample_w)
+                        + l2 * (w ** 2).sum())
                 loss.backward()
             return loss
         opt.step(closure)
@@ -78,16 +81,19 @@ class LinearProbe(nn.Module):
     def save(self, folder, info=None):
         from safetensors.torch import save_file
         os.makedirs(folder, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(folder, "probe.safetensors"))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
+                  os.path.join(folder, "probe.safetensors"))
         with open(os.path.join(folder, "probe.json"), "w") as f:
-            json.dump({"kind": "probe", "layer": self.layer, "width": self.weight.numel(), **(info or {})}, f, indent=1)
+            json.dump({"kind": "probe", "layer": self.layer, "width": self.weight.numel(),
+                       **(info or {})}, f, indent=1)
 
     @classmethod
     def load(cls, folder):
         from safetensors.torch import load_file
         path = os.path.join(folder, "probe.json")
         if not os.path.exists(path):
-            raise CheckpointError(f"{folder}: no probe.json; train a probe first: python -m nanosafe.probe --policy out/sft --out {folder}")
+            raise CheckpointError(f"{folder}: no probe.json; train a probe first: "
+                                  f"python -m nanosafe.probe --policy out/sft --out {folder}")
         meta = json.load(open(path))
         probe = cls(meta["layer"], meta["width"])
         probe.load_state_dict(load_file(os.path.join(folder, "probe.safetensors")))
@@ -99,13 +105,16 @@ def encode(tok, prompts, answers, template="safe_rlhf"):
     """(prompt, answer) texts in the rollout layout: left-padded prompts, then the answer + EOS,
     right-padded -> (seq, attn, P). The probe then sees the same positions as on a rollout."""
     enc = data.Encoder(tok)
-    p_ids, p_mask = data.pad_left([data.tokenize_prompt(tok, p, 10**9, template=template) for p in prompts], tok.pad_token_id)
-    a_ids, a_mask = data.pad_right([data._answer_ids(tok, a, enc, template) for a in answers], tok.pad_token_id)
+    p_ids, p_mask = data.pad_left([data.tokenize_prompt(tok, p, 10**9, template=template)
+                                   for p in prompts], tok.pad_token_id)
+    a_ids, a_mask = data.pad_right([data._answer_ids(tok, a, enc, template) for a in answers],
+                                   tok.pad_token_id)
     return torch.cat([p_ids, a_ids], 1), torch.cat([p_mask, a_mask], 1), p_ids.shape[1]
 
 
 @torch.no_grad()
-def hidden_features(policy, tok, prompts, answers, layer, template="safe_rlhf", batch_size=256, device="cpu"):
+def hidden_features(policy, tok, prompts, answers, layer, template="safe_rlhf", batch_size=256,
+                    device="cpu"):
     """The probe's features of (prompt, answer) pairs under `policy` -> [N, H]."""
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -127,7 +136,8 @@ def labelled_answers(path, n, seed):
     rows = sorted(rows.items())
     random.Random(seed).shuffle(rows)
     rows = rows[:n]
-    return [k[0] for k, _ in rows], [k[1] for k, _ in rows], torch.tensor([v for _, v in rows], dtype=torch.float32)
+    return ([k[0] for k, _ in rows], [k[1] for k, _ in rows],
+            torch.tensor([v for _, v in rows], dtype=torch.float32))
 
 
 # -----------------------------------------------------------------------------
@@ -136,11 +146,12 @@ def labelled_answers(path, n, seed):
 
 class ProbeConstraint(Constraint):
     """A linear probe's logit on the actor's hidden states (> 0: the probe calls the answer unsafe).
-    refresh_every > 0: every that many iterations the probe is refit on the actor's answers since the
-    last refit, labelled by `labeller(prompts, answers) -> [bool unsafe]` (the toy world's oracle plays
-    the human labeller, as it labels the preference pairs); 0 keeps the probe frozen. A refit changes
-    the logits' scale, so d is calibrated again on the same answers, to the same target rate: the
-    constraint stays "at most target_rate of the answers called unsafe by the current probe"."""
+    refresh_every > 0: every that many iterations the probe is refit on the actor's answers since
+    the last refit, labelled by `labeller(prompts, answers) -> [bool unsafe]` (the toy world's
+    oracle plays the human labeller, as it labels the preference pairs); 0 keeps the probe frozen.
+    A refit changes the logits' scale, so d is calibrated again on the same answers, to the same
+    target rate: the constraint stays "at most target_rate of the answers called unsafe by the
+    current probe"."""
 
     flags = {
         "probe": (str | None, arg(None, "a linear probe folder (python -m nanosafe.probe), read on "
@@ -155,29 +166,30 @@ class ProbeConstraint(Constraint):
         self.names, self.layer = ["probe"], self.probe.layer
         self.thresholds = list(thresholds) if thresholds else [None]
         self.labeller, self.refresh_every, self.target_rate = labeller, refresh_every, target_rate
-        self.buffer = []  # (features, unsafe) of the answers since the last refresh, pooled over ranks
+        self.buffer = []  # (features, unsafe) of the answers since the last refresh, all ranks'
         if refresh_every and labeller is None:
-            raise ConfigError("--probe_refresh_every needs labels for the policy's answers: the toy world's oracle "
-                                     "(toy prompts) or your own labeller")
+            raise ConfigError("--probe_refresh_every needs labels for the policy's answers: the "
+                              "toy world's oracle (toy prompts) or your own labeller")
 
     @classmethod
     def from_flags(cls, cfg, dtype, labeller):
         if cfg.probe_refresh_every and not cfg.probe:
-            raise ConfigError("--probe_refresh_every refreshes the --probe constraint: give --probe "
-                              "FOLDER")
+            raise ConfigError("--probe_refresh_every refreshes the --probe constraint: give "
+                              "--probe FOLDER")
         if not cfg.probe:
             return []
         return [cls(cfg.probe, labeller, cfg.probe_refresh_every,
                     target_rate=cfg.target_unsafe_rate)]
 
     def cost(self, ro):
-        self.probe.to(ro.seq.device)  # a few hundred numbers: it follows the rollout, not the trainer's placing
+        self.probe.to(ro.seq.device)  # tiny: it follows the rollout, not the trainer's placing
         return self.probe(self.probe.features(ro.hidden[self.layer], ro.attn, ro.P)).float()
 
     def observe(self, ro, costs, step):
         if not self.refresh_every:
             return False
-        feats = self.probe.features(ro.hidden[self.layer], ro.attn, ro.P).float().cpu()  # the actor's, at this iteration
+        # the actor's features, at this iteration
+        feats = self.probe.features(ro.hidden[self.layer], ro.attn, ro.P).float().cpu()
         unsafe = torch.tensor(self.labeller(ro.prompts, ro.answers()), dtype=torch.float32)
         for f, y in dist.gather_objects((feats, unsafe)):  # every rank refits on the same answers
             self.buffer.append((f, y))
@@ -187,8 +199,8 @@ class ProbeConstraint(Constraint):
         self.buffer = []
         if not 0 < y.sum() < len(y):  # both classes, or there is nothing to separate
             return False
-        # unweighted: the current answers are mostly safe, and a class-balanced fit on them flags many safe
-        # ones (measured: 67% of the answers to harmful prompts flagged at 2% gold-unsafe, see docs/constraints.md)
+        # unweighted: the answers are mostly safe, and a class-balanced fit on them flags many safe
+        # ones (see docs/constraints.md)
         self.probe.to("cpu").fit(f, y, warm_start=True, balanced=False)
         s = self.probe(f)
         if (s > 0).any() and (s <= 0).any():
@@ -201,8 +213,8 @@ class ProbeConstraint(Constraint):
             self.probe.save(folder, dict(self.probe.info, refreshed_every=self.refresh_every))
 
     def state_dict(self):
-        return {"probe": {k: v.clone() for k, v in self.probe.state_dict().items()}, "buffer": self.buffer,
-                "thresholds": self.thresholds}
+        return {"probe": {k: v.clone() for k, v in self.probe.state_dict().items()},
+                "buffer": self.buffer, "thresholds": self.thresholds}
 
     def load_state_dict(self, state):
         self.probe.load_state_dict(state["probe"])
@@ -210,39 +222,53 @@ class ProbeConstraint(Constraint):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", default="out/sft", help="the policy whose hidden states the probe reads (PPO-Lag's --model)")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", default="out/sft", help="the policy whose hidden states the probe "
+                    "reads (PPO-Lag's --model)")
     ap.add_argument("--out", default="out/probe", help="output folder")
-    ap.add_argument("--layer", type=int, default=None, help="hidden-state layer (0: embeddings; default: two thirds of the way up)")
-    ap.add_argument("--train_data", default=None, help="preference jsonl with is_response_i_safe; default: the toy world's pref_train.jsonl")
-    ap.add_argument("--eval_data", default=None, help="held-out pairs; default: the toy world's pref_test.jsonl")
-    ap.add_argument("--data_dir", default="data/toy", help="where the toy world's files live (written if missing)")
+    ap.add_argument("--layer", type=int, default=None, help="hidden-state layer (0: embeddings; "
+                    "default: two thirds of the way up)")
+    ap.add_argument("--train_data", default=None, help="preference jsonl with is_response_i_safe; "
+                    "default: the toy world's pref_train.jsonl")
+    ap.add_argument("--eval_data", default=None,
+                    help="held-out pairs; default: the toy world's pref_test.jsonl")
+    ap.add_argument("--data_dir", default="data/toy",
+                    help="where the toy world's files live (written if missing)")
     ap.add_argument("--n_train", type=int, default=8192, help="labelled answers to fit on")
-    ap.add_argument("--n_eval", type=int, default=4096, help="held-out labelled answers to report accuracy on")
+    ap.add_argument("--n_eval", type=int, default=4096,
+                    help="held-out labelled answers to report accuracy on")
     ap.add_argument("--seed", type=int, default=0, help="which answers are drawn")
     a = ap.parse_args(argv)
     try:
         if a.train_data is None:
             toy.ensure_dataset(a.data_dir)
         train_path = a.train_data or os.path.join(a.data_dir, "pref_train.jsonl")
-        eval_path = a.eval_data or (os.path.join(a.data_dir, "pref_test.jsonl") if a.train_data is None else None)
+        eval_path = a.eval_data or (os.path.join(a.data_dir, "pref_test.jsonl")
+                                    if a.train_data is None else None)
         policy, tok = load_policy(a.policy)
         policy.eval()
         template = read_state(a.policy).get("template") or "safe_rlhf"
         layer = a.layer if a.layer is not None else round(2 * policy.config.num_hidden_layers / 3)
         if not 0 <= layer <= policy.config.num_hidden_layers:
-            raise data.DataError(f"--layer {layer}: {a.policy} has hidden states 0..{policy.config.num_hidden_layers}")
+            raise data.DataError(f"--layer {layer}: {a.policy} has hidden states "
+                                 f"0..{policy.config.num_hidden_layers}")
         p, r, y = labelled_answers(train_path, a.n_train, a.seed)
-        probe = LinearProbe(layer, policy.config.hidden_size).fit(hidden_features(policy, tok, p, r, layer, template), y)
-        acc = lambda f, y: ((probe(f) > 0).float() == y).float().mean().item()
-        info = {"policy": a.policy, "template": template, "train_accuracy": acc(hidden_features(policy, tok, p, r, layer, template), y),
+        feats = hidden_features(policy, tok, p, r, layer, template)
+        probe = LinearProbe(layer, policy.config.hidden_size).fit(feats, y)
+
+        def acc(f, y):
+            return ((probe(f) > 0).float() == y).float().mean().item()
+        info = {"policy": a.policy, "template": template, "train_accuracy": acc(feats, y),
                 "n_train": len(y), "train_unsafe_frac": y.mean().item()}
         if eval_path:
             p, r, y = labelled_answers(eval_path, a.n_eval, a.seed)
-            info.update(eval_accuracy=acc(hidden_features(policy, tok, p, r, layer, template), y), n_eval=len(y))
+            info.update(eval_accuracy=acc(hidden_features(policy, tok, p, r, layer, template), y),
+                        n_eval=len(y))
         probe.save(a.out, info)
         print(json.dumps(info, indent=1))
-        print(f"saved {a.out}. use it: python train_ppo_lag.py --cost_models --probe {a.out} [--probe_refresh_every 25]")
+        print(f"saved {a.out}. use it: python train_ppo_lag.py --cost_models --probe {a.out} "
+              "[--probe_refresh_every 25]")
     except (data.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
