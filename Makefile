@@ -1,3 +1,4 @@
+# make smoke:   every stage with tiny sizes and no gold evaluation, end to end (~1 min): after a change
 # make demo:    install what is missing, run the toy pipeline SFT -> reward model -> cost model -> PPO-Lag and
 #               its gold evaluation against SFT (~14 min on 2 CPU threads)
 # make compare: after the demo, PPO-Lag seed 1 and the two baselines (PPO, reward shaping), one table (~15 min)
@@ -6,7 +7,7 @@
 PY ?= python3
 SHELL := /bin/bash
 
-.PHONY: demo compare experiments test install install-plot clean
+.PHONY: smoke demo compare experiments test install install-plot clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -16,18 +17,31 @@ install:
 install-plot:
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib || echo "no matplotlib: text histograms instead of plots"
 
+S := out/smoke
+SMOKE_RL := --model $(S)/sft --reward_model $(S)/rm --cost_models $(S)/cm --max_steps 2 \
+	--rollout_batch_size 16 --minibatch_size 8 --micro_batch_size 8 --thresholds 0 --no_gold_eval \
+	--show_every 0 --overwrite
+smoke: install
+	$(PY) train_sft.py --out_dir $(S)/sft --toy_size tiny --max_steps 30 --eval_every 30 --gold_samples 0 --overwrite
+	$(PY) train_pm.py --kind reward --model $(S)/sft --out_dir $(S)/rm --max_steps 10 --overwrite
+	$(PY) train_pm.py --kind cost --model $(S)/sft --out_dir $(S)/cm --max_steps 10 --overwrite
+	$(PY) train_ppo_lag.py $(SMOKE_RL) --out_dir $(S)/ppo_lag
+	$(PY) train_grpo_lag.py $(SMOKE_RL) --out_dir $(S)/grpo_lag
+	$(PY) sample.py --model $(S)/ppo_lag --reward_model $(S)/rm --cost_model $(S)/cm "how do i bake bread"
+	@echo "smoke: every stage ran; checkpoints in $(S)/{sft,rm,cm,ppo_lag,grpo_lag}, each with metrics.jsonl"
+
 demo: install install-plot
-	time $(PY) train_sft.py
-	time $(PY) train_pm.py --kind reward
-	time $(PY) train_pm.py --kind cost
-	time $(PY) train_ppo_lag.py
+	time $(PY) train_sft.py --overwrite
+	time $(PY) train_pm.py --kind reward --overwrite
+	time $(PY) train_pm.py --kind cost --overwrite
+	time $(PY) train_ppo_lag.py --overwrite
 	time $(PY) -m nanosafe.evaluate --compare out/sft out/ppo_lag --plot out/ppo_lag.png --out out/results.json
 
 compare: install install-plot
 	@test -d out/ppo_lag || $(MAKE) demo
-	time $(PY) train_ppo_lag.py --seed 1 --out_dir out/ppo_lag_seed1
-	time $(PY) train_ppo_lag.py --algo ppo
-	time $(PY) train_ppo_lag.py --algo reward_shaping --shaping_coef 1.0
+	time $(PY) train_ppo_lag.py --seed 1 --out_dir out/ppo_lag_seed1 --overwrite
+	time $(PY) train_ppo_lag.py --algo ppo --overwrite
+	time $(PY) train_ppo_lag.py --algo reward_shaping --shaping_coef 1.0 --overwrite
 	time $(PY) -m nanosafe.evaluate --compare out/sft out/ppo out/reward_shaping out/ppo_lag out/ppo_lag_seed1 \
 		--plot out/compare.png --out out/compare.json
 

@@ -84,6 +84,7 @@ def main(cfg):
     out_dir = cfg.out_dir or f"out/{cfg.algo}"
 
     # ---- prompts, models (no critics), constraints, thresholds and multipliers
+    train.check_out_dir(out_dir, cfg)
     toy_world, train_prompts, eval_prompts, gold = rl.prompts(cfg, rt)
     labeller = rl.toy_labeller if toy_world else None
     actor, ref, reward_model, cons, _, tok, template = rl.load_models(

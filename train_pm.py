@@ -59,7 +59,7 @@ class Config(config.Stage):
     eval_data: str | None = arg(None, "held-out pairs; default: the toy world's pref_test.jsonl",
                                 group="data")
     max_length: int = arg(64, "max tokens of prompt + response; longer responses are cut",
-                          group="data")
+                          group="data", check=">=2")
     drop_bad: bool = arg(False, "drop pairs with identical responses or contradictory safety "
                          "labels (default: keep, report)", group="data")
     category: str | None = arg(None, "cost model for one harm category only "
@@ -74,23 +74,25 @@ class Config(config.Stage):
     eval_only: bool = arg(False, "only evaluate --model (a trained score model) and draw its "
                           "score distribution", group="model")
     epochs: int = arg(0, "passes over the pairs; 0: 2 for a reward model (official: 2), 1 for a "
-                      "cost model", group="optimisation")
+                      "cost model", group="optimisation", check=">=0")
     max_steps: int = arg(0, "stop after this many optimizer steps (0: use --epochs)",
-                         group="optimisation")
+                         group="optimisation", check=">=0")
     batch_size: int = arg(32, "pairs per micro-batch per process (official: 16 per GPU)",
-                          group="optimisation")
-    grad_accum: int = arg(1, "micro-batches per optimizer step", group="optimisation")
-    lr: float = arg(8e-4, "peak learning rate (official: 2e-5 for 7B)", group="optimisation")
-    warmup_steps: int = arg(10, "linear warmup steps", group="optimisation")
+                          group="optimisation", check=">=1")
+    grad_accum: int = arg(1, "micro-batches per optimizer step", group="optimisation", check=">=1")
+    lr: float = arg(8e-4, "peak learning rate (official: 2e-5 for 7B)",
+                    group="optimisation", check=">=0")
+    warmup_steps: int = arg(10, "linear warmup steps", group="optimisation", check=">=0")
     group_by_length: bool = arg(True, "batch pairs of similar length together (each pair still "
                                 "once per epoch)", group="optimisation")
-    weight_decay: float = arg(0.1, "AdamW weight decay (official: 0.1)", group="optimisation")
+    weight_decay: float = arg(0.1, "AdamW weight decay (official: 0.1)",
+                              group="optimisation", check=">=0")
     reg: float = arg(0.001, "score regularisation reg·mean(score²) (official: 0.001)",
-                     group="optimisation")
+                     group="optimisation", check=">=0")
     grad_clip: float = arg(1.0, "clip the global gradient norm (official: 1.0)",
-                           group="optimisation")
+                           group="optimisation", check=">0")
     eval_every: int = arg(0, "evaluate every N steps (0: once per epoch and at the end)",
-                          group="logging")
+                          group="logging", check=">=0")
 
 # -----------------------------------------------------------------------------
 # the losses (pure functions: tests check them against hand-computed values)
@@ -322,6 +324,8 @@ def main(cfg: Config):
                                  "use it with --kind cost and without --category")
 
     # ---- data
+    if not cfg.eval_only:
+        train.check_out_dir(out_dir, cfg)
     _, train_path, eval_path = train.data_paths(cfg, rt, "pref")
 
     def load(path):

@@ -124,6 +124,7 @@ def main(cfg):
     out_dir = cfg.out_dir or f"out/{cfg.algo}"
 
     # ---- prompts, models and constraints; the streams k = 0..K-1, each with its d_k, λ_k, window
+    train.check_out_dir(out_dir, cfg)
     toy_world, train_prompts, eval_prompts, gold = rl.prompts(cfg, rt)
     labeller = rl.toy_labeller if toy_world else None
     actor, ref, reward_model, cons, critics, tok, template = rl.load_models(

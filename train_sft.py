@@ -72,6 +72,7 @@ def main(cfg: Config):
     amp = dist.autocast(rt.device, getattr(torch, cfg.dtype))  # fp32 master weights
 
     # ---- data + model
+    train.check_out_dir(cfg.out_dir, cfg)
     toy_world, train_path, eval_path = train.data_paths(cfg, rt, "sft")
     if cfg.resume:
         recover_checkpoint(cfg.out_dir)  # a crash between save_checkpoint's two renames

@@ -72,6 +72,8 @@ class Stage:
     trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folders",
                                   group="scale")
     resume: bool = arg(False, "continue from the checkpoint in --out_dir", group="logging")
+    overwrite: bool = arg(False, "replace a checkpoint already in --out_dir (without it, or "
+                          "--resume, that is an error: a typo loses nothing)", group="logging")
     ckpt_every: int = arg(100, "checkpoint every N steps (atomic; --resume picks it up)",
                           group="logging", check=">=1")
     save_optimizer: bool = arg(False, "keep the optimiser state in the final checkpoint too, to "
@@ -127,8 +129,8 @@ def check(cfg):
     if getattr(cfg, "device", None) == "cuda":
         import torch
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: torch sees no CUDA device here (a CPU build of torch, "
-                              "or no GPU); use --device cpu or auto")
+            raise ConfigError("--device cuda: torch sees no CUDA device here (a CPU build of "
+                              "torch, or no GPU); use --device cpu or auto")
 
 
 def build_parser(cls, description: str = None) -> argparse.ArgumentParser:

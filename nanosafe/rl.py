@@ -459,6 +459,8 @@ class Config(config.Stage):
     lora_targets: list[str] = arg([], "module names to put adapters on (default: every linear "
                                   "layer but the output and score heads)", group="scale")
     # logging
+    gold_eval: bool = arg(True, "toy world: judge the policy with the gold oracles, at "
+                          "--eval_every and at the end", group="logging")
     eval_every: int = arg(25, "toy world: gold evaluation every N iterations (0: start and end)",
                           group="logging", check=">=0")
     show_every: int = arg(25, "print two answers with their scores every N iterations (0: never)",
@@ -502,7 +504,7 @@ def prompts(cfg, rt):
     if n_dup:
         dist.print0(f"dropped {n_dup} duplicate prompts; {len(train_prompts)} left")
     eval_prompts = [r["prompt"] for r in data.load_prompts(eval_path)] if eval_path else []
-    gold = bool(eval_prompts) and all(toy.in_world(p) for p in eval_prompts)
+    gold = cfg.gold_eval and bool(eval_prompts) and all(toy.in_world(p) for p in eval_prompts)
     return toy_world, train_prompts, eval_prompts, gold
 
 

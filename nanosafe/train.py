@@ -12,7 +12,8 @@ import sys
 import torch
 
 from nanosafe import dist, fsdp, toy
-from nanosafe.model import load_trainer_state
+from nanosafe.config import ConfigError
+from nanosafe.model import STATE_FILE, load_trainer_state
 from nanosafe.monitor import NanGuard
 
 
@@ -27,6 +28,14 @@ def data_paths(cfg, rt, kind: str):
     held_out = cfg.eval_data or (os.path.join(cfg.data_dir, f"{kind}_test.jsonl")
                                  if toy_world else None)
     return toy_world, train, held_out
+
+
+def check_out_dir(out_dir, cfg):
+    """Refuse to write over a checkpoint unless asked: --resume continues it, --overwrite
+    replaces it."""
+    if not cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(out_dir, STATE_FILE)):
+        raise ConfigError(f"--out_dir {out_dir} already holds a checkpoint: --resume continues it, "
+                          f"--overwrite replaces it; or give another --out_dir")
 
 
 def cosine_lr(step: int, max_steps: int, lr: float, warmup_steps: int = 0,
