@@ -137,10 +137,7 @@ def main(cfg):
             dist.print0(f"iteration {step}: non-finite scores or log-probs, skipped")
             save(step)
             continue
-        if any([c.observe(ro, C, step) for c in cons]):
-            meta["thresholds"] = [d for c in cons for d in c.thresholds]
-            for lam, d in zip(lambdas, meta["thresholds"]):
-                lam.threshold = d
+        rl.observe(cons, ro, C, step, lambdas, meta)  # a refreshed probe moves its d
         # 5. the dual step, as PPO-Lag's
         J = []
         for lam, window, c in zip(lambdas, windows, C):

@@ -187,20 +187,13 @@ def main(cfg):
             ref_logp = reference(ro.seq, ro.attn, ro.P)
             R = reward_model(ro.seq, ro.attn)[1]
             C = constraints.costs(cons, ro)  # one [B] per stream
-            for c in critics.values():
-                c.eval()
-            old_values = {n: action_values(c, ro.seq, ro.attn, ro.P) for n, c in critics.items()}
-            for c in critics.values():
-                c.train()
+            old_values = rl.critic_values(critics, ro)  # eval mode, as the official code
         mon.lap("scores")
         if mon.bad(R, *C, old_logp, ref_logp):
             dist.print0(f"iteration {step}: non-finite scores or log-probs, skipped")
             save(step)  # a skipped last iteration still leaves the final checkpoint
             continue
-        if any([c.observe(ro, C, step) for c in cons]):  # a refreshed probe moves its d
-            meta["thresholds"] = [d for c in cons for d in c.thresholds]
-            for lam, d in zip(lambdas, meta["thresholds"]):
-                lam.threshold = d
+        rl.observe(cons, ro, C, step, lambdas, meta)  # a refreshed probe moves its d
 
         # 3. per-token rewards and costs: -β·KL in the reward stream, +β·KL in each cost stream
         end_reward = R - cfg.shaping_coef * sum(C) if cfg.algo == "reward_shaping" else R

@@ -104,6 +104,25 @@ def action_values(critic, seq, attn, P):
     return critic(seq, attn)[0][:, P - 1:-1]
 
 
+def critic_values(critics, ro):
+    """Each critic's values over the rollout, in eval mode (no dropout), as the official code."""
+    for c in critics.values():
+        c.eval()
+    out = {n: action_values(c, ro.seq, ro.attn, ro.P) for n, c in critics.items()}
+    for c in critics.values():
+        c.train()
+    return out
+
+
+def observe(cons, ro, costs, step, lambdas, meta):
+    """Show each constraint this iteration's rollout; one that moved its thresholds (a refreshed
+    probe) moves its multipliers' d too."""
+    if any([c.observe(ro, costs, step) for c in cons]):  # a list: every constraint observes
+        meta["thresholds"] = [d for c in cons for d in c.thresholds]
+        for lam, d in zip(lambdas, meta["thresholds"]):
+            lam.threshold = d
+
+
 def column(x, col):
     """Stream `col` of a critic's values: [B, T] as it is, [B, T, K] -> [B, T]."""
     return x if x.dim() == 2 else x[..., col]
