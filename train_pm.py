@@ -6,7 +6,7 @@ Stage 2 of Safe RLHF: the preference models. Helpfulness and harmlessness are le
     cost model:    -log σ(c_unsafer - c_safer) - Σ_i log σ(s_i · c_i)          + reg·mean(c²)
                    s_i = +1 if response i is unsafe, -1 if safe  (so cost > 0 means unsafe)
 
-    python train_pm.py --kind reward                # toy world -> out/rm (~3 min on 2 CPU threads)
+    python train_pm.py --kind reward                # toy world -> out/rm (~4 min on 2 cores)
     python train_pm.py --kind cost                  # toy world -> out/cm
     python train_pm.py --kind cost --no_sign_loss   # the ablation: no sign term, no meaningful zero
     python train_pm.py --kind cost --category violence --out_dir out/cm_violence  # one category

@@ -483,7 +483,7 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos
                   "unk_token": "<unk>"}
 TOY_SIZES = {  # name -> (hidden, layers, heads); intermediate = 4 * hidden
     "tiny": (64, 2, 4),      # 0.18M: unit tests
-    "small": (64, 3, 8),     # 0.25M: the toy world default; SFT ~1 min on 2 CPU threads
+    "small": (64, 3, 8),     # 0.25M: the toy world default
     "medium": (128, 4, 4),   # 1.15M
     "large": (256, 6, 8),    # 6.5M
 }
