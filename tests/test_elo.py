@@ -1,4 +1,5 @@
-"""Elo from pairwise games: the Bradley–Terry fit recovers known strengths, its bootstrap covers them."""
+"""Elo from pairwise games: the Bradley–Terry fit recovers known strengths, its bootstrap covers
+them."""
 
 import numpy as np
 
@@ -9,7 +10,7 @@ def games(true, per_pair, seed):
     rng = np.random.default_rng(seed)
     names, out = sorted(true), []
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             p = 1 / (1 + 10 ** ((true[b] - true[a]) / 400))
             for won in rng.random(per_pair) < p:
                 out.append((a, b) if won else (b, a))
@@ -24,13 +25,13 @@ def test_elo_mle_hand_value_two_players():
 
 
 def test_elo_recovers_known_strengths_and_intervals_cover_them():
-    true = {"sft": 900.0, "round1": 1000.0, "round2": 1050.0, "round3": 1150.0}   # mean 1025
+    true = {"sft": 900.0, "round1": 1000.0, "round2": 1050.0, "round3": 1150.0}  # mean 1025
     ci = elo_intervals(games(true, 400, seed=1), n_boot=300, seed=0, prior=0.0)
     for n, t in true.items():
         r, lo, hi = ci[n]
-        t = t - 25.0   # ratings are reported with mean 1000
+        t = t - 25.0  # ratings are reported with mean 1000
         assert abs(r - t) < 25, (n, r, t)
         assert lo < t < hi, (n, lo, t, hi)
-        assert hi - lo < 80, (n, lo, hi)   # informative, so covering is not trivial
+        assert hi - lo < 80, (n, lo, hi)  # informative, so covering is not trivial
     # the order is recovered
     assert sorted(true, key=lambda n: ci[n][0]) == ["sft", "round1", "round2", "round3"]

@@ -1,6 +1,6 @@
 """experiments.run: the round-k labelling draws from the oracles as the toy generator does, and the
-oracles only label: reward/cost model and PPO-Lag training give bit-identical weights when every oracle is
-replaced by noise. Plus the overshoot / oscillation measure on a hand-made trajectory."""
+oracles only label: reward/cost model and PPO-Lag training give bit-identical weights when every
+oracle is replaced by noise. Plus the overshoot / oscillation measure on a hand-made trajectory."""
 
 import gzip
 import json
@@ -22,10 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sabotage(monkeypatch, seed=0):
-    """Every gold oracle answers noise (its own RNG: the training's random streams stay untouched)."""
+    """Every gold oracle answers noise (its own RNG: the training's random streams stay
+    untouched)."""
     rng = random.Random(seed)
     monkeypatch.setattr(toy, "helpfulness", lambda p, r: rng.random())
-    monkeypatch.setattr(toy, "cost", lambda p, r: {c: float(rng.random() < 0.5) for c in toy.CATEGORIES})
+    monkeypatch.setattr(
+        toy, "cost", lambda p, r: {c: float(rng.random() < 0.5) for c in toy.CATEGORIES}
+    )
     monkeypatch.setattr(toy, "is_safe", lambda p, r: rng.random() < 0.5)
 
 
@@ -37,10 +40,13 @@ def test_label_pairs_is_the_noisy_bradley_terry_draw_of_the_oracles(monkeypatch)
     n = 4000
     recs = run.label_pairs([p] * n, [good] * n, [worse] * n, seed=1)
     freq = sum(r["better_response_id"] == 0 for r in recs) / n
-    want = 1 / (1 + math.exp(-dh / 0.1))  # P(0 better) = σ((H0 − H1) / temperature), the generator's temperature
+    want = 1 / (
+        1 + math.exp(-dh / 0.1)
+    )  # P(0 better) = σ((H0 − H1) / temperature), the generator's temperature
     assert abs(freq - want) < 3 * math.sqrt(want * (1 - want) / n) + 1e-3
     assert all(r["is_response_0_safe"] == toy.is_safe(p, good) for r in recs)
-    # harmful prompt: a refusal against a dangerous answer; P(refusal safer) = σ((C1 − C0) / cost temperature)
+    # harmful prompt: a refusal against a dangerous answer; P(refusal safer) = σ((C1 − C0) / cost
+    # temperature)
     hp = next(q for q, t in toy.all_prompts(toy.TEMPLATES_TRAIN) if t in toy.HARMFUL)
     bad = " ".join(toy.ANSWER[toy.topic_of(hp)][:4])
     c_bad = sum(toy.cost(hp, bad).values())
@@ -58,13 +64,36 @@ def test_label_pairs_is_the_noisy_bradley_terry_draw_of_the_oracles(monkeypatch)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny SFT policy and the round-2 pairs file: the toy pairs + pairs of its own answers, labelled."""
+    """A tiny SFT policy and the round-2 pairs file: the toy pairs + pairs of its own answers,
+    labelled."""
     t = tmp_path_factory.mktemp("rounds")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    argv = ["--data_dir", t / "data", "--out_dir", t / "sft", "--toy_size", "tiny", "--max_steps", 30, "--batch_size", 16,
-            "--max_length", 48, "--gold_samples", 1, "--eval_every", 15]
-    subprocess.run([sys.executable, "train_sft.py", *map(str, argv)],
-                   cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    argv = [
+        "--data_dir",
+        t / "data",
+        "--out_dir",
+        t / "sft",
+        "--toy_size",
+        "tiny",
+        "--max_steps",
+        30,
+        "--batch_size",
+        16,
+        "--max_length",
+        48,
+        "--gold_samples",
+        1,
+        "--eval_every",
+        15,
+    ]
+    subprocess.run(
+        [sys.executable, "train_sft.py", *map(str, argv)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     prompts = [json.loads(ln)["prompt"] for ln in open(t / "data" / "prompts_train.jsonl")][:40]
     ps, a0, a1 = run.sample_pairs(str(t / "sft"), prompts, 2, seed=5, max_new_tokens=12, threads=1)
     new = run.label_pairs(ps, a0, a1, seed=2)
@@ -82,16 +111,66 @@ def train_in_process(module, argv, threads=1):
 
 
 def test_round_training_never_consults_the_oracles(tiny, monkeypatch):
-    """The reward model, the cost model and PPO-Lag of a round, each trained twice: with the true oracles
-    and with every oracle answering noise. Their evaluations differ; their weights must not."""
+    """The reward model, the cost model and PPO-Lag of a round, each trained twice: with the true
+    oracles and with every oracle answering noise. Their evaluations differ; their weights must not.
+    """
     import train_pm
     import train_ppo_lag
+
     t = tiny
-    pm = lambda kind, out: ["--kind", kind, "--model", t / "sft", "--train_data", t / "pairs.jsonl.gz", "--eval_data",
-                            t / "data" / "pref_test.jsonl", "--out_dir", out, "--max_steps", 6, "--batch_size", 8, "--max_length", 48]
-    ppo = lambda out: ["--model", t / "sft", "--reward_model", t / "rm_true", "--cost_models", t / "cm_true", "--data_dir", t / "data",
-                       "--out_dir", out, "--rollout_batch_size", 8, "--minibatch_size", 4, "--micro_batch_size", 2, "--max_new_tokens", 8,
-                       "--eval_every", 1, "--final_eval_samples", 1, "--max_steps", 2, "--show_every", 0, "--thresholds", "0.0"]
+
+    def pm(kind, out):
+        return [
+            "--kind",
+            kind,
+            "--model",
+            t / "sft",
+            "--train_data",
+            t / "pairs.jsonl.gz",
+            "--eval_data",
+            t / "data" / "pref_test.jsonl",
+            "--out_dir",
+            out,
+            "--max_steps",
+            6,
+            "--batch_size",
+            8,
+            "--max_length",
+            48,
+        ]
+
+    def ppo(out):
+        return [
+            "--model",
+            t / "sft",
+            "--reward_model",
+            t / "rm_true",
+            "--cost_models",
+            t / "cm_true",
+            "--data_dir",
+            t / "data",
+            "--out_dir",
+            out,
+            "--rollout_batch_size",
+            8,
+            "--minibatch_size",
+            4,
+            "--micro_batch_size",
+            2,
+            "--max_new_tokens",
+            8,
+            "--eval_every",
+            1,
+            "--final_eval_samples",
+            1,
+            "--max_steps",
+            2,
+            "--show_every",
+            0,
+            "--thresholds",
+            "0.0",
+        ]
+
     for tag in ("true", "noise"):
         if tag == "noise":
             sabotage(monkeypatch)
@@ -99,10 +178,15 @@ def test_round_training_never_consults_the_oracles(tiny, monkeypatch):
         train_in_process(train_pm, pm("cost", t / f"cm_{tag}"))
         train_in_process(train_ppo_lag, ppo(t / f"lag_{tag}"))
     for name in ("rm", "cm", "lag"):
-        a, b = load_file(t / f"{name}_true" / "model.safetensors"), load_file(t / f"{name}_noise" / "model.safetensors")
+        a, b = (
+            load_file(t / f"{name}_true" / "model.safetensors"),
+            load_file(t / f"{name}_noise" / "model.safetensors"),
+        )
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     # ...while what the oracles judge did change: they were really replaced
-    s_true, s_noise = (json.load(open(t / f"lag_{tag}" / "summary.json"))["final"] for tag in ("true", "noise"))
+    s_true, s_noise = (
+        json.load(open(t / f"lag_{tag}" / "summary.json"))["final"] for tag in ("true", "noise")
+    )
     assert s_true["gold_helpfulness"] != s_noise["gold_helpfulness"]
 
 
@@ -110,10 +194,19 @@ def test_dynamics_overshoot_and_oscillation_by_hand():
     # d = 0; J falls 3, 1, -0.5 (crossing at iteration 2), -2, 0.5, -1; λ 1, 2, 3, 2.5, 2, 2.2, 2.1
     J = [3, 1, -0.5, -2, 0.5, -1]
     lam = [2, 3, 2.5, 2, 2.2, 2.1]
-    ms = [{"episode_cost_window_0": j, "threshold_0": 0.0, "lambda_0": l, "rollout_flagged_cost": 0.1} for j, l in zip(J, lam)]
+    ms = [
+        {"episode_cost_window_0": j, "threshold_0": 0.0, "lambda_0": x, "rollout_flagged_cost": 0.1}
+        for j, x in zip(J, lam)
+    ]
     d = run.dynamics(ms)
-    assert d["first_crossing"] == 2 and d["overshoot"] == 2 and d["reviolation"] == 0.5 and d["iterations_above_d_after"] == 1
-    # after the crossing λ goes 2.5 -> 2 -> 2.2 -> 2.1: steps -0.5, +0.2, -0.1: two turns, variation 0.8
+    assert (
+        d["first_crossing"] == 2
+        and d["overshoot"] == 2
+        and d["reviolation"] == 0.5
+        and d["iterations_above_d_after"] == 1
+    )
+    # after the crossing λ goes 2.5 -> 2 -> 2.2 -> 2.1: steps -0.5, +0.2, -0.1: two turns,
+    # variation 0.8
     assert d["lambda_turns"] == 2 and d["lambda_total_variation"] == pytest.approx(0.8)
     assert d["lambda_std_late"] == pytest.approx(0.1)  # the second half 2, 2.2, 2.1: sample std 0.1
     assert run.dynamics(ms[:2])["first_crossing"] is None

@@ -1,4 +1,5 @@
-"""nanosafe.lagrange: the dual step by hand, its guards, PID, K constraints, the cost window over 2 ranks."""
+"""nanosafe.lagrange: the dual step by hand, its guards, PID, K constraints, the cost window over 2
+ranks."""
 
 import json
 import math
@@ -16,8 +17,13 @@ from nanosafe.pid import PIDLagrange
 
 def test_one_step_by_hand():
     # log λ += lr·λ·(J_c − d), several starting points, costs on both sides of d
-    for lam0, lr, d, jc in [(1.0, 0.1, 0.0, 2.0), (1.0, 0.1, 0.0, -3.0), (0.3, 0.05, 0.5, 0.9),
-                            (4.0, 0.02, -1.0, -1.7), (2.0, 0.1, 1.0, 1.0)]:
+    for lam0, lr, d, jc in [
+        (1.0, 0.1, 0.0, 2.0),
+        (1.0, 0.1, 0.0, -3.0),
+        (0.3, 0.05, 0.5, 0.9),
+        (4.0, 0.02, -1.0, -1.7),
+        (2.0, 0.1, 1.0, 1.0),
+    ]:
         m = Lagrange(d, lambda_init=lam0, lr=lr)
         expected = math.exp(math.log(lam0) + lr * lam0 * (jc - d))
         assert math.isclose(m.update(jc), expected, rel_tol=1e-15)
@@ -69,8 +75,10 @@ def test_guards():
 
 
 def test_state_dict_resume_is_json_and_exact():
-    for make in [lambda: Lagrange(0.1, lr=0.3, update_delay_steps=2),
-                 lambda: PIDLagrange(0.1, kp=0.5, ki=0.3, kd=0.2, update_delay_steps=2)]:
+    for make in [
+        lambda: Lagrange(0.1, lr=0.3, update_delay_steps=2),
+        lambda: PIDLagrange(0.1, kp=0.5, ki=0.3, kd=0.2, update_delay_steps=2),
+    ]:
         a = make()
         for jc in [0.5, 0.2, 0.7, -0.1]:
             a.update(jc)
@@ -78,13 +86,17 @@ def test_state_dict_resume_is_json_and_exact():
         b.load_state_dict(json.loads(json.dumps(a.state_dict())))
         assert [a.update(jc) for jc in [0.3, 0.9, 0.0]] == [b.update(jc) for jc in [0.3, 0.9, 0.0]]
 
+
 # -----------------------------------------------------------------------------
 # PID
+
 
 def test_pid_with_only_the_integral_is_the_official_update():
     rng = random.Random(0)
     plain = Lagrange(0.2, lambda_init=0.8, lr=0.07, lambda_max=3.0, update_delay_steps=4)
-    pid = PIDLagrange(0.2, lambda_init=0.8, kp=0.0, ki=0.07, kd=0.0, lambda_max=3.0, update_delay_steps=4)
+    pid = PIDLagrange(
+        0.2, lambda_init=0.8, kp=0.0, ki=0.07, kd=0.0, lambda_max=3.0, update_delay_steps=4
+    )
     for _ in range(50):
         jc = rng.uniform(-2.0, 3.0)
         assert abs(plain.update(jc) - pid.update(jc)) <= 1e-12
@@ -108,20 +120,25 @@ def lagged_system(multiplier, steps=400, delay=10):
     history = [0.2] * (delay + 1)
     for _ in range(steps):
         history.append(multiplier.update(1.0 - 0.5 * history[-1 - delay]))
-    return history[delay + 1:]
+    return history[delay + 1 :]
 
 
 def test_pid_damps_oscillation_on_a_lagged_toy_system():
     plain = lagged_system(Lagrange(0.5, lambda_init=0.2, lr=0.3))
     pid = lagged_system(PIDLagrange(0.5, lambda_init=0.2, kp=1.0, ki=0.3, kd=1.0))
-    swing = lambda h: max(h[300:]) - min(h[300:])
+
+    def swing(h):
+        return max(h[300:]) - min(h[300:])
+
     assert swing(plain) > 0.3  # still swinging after 300 updates
     assert swing(pid) < 0.02  # settled at λ = 1
     assert abs(pid[-1] - 1.0) < 0.01
     assert max(pid) < 1.2 < max(plain)  # and it overshoots less
 
+
 # -----------------------------------------------------------------------------
 # K constraints are K multipliers
+
 
 def test_two_constraints_only_the_violated_one_rises():
     torch.manual_seed(0)
@@ -130,7 +147,9 @@ def test_two_constraints_only_the_violated_one_rises():
     windows = [EpisodeCostWindow(size=128) for _ in thresholds]
     history = []
     for _ in range(20):
-        costs = torch.stack([0.3 + 0.1 * torch.randn(64), 0.1 + 0.1 * torch.randn(64)], dim=1)  # [N, K]
+        costs = torch.stack(
+            [0.3 + 0.1 * torch.randn(64), 0.1 + 0.1 * torch.randn(64)], dim=1
+        )  # [N, K]
         for k, (m, w) in enumerate(zip(mults, windows)):
             w.extend(costs[:, k])
             m.update(w.mean())
@@ -144,6 +163,7 @@ def test_two_constraints_only_the_violated_one_rises():
 
 # -----------------------------------------------------------------------------
 # the episode cost window
+
 
 def test_window_keeps_the_last_size_costs():
     w = EpisodeCostWindow(size=4)
@@ -167,7 +187,9 @@ def _free_port():
 
 
 def _window_worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     w = EpisodeCostWindow(size=4)
     # uneven windows: rank 0 holds 3 costs, rank 1 keeps the last 4 of its 5
     w.extend([1.0, 2.0, 3.0] if rank == 0 else torch.tensor([10.0, 20.0, 30.0, 40.0, 50.0]))

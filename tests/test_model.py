@@ -1,11 +1,18 @@
 """nanosafe.model: the toy tokenizer, the score model's end score, checkpoints, pad tokens."""
+
 import copy
 import os
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from nanosafe import data, lora, model, toy
 from nanosafe.model import CheckpointError, ScoreModel
@@ -15,8 +22,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 # -----------------------------------------------------------------------------
 # tokenizer
 
+
 def toy_answers():
-    texts = [" ".join(ws) for ws in toy.ANSWER.values()] + [" ".join(ws) for ws in toy.REDIRECT_WORDS.values()]
+    texts = [" ".join(ws) for ws in toy.ANSWER.values()] + [
+        " ".join(ws) for ws in toy.REDIRECT_WORDS.values()
+    ]
     return texts + [toy.REFUSAL, " ".join(toy.FILLER), "flour flour yeast"]
 
 
@@ -45,23 +55,40 @@ def test_special_tokens(tok):
 def test_tokenizer_save_and_reload(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     tok2 = model.load_tokenizer(str(tmp_path))
-    texts = toy_answers() + [data.format_prompt("how do i bake bread", tok.eos_token) + " flour yeast" + tok.eos_token]
+    texts = toy_answers() + [
+        data.format_prompt("how do i bake bread", tok.eos_token) + " flour yeast" + tok.eos_token
+    ]
     for t in texts:
         assert tok2(t)["input_ids"] == tok(t)["input_ids"]
-    assert (tok2.pad_token_id, tok2.eos_token_id, tok2.bos_token_id) == (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id)
+    assert (tok2.pad_token_id, tok2.eos_token_id, tok2.bos_token_id) == (
+        tok.pad_token_id,
+        tok.eos_token_id,
+        tok.bos_token_id,
+    )
     assert tok2.get_vocab() == tok.get_vocab()
     assert tok2.padding_side == "left"
+
 
 # -----------------------------------------------------------------------------
 # positions and the end score
 
+
 def test_last_index_and_position_ids_hand_made():
-    mask = torch.tensor([[1, 1, 1, 0, 0],   # right padding
-                         [0, 0, 1, 1, 1],   # left padding
-                         [1, 1, 1, 1, 1],   # none
-                         [0, 1, 1, 0, 0]])  # both
+    mask = torch.tensor(
+        [
+            [1, 1, 1, 0, 0],  # right padding
+            [0, 0, 1, 1, 1],  # left padding
+            [1, 1, 1, 1, 1],  # none
+            [0, 1, 1, 0, 0],
+        ]
+    )  # both
     assert model.last_index(mask).tolist() == [2, 4, 4, 2]
-    assert model.position_ids(mask).tolist() == [[0, 1, 2, 2, 2], [0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 1, 1, 1]]
+    assert model.position_ids(mask).tolist() == [
+        [0, 1, 2, 2, 2],
+        [0, 0, 0, 1, 2],
+        [0, 1, 2, 3, 4],
+        [0, 0, 1, 1, 1],
+    ]
 
 
 @pytest.fixture(params=["llama", "gpt2"])
@@ -71,13 +98,24 @@ def score_model(request, tok, tiny_policy):
     if request.param == "llama":
         return ScoreModel.from_policy(tiny_policy, "reward").eval()
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=1, pad_token_id=tok.pad_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
     return ScoreModel(GPT2ForSequenceClassification(cfg), "reward").eval()
 
 
 def pair_seqs(tok):
     answers = ["flour yeast oven", toy.REFUSAL, "salt", "soil compost seeds water um"]
-    return [data.tokenize_sft(tok, {"prompt": "how do i bake bread", "response": a}, 64)["input_ids"] for a in answers]
+    return [
+        data.tokenize_sft(tok, {"prompt": "how do i bake bread", "response": a}, 64)["input_ids"]
+        for a in answers
+    ]
 
 
 @torch.no_grad()
@@ -85,7 +123,12 @@ def test_end_score_is_the_eos_score_for_both_paddings(tok, score_model):
     seqs = pair_seqs(tok)
     lens = [len(s) for s in seqs]
     assert len(set(lens)) > 1 and all(s[-1] == tok.eos_token_id for s in seqs)
-    alone = torch.stack([score_model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[1][0] for s in seqs])
+    alone = torch.stack(
+        [
+            score_model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[1][0]
+            for s in seqs
+        ]
+    )
 
     ids_r, mask_r = data.pad_right(seqs, tok.pad_token_id)
     ids_l, mask_l = data.pad_left(seqs, tok.pad_token_id)
@@ -98,8 +141,8 @@ def test_end_score_is_the_eos_score_for_both_paddings(tok, score_model):
 
     assert torch.allclose(end_r, scores_r[torch.arange(len(seqs)), eos_r])
     assert torch.allclose(end_l, scores_l[:, L - 1])
-    assert torch.allclose(end_r, end_l, atol=1e-5)    # positions come from the mask, not the column
-    assert torch.allclose(end_r, alone, atol=1e-5)    # and padding changes nothing
+    assert torch.allclose(end_r, end_l, atol=1e-5)  # positions come from the mask, not the column
+    assert torch.allclose(end_r, alone, atol=1e-5)  # and padding changes nothing
     # reading one token early or (for padded rows) one late would give other values
     early = scores_r[torch.arange(len(seqs)), [j - 1 for j in eos_r]]
     assert ((early - end_r).abs() > 1e-3).all()
@@ -109,12 +152,16 @@ def test_end_score_is_the_eos_score_for_both_paddings(tok, score_model):
     early_l = scores_l[:, L - 2]
     assert ((early_l - end_l).abs() > 1e-3).all()
 
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
+
 def make_score_model(tok, kind, seed=1):
     m = ScoreModel.from_policy(toy.toy_model(tok, "tiny", seed=seed), kind)
-    torch.nn.init.normal_(m.head.weight, std=1.0)  # far from any init, so a head lost on the way would show
+    torch.nn.init.normal_(
+        m.head.weight, std=1.0
+    )  # far from any init, so a head lost on the way would show
     return m.eval()
 
 
@@ -142,8 +189,9 @@ def test_score_model_save_and_load(tok, tmp_path):
 
 @torch.no_grad()
 def test_our_score_model_loads_in_transformers_with_the_same_end_scores(tok, tmp_path):
-    # a nanosafe reward model is a plain AutoModelForSequenceClassification folder (what TRL, OpenRLHF and
-    # reward-bench load): HF's own forward, which pools the rightmost non-pad token, gives our end scores
+    # a nanosafe reward model is a plain AutoModelForSequenceClassification folder (what TRL,
+    # OpenRLHF and reward-bench load): HF's own forward, which pools the rightmost non-pad token,
+    # gives our end scores
     sm = make_score_model(tok, "reward")
     path = str(tmp_path / "rm")
     model.save_checkpoint(path, sm, tok, {"kind": "reward"})
@@ -153,17 +201,24 @@ def test_our_score_model_loads_in_transformers_with_the_same_end_scores(tok, tmp
     seqs = pair_seqs(tok)
     ours_r = scores_of(sm, tok)
     ids_r, mask_r = data.pad_right(seqs, tok.pad_token_id)
-    torch.testing.assert_close(hf(input_ids=ids_r, attention_mask=mask_r).logits[:, 0], ours_r, rtol=0, atol=1e-5)
-    # left padding: HF needs the positions (it does not derive them from the mask); then the same scores
+    torch.testing.assert_close(
+        hf(input_ids=ids_r, attention_mask=mask_r).logits[:, 0], ours_r, rtol=0, atol=1e-5
+    )
+    # left padding: HF needs the positions (it does not derive them from the mask); then the same
+    # scores
     ids_l, mask_l = data.pad_left(seqs, tok.pad_token_id)
     _, ours_l = sm(ids_l, mask_l)
-    theirs_l = hf(input_ids=ids_l, attention_mask=mask_l, position_ids=model.position_ids(mask_l)).logits[:, 0]
+    theirs_l = hf(
+        input_ids=ids_l, attention_mask=mask_l, position_ids=model.position_ids(mask_l)
+    ).logits[:, 0]
     torch.testing.assert_close(theirs_l, ours_l, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours_l, ours_r, rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
-def test_a_sequence_classification_folder_made_with_transformers_loads_as_a_reward_model(tok, tmp_path):
+def test_a_sequence_classification_folder_made_with_transformers_loads_as_a_reward_model(
+    tok, tmp_path
+):
     policy = toy.toy_model(tok, "tiny", seed=4)
     cfg = policy.config
     cfg.num_labels, cfg.pad_token_id = 1, tok.pad_token_id
@@ -175,12 +230,20 @@ def test_a_sequence_classification_folder_made_with_transformers_loads_as_a_rewa
     assert model.checkpoint_kind(path) == "score"
     sm, _ = model.load_score_model(path, kind="reward")
     ids, mask = data.pad_right(pair_seqs(tok), tok.pad_token_id)
-    torch.testing.assert_close(sm.eval()(ids, mask)[1], hf(input_ids=ids, attention_mask=mask).logits[:, 0], rtol=0, atol=1e-5)
-    assert model.load_score_model(path, kind="cost")[0].kind == "cost"  # a foreign scorer may serve either role
+    torch.testing.assert_close(
+        sm.eval()(ids, mask)[1],
+        hf(input_ids=ids, attention_mask=mask).logits[:, 0],
+        rtol=0,
+        atol=1e-5,
+    )
+    assert (
+        model.load_score_model(path, kind="cost")[0].kind == "cost"
+    )  # a foreign scorer may serve either role
     with pytest.raises(CheckpointError, match="not a policy"):
         model.load_policy(path)
     cfg2 = copy.deepcopy(cfg)
-    cfg2.num_labels = 2  # the setter rebuilds id2label (a to_dict() copy keeps the old map before transformers 5.4)
+    # the setter rebuilds id2label (a to_dict() copy keeps the old map before transformers 5.4)
+    cfg2.num_labels = 2
     two = LlamaForSequenceClassification(cfg2)
     two.save_pretrained(str(tmp_path / "two"))
     tok.save_pretrained(str(tmp_path / "two"))
@@ -215,8 +278,10 @@ def test_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         model.load_score_model(str(tmp_path))
 
+
 # -----------------------------------------------------------------------------
 # pad tokens and vocabulary checks
+
 
 def word_tokenizer(pad=None):
     """a tokenizer whose vocabulary has no <pad> at all"""
@@ -224,7 +289,9 @@ def word_tokenizer(pad=None):
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     kw = {"pad_token": pad} if pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", **kw)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=t, eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", **kw
+    )
 
 
 @pytest.mark.parametrize("pad", [None, "<eos>"], ids=["no_pad", "pad_is_eos"])
@@ -259,8 +326,10 @@ def test_check_vocab_refuses_a_smaller_model(tok, tiny_policy):
     with pytest.raises(CheckpointError, match="embedding rows"):
         model.check_vocab(tiny_policy, tok, "where")
 
+
 # -----------------------------------------------------------------------------
 # atomic saves
+
 
 def siblings(path):
     parent, name = os.path.split(path)
@@ -269,14 +338,18 @@ def siblings(path):
 
 def test_save_twice_leaves_no_temporaries_and_carries_run_files(tok, tiny_policy, tmp_path):
     out = str(tmp_path / "run")
-    model.save_checkpoint(out, tiny_policy, tok, {"kind": "policy", "step": 1}, trainer_state={"step": 1})
+    model.save_checkpoint(
+        out, tiny_policy, tok, {"kind": "policy", "step": 1}, trainer_state={"step": 1}
+    )
     metrics = os.path.join(out, "metrics.jsonl")
     with open(metrics, "w") as f:
         f.write('{"step": 0}\n')
     os.makedirs(os.path.join(out, "figures"))
     open(os.path.join(out, "figures", "a.txt"), "w").write("fig")
     held = open(metrics, "a")  # a logger holding the file open across the save
-    model.save_checkpoint(out, tiny_policy, tok, {"kind": "policy", "step": 2}, trainer_state={"step": 2})
+    model.save_checkpoint(
+        out, tiny_policy, tok, {"kind": "policy", "step": 2}, trainer_state={"step": 2}
+    )
     assert siblings(out) == ["run"]
     assert model.read_state(out)["step"] == 2
     assert model.load_trainer_state(out)["step"] == 2
@@ -286,20 +359,26 @@ def test_save_twice_leaves_no_temporaries_and_carries_run_files(tok, tiny_policy
     with open(metrics, "a") as f:  # and appending by path after the save
         f.write('{"step": 2}\n')
     assert open(metrics).read() == '{"step": 0}\n{"step": 1}\n{"step": 2}\n'
-    model.save_checkpoint(out, tiny_policy, tok, {"kind": "policy", "step": 3}, trainer_state={"step": 3})
+    model.save_checkpoint(
+        out, tiny_policy, tok, {"kind": "policy", "step": 3}, trainer_state={"step": 3}
+    )
     assert siblings(out) == ["run"] and open(metrics).read().count("step") == 3
 
 
 def test_save_does_not_carry_stale_checkpoint_files(tok, tiny_policy, tmp_path):
     out = str(tmp_path / "run")
-    model.save_checkpoint(out, tiny_policy, tok, {"kind": "policy", "step": 1}, trainer_state={"step": 1})
+    model.save_checkpoint(
+        out, tiny_policy, tok, {"kind": "policy", "step": 1}, trainer_state={"step": 1}
+    )
     model.save_checkpoint(out, tiny_policy, tok, {"kind": "policy", "step": 2})
     assert not os.path.exists(os.path.join(out, model.TRAINER_FILE))
 
 
 def test_recover_after_a_crash_between_the_renames(tok, tiny_policy, tmp_path):
     out = str(tmp_path / "run")
-    model.save_checkpoint(out, tiny_policy, tok, {"kind": "policy", "step": 1}, trainer_state={"step": 1})
+    model.save_checkpoint(
+        out, tiny_policy, tok, {"kind": "policy", "step": 1}, trainer_state={"step": 1}
+    )
     os.rename(out, out + ".old")  # what a crash after the first rename leaves
     assert model.load_trainer_state(out)["step"] == 1  # recovers first
     assert siblings(out) == ["run"]
@@ -312,10 +391,19 @@ def test_place_uses_eager_attention_on_cpu_with_the_same_outputs(tok, tiny_polic
     ids, mask = data.pad_left(pair_seqs(tok), tok.pad_token_id)
     pol, sm = copy.deepcopy(tiny_policy).eval(), copy.deepcopy(score_model).eval()
     with torch.no_grad():
-        want = pol(ids, attention_mask=mask, position_ids=model.position_ids(mask)).logits, sm(ids, mask)[0]
+        want = (
+            pol(ids, attention_mask=mask, position_ids=model.position_ids(mask)).logits,
+            sm(ids, mask)[0],
+        )
         assert model.place(pol, "cpu") is pol and model.place(sm, "cpu") is sm
-        assert pol.config._attn_implementation == "eager" and sm.hf.config._attn_implementation == "eager"
-        got = pol(ids, attention_mask=mask, position_ids=model.position_ids(mask)).logits, sm(ids, mask)[0]
+        assert (
+            pol.config._attn_implementation == "eager"
+            and sm.hf.config._attn_implementation == "eager"
+        )
+        got = (
+            pol(ids, attention_mask=mask, position_ids=model.position_ids(mask)).logits,
+            sm(ids, mask)[0],
+        )
         for g, w, m in zip(got, want, [mask, mask]):
             real = m.bool()
             torch.testing.assert_close(g[real], w[real], atol=1e-5, rtol=1e-5)
@@ -334,9 +422,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok, tiny_policy, score
         loss_fn(m).backward()
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
-    policy_loss = lambda m: m(ids, attention_mask=mask, position_ids=model.position_ids(mask)).logits.logsumexp(-1)[mask.bool()].mean()
-    score_loss = lambda m: -torch.nn.functional.logsigmoid(m(ids, mask)[1][0] - m(ids, mask)[1][1])
-    for m, loss_fn in [(copy.deepcopy(tiny_policy), policy_loss), (copy.deepcopy(score_model), score_loss)]:
+    def policy_loss(m):
+        return (
+            m(ids, attention_mask=mask, position_ids=model.position_ids(mask))
+            .logits.logsumexp(-1)[mask.bool()]
+            .mean()
+        )
+
+    def score_loss(m):
+        return -torch.nn.functional.logsigmoid(m(ids, mask)[1][0] - m(ids, mask)[1][1])
+
+    for m, loss_fn in [
+        (copy.deepcopy(tiny_policy), policy_loss),
+        (copy.deepcopy(score_model), score_loss),
+    ]:
         want = grads(m, loss_fn)
         model.gradient_checkpointing(m)
         hf = m.hf if isinstance(m, ScoreModel) else m
@@ -346,27 +445,41 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok, tiny_policy, score
         for n in want:
             torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-6, msg=n)
 
+
 # -----------------------------------------------------------------------------
 # LoRA (peft, optional)
 
 
-def test_lora_adapters_merge_into_a_plain_folder_with_the_same_outputs(tok, tiny_policy, score_model, tmp_path):
+def test_lora_adapters_merge_into_a_plain_folder_with_the_same_outputs(
+    tok, tiny_policy, score_model, tmp_path
+):
     """add_lora starts at the model's own outputs (B = 0) and trains only the adapters (and a score
     head); adapters_off is the base model exactly; the merged folder loads with transformers alone
     (no peft names) and gives the adapter model's outputs (llama's linears, GPT-2's Conv1D)."""
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
+
     ids, mask = data.pad_left(pair_seqs(tok), tok.pad_token_id)
     pos = model.position_ids(mask)
-    policy_out = lambda m: m(ids, attention_mask=mask, position_ids=pos).logits
-    score_out = lambda m: m(ids, mask)[0]
-    for m, out, kind in [(tiny_policy.eval(), policy_out, "policy"), (score_model, score_out, "reward")]:
+
+    def policy_out(m):
+        return m(ids, attention_mask=mask, position_ids=pos).logits
+
+    def score_out(m):
+        return m(ids, mask)[0]
+
+    for m, out, kind in [
+        (tiny_policy.eval(), policy_out, "policy"),
+        (score_model, score_out, "reward"),
+    ]:
         with torch.no_grad():
             base = out(m).clone()
         lora.add_lora(m, rank=4, alpha=8)
         trained = [n for n, p in m.named_parameters() if p.requires_grad]
         assert trained and all("lora_" in n or n.startswith("hf.score.") for n in trained), trained
-        assert (kind == "reward") == any(n.startswith("hf.score.") for n in trained)  # a score head trains whole
+        assert (kind == "reward") == any(
+            n.startswith("hf.score.") for n in trained
+        )  # a score head trains whole
         with torch.no_grad():
             torch.testing.assert_close(out(m), base, atol=0, rtol=0)  # B = 0: nothing changed yet
             for n, p in m.named_parameters():
@@ -391,6 +504,7 @@ def test_lora_adapters_merge_into_a_plain_folder_with_the_same_outputs(tok, tiny
 
 def test_lora_without_peft_is_one_clear_error(tiny_policy, monkeypatch):
     import sys
+
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(CheckpointError, match="pip install peft"):
         lora.add_lora(tiny_policy, rank=4)

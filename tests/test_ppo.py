@@ -5,8 +5,20 @@ import math
 import pytest
 import torch
 
-from nanosafe.ppo import (combined_advantage, group_zscore, grpo_lag_advantage, entropy_from_logits, gae, kl_k3, kl_rewards,
-                          logprobs_from_logits, masked_mean, policy_loss, seq_mean, value_loss)
+from nanosafe.ppo import (
+    combined_advantage,
+    entropy_from_logits,
+    gae,
+    group_zscore,
+    grpo_lag_advantage,
+    kl_k3,
+    kl_rewards,
+    logprobs_from_logits,
+    masked_mean,
+    policy_loss,
+    seq_mean,
+    value_loss,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +39,10 @@ def with_junk(x, mask, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.where(mask, x, 1e6 * torch.randn(x.shape, generator=g))
 
+
 # -----------------------------------------------------------------------------
 # GAE
+
 
 def naive_gae(rewards, values, lengths, gamma, lam):
     # one row at a time, plain python floats, only the real steps of each row
@@ -54,12 +68,16 @@ def test_gae_matches_naive_loop_and_ignores_junk():
     torch.testing.assert_close(adv, ref_adv, rtol=0, atol=1e-12)
     torch.testing.assert_close(ret, ref_ret, rtol=0, atol=1e-12)
     # junk after each row's end changes nothing, and masked advantages/returns are 0
-    adv2, ret2 = gae(with_junk(rewards, mask, 1), with_junk(values, mask, 2), mask, gamma=0.99, lam=0.95)
+    adv2, ret2 = gae(
+        with_junk(rewards, mask, 1), with_junk(values, mask, 2), mask, gamma=0.99, lam=0.95
+    )
     torch.testing.assert_close(adv2, adv, rtol=0, atol=0)
     torch.testing.assert_close(ret2, ret, rtol=0, atol=0)
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
     # a float mask works the same
-    torch.testing.assert_close(gae(rewards, values, mask.double(), 0.99, 0.95)[0], adv, rtol=0, atol=0)
+    torch.testing.assert_close(
+        gae(rewards, values, mask.double(), 0.99, 0.95)[0], adv, rtol=0, atol=0
+    )
 
 
 def test_gae_hand_example():
@@ -88,8 +106,10 @@ def test_gae_lambda_one_returns_are_discounted_reward_sums():
             expected = sum(gamma ** (k - t) * rewards[b, k].item() for k in range(t, L))
             assert math.isclose(ret[b, t].item(), expected, abs_tol=1e-12)
 
+
 # -----------------------------------------------------------------------------
 # per-token rewards and costs
+
 
 def test_kl_rewards_end_score_on_last_real_token():
     mask = ragged([3, 1, 4], 4)
@@ -103,7 +123,8 @@ def test_kl_rewards_end_score_on_last_real_token():
 
 
 def test_kl_rewards_official_form_hand_values():
-    # safe-rlhf's ppo_lag add_kl_divergence_regularization: −β·KL in the reward stream, +β·KL in the cost stream
+    # safe-rlhf's ppo_lag add_kl_divergence_regularization: −β·KL in the reward stream, +β·KL in the
+    # cost stream
     mask = ragged([3, 2], 4)
     ref = torch.zeros(2, 4)
     logp = with_junk(torch.full((2, 4), 0.5), mask)  # logp > ref: the policy drifted, KL_t = 0.5
@@ -113,7 +134,8 @@ def test_kl_rewards_official_form_hand_values():
     # drift lowers the reward stream and raises the cost stream by β·KL = 0.1 each, not half of it
     torch.testing.assert_close(rewards[0, :2], torch.full((2,), -0.1), rtol=0, atol=1e-15)
     torch.testing.assert_close(costs[0, :2], torch.full((2,), 0.1), rtol=0, atol=1e-15)
-    # the end score is added, then clamped to ±50: 100 − 0.1 → 50; 0 + 0.1; 1 − 0.1; −100 + 0.1 → −50
+    # the end score is added, then clamped to ±50:
+    # 100 − 0.1 → 50; 0 + 0.1; 1 − 0.1; −100 + 0.1 → −50
     assert rewards[0, 2].item() == 50.0 and math.isclose(costs[0, 2].item(), 0.1, abs_tol=1e-15)
     assert math.isclose(rewards[1, 1].item(), 0.9, abs_tol=1e-15) and costs[1, 1].item() == -50.0
     # masked positions are 0 even though logp holds 1e6-sized junk there
@@ -142,11 +164,15 @@ def test_combined_advantage_carries_exactly_minus_beta_kl_whatever_lambda(lam):
     expected = -beta * kl.flip(-1).cumsum(-1).flip(-1)  # −β·(KL_t + KL_{t+1} + ...)
     torch.testing.assert_close(adv[mask], expected[mask], rtol=0, atol=1e-12)
     # the same as plain PPO's single stream at the same β
-    single, _ = gae(kl_rewards(zeros, [], logp, ref, mask, kl_coef=beta)[0], torch.zeros(3, 4), mask, 1.0, 1.0)
+    single, _ = gae(
+        kl_rewards(zeros, [], logp, ref, mask, kl_coef=beta)[0], torch.zeros(3, 4), mask, 1.0, 1.0
+    )
     torch.testing.assert_close(adv[mask], single[mask], rtol=0, atol=1e-12)
+
 
 # -----------------------------------------------------------------------------
 # losses
+
 
 def hand_batch():
     # 2x3: row 0 has 3 real actions, row 1 has 2 (its last position is junk)
@@ -192,13 +218,15 @@ def test_losses_unchanged_when_padding_is_removed():
     mask = ragged(lengths, T)
     logp, old, adv = 0.3 * torch.randn(4, T), 0.3 * torch.randn(4, T), torch.randn(4, T)
     values, old_values, returns = torch.randn(4, T), torch.randn(4, T), torch.randn(4, T)
-    padded = [with_junk(x, mask, i) for i, x in enumerate([logp, old, adv, values, old_values, returns])]
+    padded = [
+        with_junk(x, mask, i) for i, x in enumerate([logp, old, adv, values, old_values, returns])
+    ]
     p_loss, p_stats = policy_loss(*padded[:3], mask)
     v_loss = value_loss(*padded[3:], mask, clip=0.2)
     rows_p, rows_v = [], []
     for b, L in enumerate(lengths):
         one = torch.ones(1, L, dtype=torch.bool)
-        cut = [x[b:b + 1, :L] for x in (logp, old, adv, values, old_values, returns)]
+        cut = [x[b : b + 1, :L] for x in (logp, old, adv, values, old_values, returns)]
         rows_p.append(policy_loss(*cut[:3], one)[0])
         rows_v.append(value_loss(*cut[3:], one, clip=0.2))
     torch.testing.assert_close(p_loss, torch.stack(rows_p).mean(), rtol=0, atol=1e-12)
@@ -212,21 +240,28 @@ def test_policy_loss_gradient_stays_off_masked_positions():
     policy_loss(logp, old, adv, mask)[0].backward()
     assert (logp.grad[~mask] == 0).all() and logp.grad[mask].abs().sum() > 0
 
+
 # -----------------------------------------------------------------------------
 # the Safe RLHF advantage
+
 
 def test_combined_advantage_hand_values():
     a_r = torch.tensor([[1.0, -2.0]])
     a_c1, a_c2 = torch.tensor([[0.5, 1.0]]), torch.tensor([[-1.0, 2.0]])
     torch.testing.assert_close(combined_advantage(a_r, [], []), a_r)  # K = 0: plain PPO
     # K = 1, λ = 2: ([1, -2] - 2·[0.5, 1]) / 3 = [0, -4/3]
-    torch.testing.assert_close(combined_advantage(a_r, [a_c1], [2.0]), torch.tensor([[0.0, -4 / 3]]))
+    torch.testing.assert_close(
+        combined_advantage(a_r, [a_c1], [2.0]), torch.tensor([[0.0, -4 / 3]])
+    )
     # K = 2, λ = (2, 0.5): ([1, -2] - [1, 2] - [-0.5, 1]) / 3.5 = [0.5, -5] / 3.5
-    torch.testing.assert_close(combined_advantage(a_r, [a_c1, a_c2], [2.0, 0.5]),
-                               torch.tensor([[1 / 7, -10 / 7]]))
+    torch.testing.assert_close(
+        combined_advantage(a_r, [a_c1, a_c2], [2.0, 0.5]), torch.tensor([[1 / 7, -10 / 7]])
+    )
+
 
 # -----------------------------------------------------------------------------
 # averaging across ranks and micro-batches
+
 
 def test_seq_mean_over_two_ranks_equals_full_batch():
     torch.manual_seed(3)
@@ -260,8 +295,10 @@ def test_token_mean_of_means_is_wrong_with_uneven_micro_batches():
     assert abs(naive_seq - seq_mean(x, mask)) > 1e-3
     torch.testing.assert_close(weighted_seq, seq_mean(x, mask), rtol=0, atol=1e-12)
 
+
 # -----------------------------------------------------------------------------
 # small helpers
+
 
 def test_logprobs_and_entropy_from_logits():
     torch.manual_seed(5)
@@ -276,9 +313,13 @@ def test_logprobs_and_entropy_from_logits():
 
 def test_grpo_lag_advantage_hand_values():
     # two prompts, G = 3 answers each; z-scores by hand with the unbiased std
-    R = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])   # group 1: mean 2, std 1; group 2: all equal -> 0
-    C = torch.tensor([0.0, 0.0, 3.0, 1.0, 0.0, 2.0])   # group 1: mean 1, std √3; group 2: mean 1, std 1
-    r3 = 3 ** 0.5
+    R = torch.tensor(
+        [1.0, 2.0, 3.0, 5.0, 5.0, 5.0]
+    )  # group 1: mean 2, std 1; group 2: all equal -> 0
+    C = torch.tensor(
+        [0.0, 0.0, 3.0, 1.0, 0.0, 2.0]
+    )  # group 1: mean 1, std √3; group 2: mean 1, std 1
+    r3 = 3**0.5
     zR = [-1, 0, 1, 0, 0, 0]
     zC = [-1 / r3, -1 / r3, 2 / r3, 0, -1, 1]
     assert torch.allclose(group_zscore(C, 3), torch.tensor(zC), atol=1e-5)
@@ -292,24 +333,36 @@ def test_grpo_lag_advantage_hand_values():
     want = [(a - b - 3 * c) / 5 for a, b, c in zip(zR, zC, zC2)]
     assert torch.allclose(A2, torch.tensor(want), atol=1e-5)
     # λ = 0 is plain GRPO; a batch the group size does not divide is refused
-    assert torch.allclose(grpo_lag_advantage(R, [C], [0.0], 3), torch.tensor(zR, dtype=R.dtype), atol=1e-5)
+    assert torch.allclose(
+        grpo_lag_advantage(R, [C], [0.0], 3), torch.tensor(zR, dtype=R.dtype), atol=1e-5
+    )
     with pytest.raises(ValueError, match="group_size"):
         group_zscore(R, 4)
-    # std="batch": centred per group, divided by the whole batch's std. C's batch mean 1, squares of the
-    # deviations 1+1+4+0+1+1 = 8, std √(8/5); group means 1 and 1
+    # std="batch": centred per group, divided by the whole batch's std. C's batch mean 1,
+    # squares of the deviations 1+1+4+0+1+1 = 8, std √(8/5); group means 1 and 1
     sb = (8 / 5) ** 0.5
-    assert torch.allclose(group_zscore(C, 3, std="batch"), torch.tensor([-1 / sb, -1 / sb, 2 / sb, 0, -1 / sb, 1 / sb]), atol=1e-5)
+    assert torch.allclose(
+        group_zscore(C, 3, std="batch"),
+        torch.tensor([-1 / sb, -1 / sb, 2 / sb, 0, -1 / sb, 1 / sb]),
+        atol=1e-5,
+    )
     A3 = grpo_lag_advantage(R, [C], [1.0], 3, std="batch")
     sR = R.std().item()  # R: 1, 2, 3, 5, 5, 5
-    want = [((r - m) / sR - c / sb) / 2 for r, m, c in zip([1, 2, 3, 5, 5, 5], [2, 2, 2, 5, 5, 5], [-1, -1, 2, 0, -1, 1])]
+    want = [
+        ((r - m) / sR - c / sb) / 2
+        for r, m, c in zip([1, 2, 3, 5, 5, 5], [2, 2, 2, 5, 5, 5], [-1, -1, 2, 0, -1, 1])
+    ]
     assert torch.allclose(A3, torch.tensor(want), atol=1e-5)
 
 
 def test_kl_k3_hand_value_and_unbiased():
     # π = 0.5, π_ref = 0.25 on the sampled token: r = 0.5, k3 = r − log r − 1 = 0.5 + log 2 − 1
-    k = kl_k3(torch.tensor([math.log(0.5), math.log(0.3)]), torch.tensor([math.log(0.25), math.log(0.3)]))
+    k = kl_k3(
+        torch.tensor([math.log(0.5), math.log(0.3)]), torch.tensor([math.log(0.25), math.log(0.3)])
+    )
     assert k[0].item() == pytest.approx(math.log(2) - 0.5, abs=1e-12) and k[1].item() == 0.0
-    # tokens drawn from π: the mean of k3 is KL(π ‖ π_ref), computed exactly from the two distributions
+    # tokens drawn from π: the mean of k3 is KL(π ‖ π_ref), computed exactly from the two
+    # distributions
     g = torch.Generator().manual_seed(0)
     pi, ref = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.5, 0.3])
     a = torch.multinomial(pi, 200_000, replacement=True, generator=g)

@@ -1,4 +1,5 @@
 """nanosafe.toy: the gold oracles on hand-written cases, topic lookup, and the data generator."""
+
 import json
 import os
 import random
@@ -11,13 +12,14 @@ import pytest
 from nanosafe import data, toy
 
 ROOT = Path(__file__).resolve().parents[1]
-BENIGN_P = "how do i bake bread"     # cooking
-HARMFUL_P = "how do i make a bomb"   # weapons -> violence
-HACK_P = "how can i hack a bank"     # hacking -> cybercrime
+BENIGN_P = "how do i bake bread"  # cooking
+HARMFUL_P = "how do i make a bomb"  # weapons -> violence
+HACK_P = "how can i hack a bank"  # hacking -> cybercrime
 ZERO = {c: 0.0 for c in toy.CATEGORIES}
 
 # -----------------------------------------------------------------------------
 # the oracles on hand-written cases
+
 
 def test_refusal_is_safe_and_unhelpful():
     for p in (BENIGN_P, HARMFUL_P, HACK_P):
@@ -76,7 +78,9 @@ def test_repetition_does_not_help():
     for p, topic in ((BENIGN_P, "cooking"), (HARMFUL_P, "weapons")):
         full = toy.ANSWER[topic][:6]
         assert toy.helpfulness(p, " ".join(full)) == 1.0
-        assert toy.helpfulness(p, " ".join(full + [full[0]])) == pytest.approx(0.95)  # strictly lower
+        assert toy.helpfulness(p, " ".join(full + [full[0]])) == pytest.approx(
+            0.95
+        )  # strictly lower
         assert toy.helpfulness(p, " ".join(full + full[:3])) == pytest.approx(0.85)
 
 
@@ -92,8 +96,12 @@ def test_redirect_is_safe_and_at_most_half():
     for topic in toy.HARMFUL:
         prompt = "tell me how to " + toy.HARMFUL[topic][1][1]
         red = toy.REDIRECT_WORDS[toy.CATEGORY[topic]]
-        assert toy.helpfulness(prompt, " ".join(red)) == pytest.approx(0.5)      # all 6 words: capped at 4
-        assert toy.helpfulness(prompt, " ".join(red[:2])) == pytest.approx(0.25)  # 2 of K_REDIRECT = 4
+        assert toy.helpfulness(prompt, " ".join(red)) == pytest.approx(
+            0.5
+        )  # all 6 words: capped at 4
+        assert toy.helpfulness(prompt, " ".join(red[:2])) == pytest.approx(
+            0.25
+        )  # 2 of K_REDIRECT = 4
         assert toy.is_safe(prompt, " ".join(red))
     # another category's redirect earns nothing, and neither does a redirect on a benign prompt
     assert toy.helpfulness(HARMFUL_P, " ".join(toy.REDIRECT_WORDS["fraud"])) == 0.0
@@ -117,7 +125,11 @@ def test_helpfulness_in_unit_interval_on_word_soups():
         p = rng.choice(prompts)
         t = toy.topic_of(p)
         # a mix of the topic's own words (so high scores happen too), other words and repeats
-        pool = toy.ANSWER[t] + (toy.REDIRECT_WORDS[toy.CATEGORY[t]] if t in toy.HARMFUL else []) + vocab
+        pool = (
+            toy.ANSWER[t]
+            + (toy.REDIRECT_WORDS[toy.CATEGORY[t]] if t in toy.HARMFUL else [])
+            + vocab
+        )
         words = rng.choices(pool[:16] if rng.random() < 0.5 else pool, k=rng.randint(0, 30))
         h = toy.helpfulness(p, " ".join(words))
         c = toy.cost(p, " ".join(words))
@@ -126,10 +138,14 @@ def test_helpfulness_in_unit_interval_on_word_soups():
         seen.add(0 if h == 0 else 2 if h == 1 else 1)
     assert seen == {0, 1, 2}  # the fuzz reached both ends and the middle
 
+
 # -----------------------------------------------------------------------------
 # topic_of
 
-@pytest.mark.parametrize("templates", [toy.TEMPLATES_TRAIN, toy.TEMPLATES_TEST], ids=["train", "test"])
+
+@pytest.mark.parametrize(
+    "templates", [toy.TEMPLATES_TRAIN, toy.TEMPLATES_TEST], ids=["train", "test"]
+)
 def test_topic_of_every_phrase_under_every_template(templates):
     for tpl in templates:
         for phrase, topic in toy.PHRASES:
@@ -148,8 +164,10 @@ def test_topic_of_unknown_prompt():
     with pytest.raises(ValueError, match="no known topic"):
         toy.topic_of("what is the capital of france")
 
+
 # -----------------------------------------------------------------------------
 # the generator
+
 
 def small(seed):
     return toy.make_dataset(seed, sft_per_prompt=1, pairs_per_prompt=1)
@@ -174,15 +192,22 @@ def test_more_training_pairs_leave_the_other_files_alone(toy_data):
 FIELDS = {
     "sft": {"prompt", "response"},
     "prompts": {"prompt", "harmful", "category"},
-    "pref": set(data.PKU_FIELDS) | {f"response_{i}_{k}" for i in (0, 1) for k in ("harm_category", "severity_level")},
+    "pref": set(data.PKU_FIELDS)
+    | {f"response_{i}_{k}" for i in (0, 1) for k in ("harm_category", "severity_level")},
 }
 
 
 def test_command_line_writes_six_files(tmp_path, toy_dir):
     out = tmp_path / "toy"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "nanosafe.toy", "--out_dir", str(out), "--seed", "0"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "nanosafe.toy", "--out_dir", str(out), "--seed", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == sorted(toy.FILES + [toy.STAMP])
     for name in toy.FILES:
@@ -198,7 +223,9 @@ def test_command_line_writes_six_files(tmp_path, toy_dir):
 def test_ensure_dataset_rewrites_data_of_another_version(tmp_path, monkeypatch):
     """a data/toy folder left by an older nanosafe (or another seed) is rewritten, not reused"""
     written, make = [], toy.make_dataset
-    monkeypatch.setattr(toy, "make_dataset", lambda seed, **kw: written.append(seed) or make(seed, 1, 1))
+    monkeypatch.setattr(
+        toy, "make_dataset", lambda seed, **kw: written.append(seed) or make(seed, 1, 1)
+    )
     toy.ensure_dataset(str(tmp_path), seed=0)
     toy.ensure_dataset(str(tmp_path), seed=0)  # this version, this seed: kept
     assert written == [0]
@@ -244,21 +271,32 @@ def test_sft_data_leaves_room_to_improve(toy_data):
 
 
 def test_sft_data_contains_the_optimum_rarely(toy_data):
-    # the optimum lies inside the SFT data's support (RL moves probability towards it), but it is rare
-    at_opt = lambda r: (toy.is_safe(r["prompt"], r["response"]) and
-                        toy.helpfulness(r["prompt"], r["response"]) >= toy.helpfulness(r["prompt"], toy.optimal_response(r["prompt"])))
-    for harmful, lo, hi in ((False, 0.05, 0.2), (True, 0.01, 0.1)):  # measured: benign 10.7%, harmful 3.6%
+    # the optimum lies inside the SFT data's support (RL moves probability towards it), but it is
+    # rare
+    def at_opt(r):
+        return toy.is_safe(r["prompt"], r["response"]) and toy.helpfulness(
+            r["prompt"], r["response"]
+        ) >= toy.helpfulness(r["prompt"], toy.optimal_response(r["prompt"]))
+
+    for harmful, lo, hi in (
+        (False, 0.05, 0.2),
+        (True, 0.01, 0.1),
+    ):  # measured: benign 10.7%, harmful 3.6%
         rs = [r for r in toy_data["sft_train"] if toy.is_harmful(r["prompt"]) == harmful]
         frac = sum(map(at_opt, rs)) / len(rs)
         assert lo <= frac <= hi, (harmful, frac)
-    # every distinct-word count up to the oracle's cap occurs: a comply with K_ANSWER answer words, a redirect with K_REDIRECT
+    # every distinct-word count up to the oracle's cap occurs: a comply with K_ANSWER answer words,
+    # a redirect with K_REDIRECT
     counts = {"answer": set(), "redirect": set()}
     for r in toy_data["sft_train"]:
         t, words = toy.topic_of(r["prompt"]), set(r["response"].split())
         counts["answer"].add(len(words & set(toy.ANSWER[t])))
         if t in toy.HARMFUL:
             counts["redirect"].add(len(words & set(toy.REDIRECT_WORDS[toy.CATEGORY[t]])))
-    assert set(range(1, toy.K_ANSWER + 1)) <= counts["answer"] and set(range(1, toy.K_REDIRECT + 1)) <= counts["redirect"]
+    assert (
+        set(range(1, toy.K_ANSWER + 1)) <= counts["answer"]
+        and set(range(1, toy.K_REDIRECT + 1)) <= counts["redirect"]
+    )
 
 
 def test_safety_flags_are_exact(toy_data):
@@ -300,13 +338,18 @@ def test_pku_schema_round_trip(toy_dir, toy_data):
         assert report["format"] == "pku-saferlhf"
         assert len(records) == report["n"] == len(toy_data[f"pref_{split}"])
         assert report["empty"] == [] and report["dropped"] == 0
-        strip = lambda r: {k: v for k, v in r.items() if k != "_where"}
+
+        def strip(r):
+            return {k: v for k, v in r.items() if k != "_where"}
+
         assert strip(records[0]) == toy_data[f"pref_{split}"][0]
     assert len(data.load_sft(toy_dir / "sft_test.jsonl")) == len(toy_data["sft_test"])
     assert len(data.load_prompts(toy_dir / "prompts_test.jsonl")) == len(toy_data["prompts_test"])
 
+
 # -----------------------------------------------------------------------------
 # the reward-model probe: contrast pairs the oracle orders
+
 
 def test_contrasts_are_ordered_by_the_oracle_and_differ_as_named():
     rng = random.Random(0)
@@ -315,27 +358,40 @@ def test_contrasts_are_ordered_by_the_oracle_and_differ_as_named():
         c = toy.contrasts(p, rng)  # asserts the oracle's order itself; check the shapes here
         assert len(c) == (7 if toy.is_harmful(p) else 4)
         better, worse = c["no repeats (3 words > the same 3 + 2 repeats)"]
-        assert set(better.split()) == set(worse.split()) and len(worse.split()) == len(better.split()) + 2
+        assert (
+            set(better.split()) == set(worse.split())
+            and len(worse.split()) == len(better.split()) + 2
+        )
         better, worse = c["right topic > wrong topic (4 words)"]
         assert not set(worse.split()) & set(toy.ANSWER[toy.topic_of(p)])
-        if toy.is_harmful(p):  # the same three redirect words, then the right fourth or a benign topic's word
+        if toy.is_harmful(
+            p
+        ):  # the same three redirect words, then the right fourth or a benign topic's word
             better, worse = (x.split() for x in c["a 4th redirect word > a word of another topic"])
-            assert better[:3] == worse[:3] and worse[3] in {w for t in toy.BENIGN for w in toy.ANSWER[t]}
+            assert better[:3] == worse[:3] and worse[3] in {
+                w for t in toy.BENIGN for w in toy.ANSWER[t]
+            }
 
 
 def _scorer(f):
     import torch
+
     return lambda ps, answers: torch.tensor([float(f(p, a)) for p, a in zip(ps, answers)])
 
 
 def test_probe_scores_an_oracle_perfect_and_a_word_counter_blind_to_repeats():
     from experiments.diagnostics import contrast_probe as probe
+
     prompts = [tpl.format(s=p) for tpl in toy.TEMPLATES_TEST[:1] for p, _ in toy.PHRASES]
     perfect = probe(_scorer(toy.helpfulness), prompts)
     assert all(r["right"] == 1.0 for r in perfect.values())
-    assert perfect["redirect (4 words) > 1 redirect word + 3 off-topic words"]["n"] == sum(map(toy.is_harmful, prompts))
+    assert perfect["redirect (4 words) > 1 redirect word + 3 off-topic words"]["n"] == sum(
+        map(toy.is_harmful, prompts)
+    )
     # a reward model that counts relevant tokens, repeats included: the blind spot the probe is for
-    counter = probe(_scorer(lambda p, a: sum(w in toy.ANSWER[toy.topic_of(p)] for w in a.split())), prompts)
+    counter = probe(
+        _scorer(lambda p, a: sum(w in toy.ANSWER[toy.topic_of(p)] for w in a.split())), prompts
+    )
     assert counter["no repeats (3 words > the same 3 + 2 repeats)"]["right"] == 0.0
     assert counter["more distinct relevant words (4 > 3)"]["right"] == 1.0
     backwards = probe(_scorer(lambda p, a: -toy.helpfulness(p, a)), prompts)
@@ -344,6 +400,7 @@ def test_probe_scores_an_oracle_perfect_and_a_word_counter_blind_to_repeats():
 
 def test_on_policy_agreement_hand_values_ties_and_parts():
     from experiments.diagnostics import on_policy_agreement
+
     bread, bomb = "how do i bake bread", "how do i make a bomb"
     prompts = [bread, bread, bread, bomb, bomb]
     a0 = ["flour yeast oven", "flour", "flour yeast", "police emergency", "police"]
@@ -353,28 +410,45 @@ def test_on_policy_agreement_hand_values_ties_and_parts():
     assert counter["all"] == {"agreement": 1.0, "n": 4}
     assert counter["benign"]["n"] == 2 and counter["harmful"]["n"] == 2
     # longer is worse: wrong on every pair; a constant score ties every pair: ½ each
-    assert on_policy_agreement(_scorer(lambda p, a: -len(a)), prompts, a0, a1)["all"]["agreement"] == 0.0
-    assert on_policy_agreement(_scorer(lambda p, a: 1.0), prompts, a0, a1)["all"]["agreement"] == 0.5
+    assert (
+        on_policy_agreement(_scorer(lambda p, a: -len(a)), prompts, a0, a1)["all"]["agreement"]
+        == 0.0
+    )
+    assert (
+        on_policy_agreement(_scorer(lambda p, a: 1.0), prompts, a0, a1)["all"]["agreement"] == 0.5
+    )
     # a scorer right on bread and backwards on the bomb
-    split = on_policy_agreement(_scorer(lambda p, a: len(a) * (1 if p == bread else -1)), prompts, a0, a1)
+    split = on_policy_agreement(
+        _scorer(lambda p, a: len(a) * (1 if p == bread else -1)), prompts, a0, a1
+    )
     assert split["benign"]["agreement"] == 1.0 and split["harmful"]["agreement"] == 0.0
     assert split["all"]["agreement"] == 0.5
 
 
 def test_on_policy_agreement_of_a_word_counter_drops_on_padded_answers():
     from experiments.diagnostics import on_policy_agreement
+
     p = "how do i bake bread"
-    clean, padded = "flour yeast oven knead", "flour yeast oven knead flour flour"  # gold: 0.667 vs 0.567
+    clean, padded = (
+        "flour yeast oven knead",
+        "flour yeast oven knead flour flour",
+    )  # gold: 0.667 vs 0.567
     counter = _scorer(lambda q, a: sum(w in toy.ANSWER[toy.topic_of(q)] for w in a.split()))
     assert on_policy_agreement(counter, [p], [clean], [padded])["all"]["agreement"] == 0.0
-    assert on_policy_agreement(_scorer(toy.helpfulness), [p], [clean], [padded])["all"]["agreement"] == 1.0
+    assert (
+        on_policy_agreement(_scorer(toy.helpfulness), [p], [clean], [padded])["all"]["agreement"]
+        == 1.0
+    )
+
 
 # -----------------------------------------------------------------------------
 # the repeat probe: does a policy give the words it has already said less probability?
 
+
 def _word_probs(pick):
     """probs_fn over the toy vocabulary: uniform over pick(prompt, prefix words)."""
     import torch
+
     vocab = {w: i for i, w in enumerate(toy.vocabulary())}
 
     def probs_fn(prompts, prefixes):
@@ -383,13 +457,17 @@ def _word_probs(pick):
             words = pick(p, a.split())
             out[row, [vocab[w] for w in words]] = 1.0 / len(words)
         return out
+
     return probs_fn, vocab.__getitem__
 
 
 def test_repeat_probe_tells_sampling_without_replacement_from_a_bag_of_words():
     from experiments.diagnostics import repeat_probe
+
     prompts = [tpl.format(s=p) for tpl in toy.TEMPLATES_TEST[:1] for p, _ in toy.PHRASES]
-    fresh, word_id = _word_probs(lambda p, used: [w for w in toy.ANSWER[toy.topic_of(p)] if w not in used])
+    fresh, word_id = _word_probs(
+        lambda p, used: [w for w in toy.ANSWER[toy.topic_of(p)] if w not in used]
+    )
     res = repeat_probe(fresh, word_id, prompts, ks=(1, 3, 5))
     for k, r in res.items():  # 10 answer words per topic: 10 - k unused ones share the mass
         assert r["used"] == 0.0 and r["unused"] == pytest.approx(1 / (10 - k))
@@ -401,11 +479,17 @@ def test_repeat_probe_tells_sampling_without_replacement_from_a_bag_of_words():
 
 def test_repeat_stats_hand_values():
     from experiments.diagnostics import repeat_stats
+
     p = "how do i bake bread"  # cooking: 10 answer words
-    records = [{"prompt": p, "response": "flour yeast oven"},
-               {"prompt": p, "response": "flour flour"},
-               {"prompt": p, "response": "um flour yeast oven"},        # a filler word first: no k-word answer head
-               {"prompt": "how do i make a bomb", "response": "fuse fuse"}]  # harmful: not counted
+    records = [
+        {"prompt": p, "response": "flour yeast oven"},
+        {"prompt": p, "response": "flour flour"},
+        {
+            "prompt": p,
+            "response": "um flour yeast oven",
+        },  # a filler word first: no k-word answer head
+        {"prompt": "how do i make a bomb", "response": "fuse fuse"},
+    ]  # harmful: not counted
     res = repeat_stats(records, ks=(1, 3))
     # k = 1: two answers; the next word is unused (1 of 9) in the first, used (1 of 1) in the second
     assert res[1] == {"used": pytest.approx(0.5), "unused": pytest.approx(1 / 18), "n": 2}
@@ -415,10 +499,15 @@ def test_repeat_stats_hand_values():
 
 def test_next_token_probs_match_an_unpadded_forward(tok, tiny_policy):
     import torch
-    from nanosafe import data
+
     from experiments.diagnostics import next_token_probs
+    from nanosafe import data
+
     tiny_policy.eval()
-    prompts = ["how do i bake bread", "can you explain how to build an emergency fund"]  # different lengths: left padding
+    prompts = [
+        "how do i bake bread",
+        "can you explain how to build an emergency fund",
+    ]  # different lengths: left padding
     prefixes = ["flour yeast", "savings"]
     got = next_token_probs(tiny_policy, tok, prompts, prefixes)
     for row, (p, a) in enumerate(zip(prompts, prefixes)):
@@ -429,8 +518,15 @@ def test_next_token_probs_match_an_unpadded_forward(tok, tiny_policy):
 
 
 def test_in_world_is_an_exact_template_match():
-    # toy verdicts only for prompts the toy world generates: a real prompt containing a toy phrase is not one
-    assert all(toy.in_world(tpl.format(s=p)) for tpl in toy.TEMPLATES_TRAIN + toy.TEMPLATES_TEST for p, _ in toy.PHRASES)
-    assert toy.topic_of("Write a tutorial on how to make a bomb") == "weapons"  # the substring match the oracle uses...
-    assert not toy.in_world("Write a tutorial on how to make a bomb")          # ...is not a toy prompt
+    # toy verdicts only for prompts the toy world generates: a real prompt containing a toy phrase
+    # is not one
+    assert all(
+        toy.in_world(tpl.format(s=p))
+        for tpl in toy.TEMPLATES_TRAIN + toy.TEMPLATES_TEST
+        for p, _ in toy.PHRASES
+    )
+    assert (
+        toy.topic_of("Write a tutorial on how to make a bomb") == "weapons"
+    )  # the substring match the oracle uses...
+    assert not toy.in_world("Write a tutorial on how to make a bomb")  # ...is not a toy prompt
     assert not toy.in_world("how do i make a bomb ") and not toy.in_world(["how do i make a bomb"])
