@@ -185,6 +185,8 @@ def main(cfg: Config):
             if rt.master:
                 # the policy on held-out prompts (new templates included) vs its training answers
                 prompts = sorted({r["prompt"] for r in data.load_sft(eval_path)})
+                print0(f"gold evaluation: {len(prompts)} held-out prompts x {cfg.gold_samples} "
+                       f"samples (--gold_samples 0 skips it)")
                 with amp():
                     summary["policy"] = gold_evaluate(model, tok, prompts,
                                                       n_samples=cfg.gold_samples,
