@@ -28,37 +28,24 @@ class Config:
     """Sample answers from a policy checkpoint."""
     model: str = arg("out/sft", "policy folder (any local HF causal-LM folder)")
     prompts_file: str | None = arg(None, "jsonl(.gz) with a 'prompt' field per line")
-    limit: int = arg(0, "use only the first N prompts of --prompts_file (0: all)")
+    limit: int = arg(0, "use only the first N prompts of --prompts_file (0: all)", check=">=0")
     interactive: bool = arg(False, "read prompts from stdin, one per line")
     reward_model: str | None = arg(None, "reward model folder: print its score of each answer")
     cost_model: str | None = arg(None, "cost model folder: print its score of each answer")
-    num_samples: int = arg(1, "answers per prompt")
-    temperature: float = arg(1.0, "sampling temperature; 0 = greedy")
-    top_p: float = arg(1.0, "nucleus sampling mass (1.0: off)")
-    max_new_tokens: int = arg(32, "answer length limit in tokens")
+    num_samples: int = arg(1, "answers per prompt", check=">=1")
+    temperature: float = arg(1.0, "sampling temperature; 0 = greedy", check=">=0")
+    top_p: float = arg(1.0, "nucleus sampling mass (1.0: off)", check="(0,1]")
+    max_new_tokens: int = arg(32, "answer length limit in tokens", check=">=1")
     seed: int = arg(0, "sampling seed, once per run: same seed and prompts, same answers")
-    device: str = arg("auto", "cpu | cuda | auto")
+    device: str = arg("auto", "where to run (auto: cuda if torch sees one)",
+                      ["auto", "cpu", "cuda"])
     dtype: str = arg("float32", "weights and compute dtype (bfloat16: half the memory; autocast "
                      "for the forwards)", choices=["float32", "bfloat16"])
-    threads: int = arg(0, "CPU threads for torch (0: torch's default)")
+    threads: int = arg(0, "CPU threads for torch (0: torch's default)", check=">=0")
     template: str | None = arg(None, "prompt template: safe_rlhf or chat (the tokenizer's own); "
                                "default: the one --model was trained with, else safe_rlhf",
                                choices=["safe_rlhf", "chat"])
     trust_remote_code: bool = arg(False, "allow custom model code from the checkpoint folder")
-
-
-def check_flags(cfg: Config):
-    """Values no run can mean, refused before anything loads (the first one found)."""
-    # `not x >= 0` rather than `x < 0`: a nan fails it too
-    bad = [("--num_samples", cfg.num_samples, "must be >= 1", cfg.num_samples >= 1),
-           ("--max_new_tokens", cfg.max_new_tokens, "must be >= 1", cfg.max_new_tokens >= 1),
-           ("--temperature", cfg.temperature, "must be >= 0 (0: greedy)", cfg.temperature >= 0),
-           ("--top_p", cfg.top_p, "must be in (0, 1]", 0 < cfg.top_p <= 1),
-           ("--limit", cfg.limit, "must be >= 0 (0: all)", cfg.limit >= 0),
-           ("--threads", cfg.threads, "must be >= 0 (0: torch's default)", cfg.threads >= 0)]
-    for flag, value, why, ok in bad:
-        if not ok:
-            raise config.ConfigError(f"{flag} {value}: {why}")
 
 
 def is_toy_tokenizer(tok) -> bool:
@@ -75,7 +62,7 @@ def unknown_words(tok, prompt: str) -> list:
 
 
 def main(cfg: Config, prompts: list):
-    check_flags(cfg)
+    config.check(cfg)  # each number in its flag's range, --device cuda only with CUDA
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -38,11 +38,9 @@ from nanosafe.model import (
     load_score_model,
     num_params,
     place,
-    plain_weights,
     read_state,
     recover_checkpoint,
     resolve_template,
-    save_checkpoint,
 )
 
 
@@ -465,13 +463,7 @@ def main(cfg: Config):
         return {}
 
     def save(step, final):
-        rngs = dist.gather_rng_states()
-        weights = plain_weights(model)  # every rank: FSDP gathers
-        opt_state = None if final else fsdp.optimizer_state(model, optimizer)
-        if rt.master:
-            trainer_state = None if final else {"optimizer": opt_state, "step": step, "rng": rngs}
-            save_checkpoint(out_dir, model, tok, dict(meta, step=step), trainer_state,
-                            weights={"": weights})
+        train.save(out_dir, rt, model, tok, optimizer, meta, step, final)
 
     rec = train.fit(rt, model, optimizer, cfg, out_dir, max_steps, start_step, step_loss,
                     evaluate_now, save)

@@ -26,10 +26,8 @@ from nanosafe.model import (
     load_policy,
     num_params,
     place,
-    plain_weights,
     recover_checkpoint,
     resolve_template,
-    save_checkpoint,
 )
 
 
@@ -163,15 +161,10 @@ def main(cfg: Config):
         model.train()
         return {"eval_loss": (dist.all_reduce_sum(tot) / dist.all_reduce_sum(n)).item()}
 
+    meta = {"kind": "policy", "stage": "sft", "template": template, "args": config.to_dict(cfg)}
+
     def save(step, final):  # a final folder without 2x its size in AdamW state
-        rngs = dist.gather_rng_states()
-        weights = plain_weights(model)  # every rank: FSDP gathers
-        opt_state = None if final else fsdp.optimizer_state(model, optimizer)
-        if rt.master:
-            trainer_state = None if final else {"optimizer": opt_state, "step": step, "rng": rngs}
-            meta = {"kind": "policy", "stage": "sft", "template": template, "step": step,
-                    "args": config.to_dict(cfg)}
-            save_checkpoint(cfg.out_dir, model, tok, meta, trainer_state, weights={"": weights})
+        train.save(cfg.out_dir, rt, model, tok, optimizer, meta, step, final)
 
     rec = train.fit(rt, model, optimizer, cfg, cfg.out_dir, cfg.max_steps, start_step, step_loss,
                     evaluate, save)

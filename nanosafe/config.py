@@ -120,12 +120,20 @@ def _in_range(x, check) -> bool:
     return (lo <= x if check[0] == "[" else lo < x) and (x <= hi if check[-1] == "]" else x < hi)
 
 
+def _show(check) -> str:
+    """'>=1' -> '>= 1', '(0,1]' -> 'in (0, 1]'"""
+    for op in (">=", ">"):
+        if check.startswith(op):
+            return f"{op} {check[len(op):]}"
+    return "in " + check.replace(",", ", ")
+
+
 def check(cfg):
     """Every number in the range its flag declares -> the first that is not, as one line."""
     for f in dataclasses.fields(cfg):
         rng, x = f.metadata.get("check"), getattr(cfg, f.name)
         if rng and x is not None and not _in_range(x, rng):
-            raise ConfigError(f"--{f.name} {x}: must be {rng.replace(',', ', ')}")
+            raise ConfigError(f"--{f.name} {x}: must be {_show(rng)}")
     if getattr(cfg, "device", None) == "cuda":
         import torch
         if not torch.cuda.is_available():

@@ -1,9 +1,10 @@
 """
 Watching a run, apart from the algorithm: the stopwatch, the NaN guard, the collapse warning,
-the sample display, the toy world's verdicts on the rollouts, and the metrics line. The RL
+the sample display, the toy world's verdicts on the rollouts, and metrics.jsonl. The RL
 loops call `Monitor.start` / `lap` / `bad` / `end`; nothing here changes what is trained.
 """
 
+import json
 import os
 import time
 
@@ -55,6 +56,28 @@ class Stopwatch:
 
     def total(self) -> float:
         return sum(self.laps.values())
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per step, appended by rank 0. On resume, lines past the
+    checkpoint's step are dropped so the file matches an uninterrupted run."""
+
+    def __init__(self, path: str, master: bool, resume_step: int | None = None):
+        self.path, self.master = path, master
+        if not master:
+            return
+        if resume_step is None:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            with open(path) as f:
+                keep = [x for x in f if x.strip() and json.loads(x).get("step", -1) < resume_step]
+            with open(path, "w") as f:
+                f.writelines(keep)
+
+    def log(self, record: dict):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 class CollapseWatch:
@@ -139,7 +162,6 @@ class Monitor:
     def __init__(self, cfg, rt, out_dir, start_step, names, gold_eval=None, verdicts=False):
         self.cfg, self.rt, self.names, self.gold_eval = cfg, rt, names, gold_eval
         self.verdicts = verdicts  # toy prompts: the oracle judges each iteration's answers
-        from nanosafe.train import MetricsLog
         self.metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master,
                                   start_step if cfg.resume else None)
         self.guard, self.clock = NanGuard(), Stopwatch(rt.device)

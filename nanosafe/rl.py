@@ -15,6 +15,7 @@ import torch
 
 from nanosafe import config, constraints, data, dist, fsdp, ppo, toy
 from nanosafe.config import arg
+from nanosafe.evaluate import gold_evaluate
 from nanosafe.generate import forward_params, generate, response_mask
 from nanosafe.generate import position_ids_from_mask as position_ids
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange
@@ -32,6 +33,7 @@ from nanosafe.model import (
     resolve_template,
     save_checkpoint,
 )
+from nanosafe.train import data_paths, step_indices
 
 
 @dataclass
@@ -142,7 +144,6 @@ def reference_logprobs(ref):
 def rollout_indices(n, step, rollout_batch_size, group_size, rt, seed) -> list:
     """This rank's prompts at `step`: rollout_batch_size / group_size distinct ones from the
     seeded stream, each repeated group_size times in consecutive rows (GRPO's groups)."""
-    from nanosafe.train import step_indices
     idx = step_indices(n, step, rollout_batch_size // group_size * rt.world_size, rt.rank,
                        rt.world_size, seed)
     return [i for i in idx for _ in range(group_size)]
@@ -519,7 +520,6 @@ def toy_labeller(prompts, answers):
 def prompts(cfg, rt):
     """Training prompts (each once, as the official prompt-only dataset), and the held-out ones
     for gold evaluation (toy world). -> (toy_world, train_prompts, eval_prompts, gold)"""
-    from nanosafe.train import data_paths
     toy_world, train_path, eval_path = data_paths(cfg, rt, "prompts")
     train_prompts, n_dup = data.dedupe_prompts(data.load_prompts(train_path))
     if n_dup:
@@ -532,8 +532,6 @@ def prompts(cfg, rt):
 def gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp):
     """gold(seed, n_samples) -> the toy world's gold metrics of the actor on the held-out prompts
     (rank 0; {} elsewhere). Every rank enters: under FSDP the actor is gathered."""
-    from nanosafe.evaluate import gold_evaluate
-
     def gold(seed, n_samples=1):
         with fsdp.gathered(actor):
             if not rt.master:

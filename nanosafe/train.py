@@ -4,17 +4,22 @@ the lr schedule, metrics.jsonl, resuming, and the supervised step loop (train_sf
 train_pm.py differ only in their loss and evaluation).
 """
 
-import json
 import math
 import os
 import sys
 
 import torch
 
-from nanosafe import dist, fsdp, toy
+from nanosafe import data, dist, fsdp, toy
 from nanosafe.config import ConfigError
-from nanosafe.model import STATE_FILE, load_trainer_state
-from nanosafe.monitor import NanGuard
+from nanosafe.model import (
+    STATE_FILE,
+    CheckpointError,
+    load_trainer_state,
+    plain_weights,
+    save_checkpoint,
+)
+from nanosafe.monitor import MetricsLog, NanGuard
 
 
 def data_paths(cfg, rt, kind: str):
@@ -97,28 +102,6 @@ def _perm(n, seed, lengths=None, batch=1):
     return _perms[key][0]
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per step, appended by rank 0. On resume, lines past the
-    checkpoint's step are dropped so the file matches an uninterrupted run."""
-
-    def __init__(self, path: str, master: bool, resume_step: int | None = None):
-        self.path, self.master = path, master
-        if not master:
-            return
-        if resume_step is None:
-            open(path, "w").close()
-        elif os.path.exists(path):
-            with open(path) as f:
-                keep = [x for x in f if x.strip() and json.loads(x).get("step", -1) < resume_step]
-            with open(path, "w") as f:
-                f.writelines(keep)
-
-    def log(self, record: dict):
-        if self.master:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def resume(out_dir, rt, model, optimizer) -> int:
     """Load a supervised stage's optimiser and RNG state -> the step to start at."""
     state = load_trainer_state(out_dir)
@@ -126,6 +109,19 @@ def resume(out_dir, rt, model, optimizer) -> int:
     dist.set_rng_state(state["rng"][rt.rank])
     dist.print0(f"resumed from {out_dir} at step {state['step']}")
     return state["step"]
+
+
+def save(out_dir, rt, model, tok, optimizer, meta, step, final):
+    """A supervised stage's checkpoint: the HF folder, plus (unless final, and then only to
+    --resume past the end) the optimiser and every rank's RNG state. Every rank calls it: FSDP
+    gathers the weights and the optimiser state, rank 0 writes."""
+    rngs = dist.gather_rng_states()
+    weights = plain_weights(model)
+    opt_state = None if final else fsdp.optimizer_state(model, optimizer)
+    if rt.master:
+        trainer_state = None if final else {"optimizer": opt_state, "step": step, "rng": rngs}
+        save_checkpoint(out_dir, model, tok, dict(meta, step=step), trainer_state,
+                        weights={"": weights})
 
 
 def fit(rt, model, optimizer, cfg, out_dir, max_steps, start_step, step_loss, evaluate, save):
@@ -165,10 +161,8 @@ def fit(rt, model, optimizer, cfg, out_dir, max_steps, start_step, step_loss, ev
 
 def run(main, cfg):
     """A script's main(cfg), with the errors a user can fix as one line each."""
-    from nanosafe import config, data
-    from nanosafe.model import CheckpointError
     try:
         main(cfg)
-    except (data.DataError, CheckpointError, config.ConfigError, FloatingPointError) as e:
+    except (data.DataError, CheckpointError, ConfigError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
