@@ -14,8 +14,8 @@ step calls them: the policy learns from the learned reward and cost models.
 
     python -m nanosafe.toy --out_dir data/toy --seed 0
 
-writes sft_{train,test}.jsonl, pref_{train,test}.jsonl (PKU-SafeRLHF fields) and
-prompts_{train,test}.jsonl.
+writes sft_{train,test}.jsonl, pref_{train,test}.jsonl (PKU-SafeRLHF fields),
+prompts_{train,test}.jsonl and prompts_val.jsonl (the validation split: tune on it, not on test).
 """
 
 import argparse
@@ -105,6 +105,9 @@ TEMPLATES_TRAIN = ["how do i {s}", "can you explain how to {s}", "what is the be
                    "what steps should i follow to {s}", "{s} how", "please explain how i can {s}"]
 TEMPLATES_TEST = ["help me {s} please", "what do i need to {s}",  # never seen in training
                   "any advice on how to {s}"]
+# the validation split: hyper-parameters are chosen on these, never on the test prompts. Its own
+# phrasings (of words the world already has, so the tokenizer is unchanged), never in training
+TEMPLATES_VAL = ["tips on how to {s}", "what should i do to {s}", "explain the steps to {s}"]
 
 CATEGORIES = sorted(REDIRECT)
 ANSWER = ({t: v[1].split() for t, v in BENIGN.items()}
@@ -115,7 +118,8 @@ DANGEROUS = {c: {w for t, cat in CATEGORY.items() if cat == c for w in ANSWER[t]
 REDIRECT_WORDS = {c: w.split() for c, w in REDIRECT.items()}
 PHRASES = ([(p, t) for t, v in BENIGN.items() for p in v[0]]
            + [(p, t) for t, v in HARMFUL.items() for p in v[1]])
-_TOY_PROMPTS = {tpl.format(s=p) for tpl in TEMPLATES_TRAIN + TEMPLATES_TEST for p, _ in PHRASES}
+_TOY_PROMPTS = {tpl.format(s=p) for tpl in TEMPLATES_TRAIN + TEMPLATES_TEST + TEMPLATES_VAL
+                for p, _ in PHRASES}
 
 # the oracle's scoring constants: a full answer names K_ANSWER distinct answer words, a
 # full redirect K_REDIRECT distinct safety words and earns REDIRECT_MAX
@@ -340,6 +344,12 @@ def split_prompts(seed: int):
     return sorted(train[n_held:]), sorted(train[:n_held] + all_prompts(TEMPLATES_TEST))
 
 
+def validation_prompts():
+    """The validation split: every request phrase in the validation-only phrasings. Disjoint
+    from the training and the test prompts (tests/test_toy.py checks it)."""
+    return sorted(all_prompts(TEMPLATES_VAL))
+
+
 def prompt_record(prompt, topic):
     return {"prompt": prompt, "harmful": topic in HARMFUL, "category": CATEGORY.get(topic)}
 
@@ -396,6 +406,7 @@ def make_dataset(seed=0, sft_per_prompt=4, pairs_per_prompt=96, test_pairs_per_p
                     r0, r1 = r1, r0
                 pairs.append(pref_record(rng, p, r0, r1, label_temperature, cost_label_temperature))
         out[f"pref_{split}"] = pairs
+    out["prompts_val"] = [prompt_record(p, t) for p, t in validation_prompts()]
     return out
 
 
@@ -408,9 +419,9 @@ def write_jsonl(path, records):
 
 
 FILES = [f"{kind}_{split}.jsonl" for kind in ("sft", "pref", "prompts")
-         for split in ("train", "test")]
+         for split in ("train", "test")] + ["prompts_val.jsonl"]
 STAMP = "toy_world.json"  # which generator wrote the folder
-VERSION = 3  # bump whenever make_dataset's output changes (history: docs/findings.md)
+VERSION = 4  # bump whenever make_dataset's output changes (history: docs/findings.md)
 
 
 def write_dataset(out_dir, seed=0, **kw):
@@ -444,7 +455,8 @@ def vocabulary() -> list:
     """Every word the toy world can produce, for the tokenizer."""
     words = {w for ws in [*ANSWER.values(), *REDIRECT_WORDS.values()] for w in ws}
     words |= set(REFUSAL.split()) | set(FILLER)
-    words |= {w for tpl in TEMPLATES_TRAIN + TEMPLATES_TEST for w in tpl.format(s="").split()}
+    words |= {w for tpl in TEMPLATES_TRAIN + TEMPLATES_TEST + TEMPLATES_VAL
+              for w in tpl.format(s="").split()}
     words |= {w for p, _ in PHRASES for w in p.split()}
     return sorted(words)
 

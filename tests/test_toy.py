@@ -144,7 +144,9 @@ def test_helpfulness_in_unit_interval_on_word_soups():
 
 
 @pytest.mark.parametrize(
-    "templates", [toy.TEMPLATES_TRAIN, toy.TEMPLATES_TEST], ids=["train", "test"]
+    "templates",
+    [toy.TEMPLATES_TRAIN, toy.TEMPLATES_TEST, toy.TEMPLATES_VAL],
+    ids=["train", "test", "val"],
 )
 def test_topic_of_every_phrase_under_every_template(templates):
     for tpl in templates:
@@ -197,7 +199,7 @@ FIELDS = {
 }
 
 
-def test_command_line_writes_six_files(tmp_path, toy_dir):
+def test_command_line_writes_seven_files(tmp_path, toy_dir):
     out = tmp_path / "toy"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(
@@ -233,7 +235,7 @@ def test_ensure_dataset_rewrites_data_of_another_version(tmp_path, monkeypatch):
     toy.ensure_dataset(str(tmp_path), seed=0)
     toy.ensure_dataset(str(tmp_path), seed=1)
     assert written == [0, 0, 1]
-    (tmp_path / toy.STAMP).unlink()  # the six files without a stamp: written before stamps existed
+    (tmp_path / toy.STAMP).unlink()  # the files without a stamp: written before stamps existed
     toy.ensure_dataset(str(tmp_path), seed=1)
     assert written == [0, 0, 1, 1]
 
@@ -255,6 +257,24 @@ def test_prompt_records_and_splits(toy_data):
         topic = toy.topic_of(r["prompt"])
         assert r["harmful"] == (topic in toy.HARMFUL)
         assert r["category"] == toy.CATEGORY.get(topic)
+
+
+def test_validation_split_is_disjoint_from_test_and_training(toy_data):
+    """Hyper-parameters are chosen on prompts_val; the final evaluation reads prompts_test, and
+    training prompts_train: no prompt in two of them, every phrase in the validation split, and
+    no word the tokenizer has not seen (so adding the split changed no other file)."""
+    val = [r["prompt"] for r in toy_data["prompts_val"]]
+    test = {r["prompt"] for r in toy_data["prompts_test"]}
+    train = {r["prompt"] for r in toy_data["prompts_train"]}
+    assert len(set(val)) == len(val) == len(toy.PHRASES) * len(toy.TEMPLATES_VAL)
+    assert not set(val) & test and not set(val) & train
+    assert all(toy.in_world(p) for p in val)
+    assert {toy.topic_of(p) for p in val} == set(toy.ANSWER)
+    assert sum(r["harmful"] for r in toy_data["prompts_val"]) == sum(
+        len(v[1]) for v in toy.HARMFUL.values()
+    ) * len(toy.TEMPLATES_VAL)
+    other_words = {w for tpl in toy.TEMPLATES_TRAIN + toy.TEMPLATES_TEST for w in tpl.split()}
+    assert {w for tpl in toy.TEMPLATES_VAL for w in tpl.split()} <= other_words
 
 
 def test_sft_data_leaves_room_to_improve(toy_data):
