@@ -27,8 +27,11 @@ smoke: install
 	$(PY) train_pm.py --kind cost --model $(S)/sft --out_dir $(S)/cm --max_steps 10 --overwrite
 	$(PY) train_ppo_lag.py $(SMOKE_RL) --out_dir $(S)/ppo_lag
 	$(PY) train_grpo_lag.py $(SMOKE_RL) --out_dir $(S)/grpo_lag
+	$(PY) train_dpo.py --model $(S)/sft --out_dir $(S)/dpo --max_steps 2 --eval_pairs 64 --gold_samples 0 --overwrite
+	$(PY) train_dpo.py --dual can --model $(S)/sft --reward_model $(S)/rm --cost_model $(S)/cm --threshold 0 \
+		--dual_prompts 16 --out_dir $(S)/mocan --max_steps 2 --eval_pairs 64 --gold_samples 0 --overwrite
 	$(PY) sample.py --model $(S)/ppo_lag --reward_model $(S)/rm --cost_model $(S)/cm "how do i bake bread"
-	@echo "smoke: every stage ran; checkpoints in $(S)/{sft,rm,cm,ppo_lag,grpo_lag}, each with metrics.jsonl"
+	@echo "smoke: every stage ran; checkpoints in $(S)/{sft,rm,cm,ppo_lag,grpo_lag,dpo,mocan}, each with metrics.jsonl"
 
 demo: install install-plot
 	time $(PY) train_sft.py --overwrite

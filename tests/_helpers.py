@@ -298,7 +298,8 @@ def _serve_forks():
     import traceback
 
     sys.path.insert(0, str(ROOT))
-    for script in ("train_sft", "train_pm", "train_ppo_lag", "train_grpo_lag", "sample"):
+    scripts = ("train_sft", "train_pm", "train_ppo_lag", "train_grpo_lag", "train_dpo", "sample")
+    for script in scripts:
         importlib.import_module(script)  # the slow imports, done once; children inherit them
 
     _warm_up()
