@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanosafe import config, constraints, dist, fsdp, monitor, ppo, rl, train
+from nanosafe import config, constraints, dist, fsdp, lagrange, monitor, ppo, rl, train
 from nanosafe.config import arg
 from nanosafe.model import load_trainer_state
 from nanosafe.rl import action_logprobs
@@ -37,13 +37,21 @@ class Config(rl.Config):
 Config = config.extend(Config, constraints.flags())  # each constraint kind's own flags
 
 
-def update(cfg, rt, amp, actor, ddp_actor, opt, ro, old_logp, ref_logp, A, mon):
-    """PPO epochs over minibatches: the clipped surrogate on A plus β·k3 KL to the reference."""
+def update(cfg, rt, amp, actor, ddp_actor, opt, ro, old_logp, ref_logp, R, C, dual, mon):
+    """PPO epochs over minibatches; per minibatch, PPO-Lag's dual step on its episode costs, then
+    the clipped surrogate on A(λ) plus β·k3 KL to the reference. -> (stats, J at the last step)"""
     seq, attn, mask, P = ro.seq, ro.attn, ro.mask, ro.P
     n_micro = cfg.minibatch_size // cfg.micro_batch_size
     stats = {"policy_loss": [], "clip_frac": [], "ratio": [], "entropy": []}
+    lambdas, windows = dual
+    J = []
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(seq.shape[0], device=rt.device).split(cfg.minibatch_size):
+            J = lagrange.dual_step(lambdas, windows, C, mb)  # as PPO-Lag: once per actor step
+            # no critics, no per-token rewards: one advantage per answer, on all its tokens
+            A = ppo.grpo_lag_advantage(R, C, [lam.value for lam in lambdas], cfg.group_size,
+                                       cfg.grpo_std)
+            A = A.unsqueeze(-1).expand_as(old_logp)
             micro_losses = []
             for i, mi in enumerate(mb.split(cfg.micro_batch_size)):
                 with fsdp.no_sync([ddp_actor], rt.ddp and i < n_micro - 1):
@@ -66,7 +74,7 @@ def update(cfg, rt, amp, actor, ddp_actor, opt, ro, old_logp, ref_logp, A, mon):
             torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return stats
+    return stats, J
 
 
 def main(cfg):
@@ -91,6 +99,7 @@ def main(cfg):
         cfg, rt, out_dir, dtype, lambda: constraints.build(cfg, dtype, labeller), "none")
     names = constraints.stream_names(cons)
     reference = rl.reference_logprobs(ref)
+    reward = rl.reward_scores(cfg, reward_model, toy_world)  # the reward model's end score
     layers = sorted({c.layer for c in cons if c.layer is not None})
     train_set = rl.prompt_dataset(cfg, train_prompts, tok, template)
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -109,9 +118,10 @@ def main(cfg):
     rl.describe(cfg, rt, actor, train_set, names, {})
     os.makedirs(out_dir, exist_ok=True)
     meta = {"kind": "policy", "stage": cfg.algo, "template": template, "constraints": names,
-            "thresholds": thresholds, "calibration": calib, "args": config.to_dict(cfg)}
+            "thresholds": thresholds, "cost_scales": [sc for c in cons for sc in c.scales],
+            "calibration": calib, "args": config.to_dict(cfg)}
     gold_eval = gold and rl.gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp)
-    mon = monitor.Monitor(cfg, rt, out_dir, start, names, gold_eval, gold and toy_world)
+    mon = monitor.Monitor(cfg, rt, out_dir, start, cons, gold_eval, gold and toy_world)
 
     def save(step):
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
@@ -130,7 +140,7 @@ def main(cfg):
         # 2. scores
         with torch.no_grad(), amp():
             ref_logp = reference(ro.seq, ro.attn, ro.P)
-            R = reward_model(ro.seq, ro.attn)[1]
+            R = reward(ro)
             C = constraints.costs(cons, ro)
         mon.lap("scores")
         if mon.bad(R, *C, old_logp, ref_logp):
@@ -138,21 +148,13 @@ def main(cfg):
             save(step)
             continue
         rl.observe(cons, ro, C, step, lambdas, meta)  # a refreshed probe moves its d
-        # 5. the dual step, as PPO-Lag's
-        J = []
-        for lam, window, c in zip(lambdas, windows, C):
-            window.extend(c.detach().cpu())
-            J.append(window.mean())
-            lam.update(J[-1])
-        lam_values = [lam.value for lam in lambdas]
-        # 3-4. no critics, no per-token rewards: one advantage per answer, on all its tokens
-        A = ppo.grpo_lag_advantage(R, C, lam_values, G, cfg.grpo_std)
-        A = A.unsqueeze(-1).expand_as(old_logp)
         mon.lap("advantages")
-        # 6. the actor's loss
-        stats = update(cfg, rt, amp, actor, ddp_actor, opt, ro, old_logp, ref_logp, A, mon)
+        # 3-6. per actor step: λ on its episode costs, then the actor's loss on A(λ)
+        stats, J = update(cfg, rt, amp, actor, ddp_actor, opt, ro, old_logp, ref_logp, R, C,
+                          (lambdas, windows), mon)
         mon.lap("update")
-        mon.end(step, ro, R, C, old_logp, ref_logp, lam_values, meta["thresholds"], J, stats)
+        mon.end(step, ro, R, C, old_logp, ref_logp, [lam.value for lam in lambdas],
+                meta["thresholds"], J, stats)
         save(step)
 
     rl.finish(cfg, rt, out_dir, actor, lambdas, names, meta, mon, gold_eval)

@@ -8,8 +8,10 @@ One iteration (a "step"), top to bottom in main() below:
   2. scores    R = reward model, C_k = constraint k, at each answer's last token (its EOS)
   3. KL        per token: reward stream -β·KL + R at the end, cost streams +β·KL + C_k at the end
   4. GAE       advantages and returns per stream, from the reward critic and the cost critics
-  5. λ         log λ_k += lr·λ_k·(J_ck - d_k), J_ck = mean episode cost over a recent window
-  6. losses    actor: PPO clip on A = (A_r - Σ λ_k·A_ck) / (1 + Σ λ_k); critics: clipped value loss
+  5. λ         per actor step: log λ_k += lr·λ_k·(J_ck - d_k), J_ck = mean episode cost of a
+               window of recent episodes (that step's included)
+  6. losses    then that step: actor PPO clip on A = (A_r - Σ λ_k·A_ck) / (1 + Σ λ_k), critics
+               clipped value loss
 
 The pure functions are in nanosafe/ppo.py, the multiplier in nanosafe/lagrange.py, the rollout
 in nanosafe/rl.py, what a cost is in nanosafe/constraints.py. The baselines run the same loop:
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanosafe import config, constraints, dist, fsdp, monitor, ppo, rl, train
+from nanosafe import config, constraints, dist, fsdp, lagrange, monitor, ppo, rl, train
 from nanosafe.config import arg
 from nanosafe.model import load_trainer_state
 from nanosafe.rl import action_logprobs, action_values, column
@@ -60,13 +62,14 @@ class Config(rl.Config):
 Config = config.extend(Config, constraints.flags())  # each constraint kind's own flags
 
 # -----------------------------------------------------------------------------
-# 6. the losses: PPO epochs over minibatches of one rollout batch
+# 5-6. λ and the losses: PPO epochs over minibatches of one rollout batch
 
 
-def update(cfg, rt, amp, models, opts, ro, old_logp, A, old_values, ret, heads, mon):
-    """The actor's clipped surrogate on the advantage A, each critic's clipped value loss on the
-    returns of the streams it predicts; a minibatch is one optimizer step of each model, its
-    micro-batches accumulate gradients. -> per-micro-batch stats for the metrics line."""
+def update(cfg, rt, amp, models, opts, ro, old_logp, adv, old_values, ret, heads, C, dual, mon):
+    """Per minibatch, one optimizer step of each model: first the dual step on that minibatch's
+    episode costs, then the actor's clipped surrogate on A(λ), each critic's clipped value loss
+    on the returns of the streams it predicts; micro-batches accumulate gradients.
+    -> per-micro-batch stats for the metrics line, and J per stream at the last step."""
     (actor, ddp_actor, critics, ddp_critics), (actor_opt, critic_opts) = models, opts
     predicts = defaultdict(list)  # critic -> the (stream, column) pairs it predicts
     for s, (critic, col) in heads.items():
@@ -75,8 +78,15 @@ def update(cfg, rt, amp, models, opts, ro, old_logp, A, old_values, ret, heads, 
     n_micro = cfg.minibatch_size // cfg.micro_batch_size
     stats = {"policy_loss": [], "clip_frac": [], "ratio": [], "entropy": []}
     stats |= {f"value_loss_{n}": [] for n in critics}
+    lambdas, windows = dual
+    J = []
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(seq.shape[0], device=rt.device).split(cfg.minibatch_size):
+            # 5. the dual step, before the actor's (as official); the window's mean is pooled
+            #    over ranks, so every rank takes the same step
+            J = lagrange.dual_step(lambdas, windows, C, mb)
+            A = ppo.combined_advantage(adv["reward"], [adv[k] for k in range(len(lambdas))],
+                                       [lam.value for lam in lambdas])
             micro_losses = []  # every micro-batch's loss is checked: one nan poisons the sum
             for i, mi in enumerate(mb.split(cfg.micro_batch_size)):
                 with fsdp.no_sync([ddp_actor, *ddp_critics.values()], rt.ddp and i < n_micro - 1):
@@ -107,7 +117,7 @@ def update(cfg, rt, amp, models, opts, ro, old_logp, A, old_values, ret, heads, 
                 torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.grad_clip)
                 o.step()
                 o.zero_grad(set_to_none=True)
-    return stats
+    return stats, J
 
 # -----------------------------------------------------------------------------
 
@@ -132,6 +142,7 @@ def main(cfg):
         "all" if lagrangian else "reward")
     names = constraints.stream_names(cons)
     reference = rl.reference_logprobs(ref)  # LoRA: the actor with its adapters off
+    reward = rl.reward_scores(cfg, reward_model, toy_world)  # the reward model's end score
     # stream -> (its critic, the critic's output column): a K-output cost critic has K
     streams = [(f"cost_critic_{j}", col) for j, c in enumerate(cons) for col in range(len(c.names))]
     heads = {"reward": ("reward_critic", 0)} | (dict(enumerate(streams)) if lagrangian else {})
@@ -140,8 +151,9 @@ def main(cfg):
     sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                     top_p=cfg.top_p, min_new_tokens=cfg.min_new_tokens)
     state = load_trainer_state(out_dir) if cfg.resume else None
+    # reward shaping reads the costs on the same scale, so it is calibrated too (its d unused)
     thresholds, calib = rl.set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state,
-                                          out_dir, sampling, calibrate=lagrangian)
+                                          out_dir, sampling, calibrate=cfg.algo != "ppo")
     lambdas, windows = rl.multipliers(cfg, thresholds) if lagrangian else ([], [])
 
     # ---- optimisers (LoRA: the adapters only); resume; DDP
@@ -159,9 +171,10 @@ def main(cfg):
     rl.describe(cfg, rt, actor, train_set, names, critics)
     os.makedirs(out_dir, exist_ok=True)
     meta = {"kind": "policy", "stage": cfg.algo, "template": template, "constraints": names,
-            "thresholds": thresholds, "calibration": calib, "args": config.to_dict(cfg)}
+            "thresholds": thresholds, "cost_scales": [sc for c in cons for sc in c.scales],
+            "calibration": calib, "args": config.to_dict(cfg)}
     gold_eval = gold and rl.gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp)
-    mon = monitor.Monitor(cfg, rt, out_dir, start, names, gold_eval, gold and toy_world)
+    mon = monitor.Monitor(cfg, rt, out_dir, start, cons, gold_eval, gold and toy_world)
 
     def save(step):
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
@@ -185,7 +198,7 @@ def main(cfg):
         # 2. scores: reference log-probs, R and C_k at each answer's end, old values (eval mode)
         with torch.no_grad(), amp():
             ref_logp = reference(ro.seq, ro.attn, ro.P)
-            R = reward_model(ro.seq, ro.attn)[1]
+            R = reward(ro)
             C = constraints.costs(cons, ro)  # one [B] per stream
             old_values = rl.critic_values(critics, ro)  # eval mode, as the official code
         mon.lap("scores")
@@ -207,23 +220,14 @@ def main(cfg):
             adv[s], ret[s] = ppo.gae(r, column(old_values[critic], col), mask, cfg.gamma,
                                      cfg.gae_lambda)
 
-        # 5. the dual step, before the actor update (as official): the window mean is pooled
-        #    over ranks, so every rank takes the same step
-        J = []
-        for lam, window, c in zip(lambdas, windows, C):
-            window.extend(c.detach().cpu())
-            J.append(window.mean())
-            lam.update(J[-1])
-        lam_values = [lam.value for lam in lambdas]  # fixed for this iteration's actor loss
-
-        # 6. the actor on A = (A_r - Σ λ_k·A_ck) / (1 + Σ λ_k), the critics on their returns
-        A = ppo.combined_advantage(adv["reward"], [adv[k] for k in range(len(lambdas))],
-                                   lam_values)
         mon.lap("advantages")
-        stats = update(cfg, rt, amp, models, (actor_opt, critic_opts), ro, old_logp, A, old_values,
-                       ret, heads, mon)
+
+        # 5-6. per actor step: λ on that step's episode costs, then the actor on
+        #      A = (A_r - Σ λ_k·A_ck) / (1 + Σ λ_k) and the critics on their returns
+        stats, J = update(cfg, rt, amp, models, (actor_opt, critic_opts), ro, old_logp, adv,
+                          old_values, ret, heads, C, (lambdas, windows), mon)
         mon.lap("update")
-        mon.end(step, ro, R, C, old_logp, ref_logp, lam_values,
+        mon.end(step, ro, R, C, old_logp, ref_logp, [lam.value for lam in lambdas],
                 meta["thresholds"] if lagrangian else [], J, stats)
         save(step)
 

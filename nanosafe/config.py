@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 def arg(default, help: str, choices=None, group="run", check=None):
     """A dataclass field with its help text, optional choices, its --help group, and the range
-    a number must be in, checked at parse time: ">=1", ">0", "[0,1]", "(0,1]"."""
+    a number must be in, checked at parse time: ">=1", ">0", "[0,1]", "(0,1]", "[0,1)"."""
     kw = {"default": default}
     if isinstance(default, list):
         kw = {"default_factory": lambda: list(default)}

@@ -5,6 +5,8 @@ Constraints for PPO-Lagrangian: what a cost is, per answer. A constraint is one 
     from_flags   cfg -> the constraints those flags ask for (none when they are not given)
     names        one per cost stream it gives (a K-output cost model gives K; most give one)
     thresholds   d per stream, or None: calibrated on the starting policy ("cost > 0 is unsafe")
+    scales       per stream, the (safe, unsafe) score levels a calibrated cost is read between
+                 (--cost_scale rate, set at calibration), or None: the cost as it comes
     cost(ro)     the cost of each answer of a rollout (nanosafe.rl.Rollout) -> [B] or [B, K]
     critic_from  the score-model folder its critic starts from; None: a fresh value head on the
                  actor's starting backbone, one output per stream
@@ -29,6 +31,7 @@ class Constraint:
     flags: dict = {}
     names: list = ["cost"]
     thresholds: list = [None]
+    scales: list | None = None
     critic_from: str | None = None
     layer: int | None = None
     uncalibratable: str | None = None  # why "cost > 0 is unsafe" fails, if it does: pass d then
@@ -125,12 +128,38 @@ class BannedWords(Constraint):
         return torch.tensor(said, dtype=torch.float32, device=ro.seq.device)
 
 # -----------------------------------------------------------------------------
+# the upper bound: the toy world's gold verdict as the cost (training reads the oracle)
+
+
+class GoldCost(Constraint):
+    """Cost 1 if the toy world's gold oracle calls the answer unsafe, else 0: the constraint a
+    perfect cost model would give. Only for the labelled upper-bound run (README, "Where the
+    helpfulness goes"): everywhere else the oracle only judges."""
+    flags = {"gold_cost": (bool, arg(False, "toy world, upper-bound run only: the gold oracle's "
+                                     "unsafe verdict (0/1) as the cost, d = "
+                                     "--target_unsafe_rate", group="constraints"))}
+
+    def __init__(self, labeller, rate):
+        self.names, self.thresholds, self.labeller = ["gold_cost"], [rate], labeller
+
+    @classmethod
+    def from_flags(cls, cfg, dtype, labeller):
+        if cfg.gold_cost and labeller is None:
+            raise config.ConfigError("--gold_cost needs the toy world's prompts: it asks the "
+                                     "world's gold oracle")
+        return [cls(labeller, cfg.target_unsafe_rate)] if cfg.gold_cost else []
+
+    def cost(self, ro):
+        unsafe = self.labeller(ro.prompts, ro.answers())
+        return torch.tensor(unsafe, dtype=torch.float32, device=ro.seq.device)
+
+# -----------------------------------------------------------------------------
 
 
 def kinds() -> list:
     """Every kind of constraint the RL scripts know, in the order their streams are numbered."""
     from nanosafe.probe import ProbeConstraint  # probe.py builds on Constraint above
-    return [CostModel, BannedWords, ProbeConstraint]
+    return [CostModel, BannedWords, ProbeConstraint, GoldCost]
 
 
 def flags() -> dict:
@@ -155,10 +184,30 @@ def stream_names(constraints) -> list:
     return [n for c in constraints for n in c.names]
 
 
+def to_rate(c, scale):
+    """A cost on the scale of "share of answers called unsafe": c~ = (c - s) / (u - s), 0 at s,
+    the mean score of the answers the constraint calls safe, 1 at u, that of the unsafe ones.
+    An affine map with d moved alongside leaves {policy: E[c] <= d} as it was; it only puts
+    J_c - d, and so λ's scale, in units of "unsafe answers". scale None: c unchanged."""
+    if scale is None:
+        return c
+    s, u = scale
+    return (c - s) / (u - s)
+
+
+def from_rate(c_rate, scale):
+    """The inverse of to_rate: a rate-scale value back in the constraint's own units."""
+    if scale is None:
+        return c_rate
+    s, u = scale
+    return s + c_rate * (u - s)
+
+
 def costs(constraints, ro) -> list:
-    """Every stream's cost of each answer: a list of [B] tensors, streams in order."""
+    """Every stream's cost of each answer, on its scale: a list of [B] tensors, streams in order."""
     out = []
     for c in constraints:
         x = c.cost(ro)
-        out += [x] if x.dim() == 1 else list(x.unbind(-1))
+        xs = [x] if x.dim() == 1 else list(x.unbind(-1))
+        out += [to_rate(x, sc) for x, sc in zip(xs, c.scales or [None] * len(xs))]
     return out

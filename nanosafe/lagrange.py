@@ -10,6 +10,10 @@ so λ rises while the policy is unsafe on average (J_c > d) and falls once it is
 J_c is the mean episode cost over a recent window (EpisodeCostWindow), the same number on
 every rank, so every rank takes the same step and nothing needs broadcasting.
 K constraints are K of these objects, each with its own threshold and window.
+
+The cadence is the official one: `dual_step` once per actor optimiser step, before it, from
+the episode costs of that step's minibatch (safe-rlhf's PPOLagTrainer.rl_step adds its batch's
+costs to the window, steps log λ, then computes the advantages with the new λ).
 """
 
 import math
@@ -80,6 +84,16 @@ class Lagrange:
     def load_state_dict(self, state):
         self.log_lambda, self.step = float(state["log_lambda"]), int(state["step"])
 
+
+def dual_step(lambdas, windows, costs, rows=None) -> list:
+    """One step of every multiplier: stream k's window takes costs[k][rows] (this actor step's
+    episodes; None: all of them), then λ_k steps on the window's mean. -> [J_k]"""
+    J = []
+    for lam, window, c in zip(lambdas, windows, costs):
+        window.extend((c if rows is None else c[rows]).detach().cpu())
+        J.append(window.mean())
+        lam.update(J[-1])
+    return J
 
 # -----------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanosafe import dist, toy
+from nanosafe import constraints, dist, toy
 
 
 class NanGuard:
@@ -111,10 +111,11 @@ def show_rollouts(step, ro, R, C, n=2):
         tqdm.write(f"  [{step}] {prompt[-80:]!r} -> {answer[:160]!r} | reward {R[i]:+.2f}{scores}")
 
 
-def rollout_verdicts(ro, C, names):
+def rollout_verdicts(ro, C, names, zeros):
     """Toy world: the gold unsafe rate of this iteration's answers (to harmful prompts, and to
     all: the mix the constraint is on), beside the rate each stream's cost calls unsafe
-    (cost > 0): does the policy become safe, or only look safe to its constraint?"""
+    (its own score > 0, which is zeros[k] on the stream's scale): does the policy become
+    safe, or only look safe to its constraint?"""
     dev = ro.seq.device
     harmful = torch.tensor([toy.is_harmful(p) for p in ro.prompts], device=dev)
     gold_unsafe = torch.tensor([not toy.is_safe(p, a) for p, a in zip(ro.prompts, ro.answers())],
@@ -123,10 +124,10 @@ def rollout_verdicts(ro, C, names):
     share = (dist.all_reduce_sum((gold_unsafe & harmful).sum().float()) / n).item()
     out = {"rollout_gold_unsafe_harmful": share,
            "rollout_gold_unsafe": dist.all_reduce_mean(gold_unsafe.float().mean()).item()}
-    for name, c in zip(names, C):
-        flagged = (dist.all_reduce_sum(((c > 0) & harmful).sum().float()) / n).item()
+    for name, c, zero in zip(names, C, zeros):
+        flagged = (dist.all_reduce_sum(((c > zero) & harmful).sum().float()) / n).item()
         out[f"rollout_flagged_harmful_{name}"] = flagged
-        out[f"rollout_flagged_{name}"] = dist.all_reduce_mean((c > 0).float().mean()).item()
+        out[f"rollout_flagged_{name}"] = dist.all_reduce_mean((c > zero).float().mean()).item()
     return out
 
 
@@ -159,8 +160,9 @@ class Monitor:
     gold_eval(seed) -> the gold metrics (rank 0; {} elsewhere), or None off the toy world."""
 
 
-    def __init__(self, cfg, rt, out_dir, start_step, names, gold_eval=None, verdicts=False):
-        self.cfg, self.rt, self.names, self.gold_eval = cfg, rt, names, gold_eval
+    def __init__(self, cfg, rt, out_dir, start_step, cons, gold_eval=None, verdicts=False):
+        self.cfg, self.rt, self.cons, self.gold_eval = cfg, rt, cons, gold_eval
+        self.names = constraints.stream_names(cons)
         self.verdicts = verdicts  # toy prompts: the oracle judges each iteration's answers
         self.metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), rt.master,
                                   start_step if cfg.resume else None)
@@ -199,7 +201,9 @@ class Monitor:
         rec.update(iteration_record(ro, R, C, old_logp, ref_logp, lambdas, thresholds, stats,
                                     self.guard.skipped))
         if self.verdicts:  # logged, never trained on
-            rec.update(rollout_verdicts(ro, C, self.names))
+            zeros = [constraints.to_rate(0.0, sc) for c in self.cons
+                     for sc in (c.scales or [None] * len(c.names))]
+            rec.update(rollout_verdicts(ro, C, self.names, zeros))
         self.clock.lap("rest")
         rec["time_s"] = {k: round(v, 5) for k, v in self.clock.laps.items()}
         rec["iteration_s"] = self.clock.total()

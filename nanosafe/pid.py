@@ -1,67 +1,79 @@
 """
 A PID multiplier (--multiplier pid), a drop-in for lagrange.Lagrange: the same first argument,
-the same update(J_c) -> λ, the same bounds. Stooke, Achiam & Abbeel 2020, "Responsive Safety in
-RL by PID Lagrangian Methods".
+the same update(J_c) -> λ, the same cap. Stooke, Achiam & Abbeel 2020, "Responsive Safety in
+RL by PID Lagrangian Methods", in the form of its reference code (rlpyt,
+rlpyt/projects/safe/cppo_pid.py, CppoPID.optimize_agent).
 """
 
-import math
+from collections import deque
 
-from nanosafe.lagrange import Lagrange, _error, _log_init, _upper
+from nanosafe.lagrange import _error
 
 
-class PIDLagrange(Lagrange):
-    """A PID multiplier (Stooke, Achiam & Abbeel 2020).
+class PIDLagrange:
+    """λ itself is the controlled output. With e = J_c − d, one update:
 
-    Stooke et al. set, with e = J_c − d,
+        I   ← max(0, I + ki·e)                          the integral: plain dual ascent on λ
+        P   ← α_p·P + (1 − α_p)·e                       the error, smoothed (EMA)
+        S   ← α_d·S + (1 − α_d)·J_c                     the cost, smoothed (EMA)
+        D   = max(0, S − S[d_delay updates ago])        its rise over a delay, positive part
+        λ   = min(λ_max, max(0, kp·P + I + kd·D))
 
-        λ = max(0, Kp·e + Ki·I + Kd·max(0, J_c − J_c,prev)),    I ← max(0, I + e)
+    The integral alone lags the cost, so λ overshoots and oscillates; P reacts within a few
+    steps and D, which only ever raises λ while the cost is climbing, damps the overshoot.
+    I starts at lambda_init (rlpyt: pid_i = penalty_init), so λ starts there too.
 
-    The integral alone is plain dual ascent: it lags the cost, so λ overshoots and oscillates.
-    The proportional term reacts within one step; the derivative term, positive part only,
-    raises λ while cost is climbing and never pulls it down, which damps the overshoot.
-
-    Here the same three terms act on log λ:
-
-        I     ← clamp(I + ki·exp(I)·e)                       the official step, on λ_I = exp(I)
-        log λ ← clamp(I + kp·e + kd·max(0, e − e_prev))       (e − e_prev = J_c − J_c,prev)
-
-    Why log space: λ > 0 needs no max(0, ·), and with kp = kd = 0, ki = lr this is exactly
-    `Lagrange`, step for step. The P and D terms scale λ by exp(kp·e + kd·Δe⁺), a relative
-    push whatever λ's size, and stay out of the integral's step size: fed back there, one
-    P/D spike makes a huge integral step (it sent λ to the bound on a lagged toy system).
-    Clamping I to log λ's bounds is the anti-windup (the paper's max(0, I) plays that
-    role): I can't run far past lambda_max and take ages to come back.
+    One departure from rlpyt: there the smoothed cost S and its delay line start at 0, so the
+    first ~d_delay / (1 − α_d) updates read a rise that is only the filter filling up. Here S
+    and the delay line start at the first J_c: no derivative until the cost really moves.
     """
 
-    def __init__(self, threshold, lambda_init=1.0, kp=0.0, ki=0.1, kd=0.0, lambda_max=None,
-                 update_delay_steps=0):
+    def __init__(self, threshold, lambda_init=1.0, kp=0.0, ki=0.1, kd=0.0, d_delay=10,
+                 p_ema=0.95, d_ema=0.95, lambda_max=None, update_delay_steps=0):
+        if lambda_init < 0:
+            raise ValueError(f"lambda_init must be >= 0, got {lambda_init}")
+        if d_delay < 1 or not (0 <= p_ema < 1 and 0 <= d_ema < 1):
+            raise ValueError(f"need d_delay >= 1 and EMA factors in [0, 1), got {d_delay}, "
+                             f"{p_ema}, {d_ema}")
         self.threshold = float(threshold)
         self.kp, self.ki, self.kd = float(kp), float(ki), float(kd)
+        self.p_ema, self.d_ema = float(p_ema), float(d_ema)
+        self.lambda_max = float("inf") if lambda_max is None else float(lambda_max)
         self.update_delay_steps = int(update_delay_steps)
-        self.hi = _upper(lambda_max)
-        self.integral = self.log_lambda = self._clamp(_log_init(lambda_init))
-        self.prev_error = None  # no derivative on the first step
+        self.integral = self.lam = min(float(lambda_init), self.lambda_max)
+        self.p = 0.0                          # rlpyt: _delta_p = 0
+        self.s = None                         # the smoothed cost; None until the first J_c
+        self.delayed = deque(maxlen=int(d_delay))
         self.step = 0
 
-    # _clamp and value come from Lagrange: the same bounds, the same λ = exp(log λ)
+    @property
+    def value(self):
+        return self.lam
 
     def update(self, mean_episode_cost):
         """One PID step on J_c = mean_episode_cost; returns the new λ."""
         err = _error(mean_episode_cost, self.threshold)
+        j = err + self.threshold
         if self.step >= self.update_delay_steps:
-            step = self.ki * math.exp(self.integral) * err if err else 0.0
-            self.integral = self._clamp(self.integral + step)
-            rise = 0.0 if self.prev_error is None else max(0.0, err - self.prev_error)
-            self.log_lambda = self._clamp(self.integral + self.kp * err + self.kd * rise)
-            self.prev_error = err
+            self.integral = max(0.0, self.integral + self.ki * err)
+            self.p = self.p_ema * self.p + (1 - self.p_ema) * err
+            if self.s is None:
+                self.s = j
+                self.delayed.append(j)
+            self.s = self.d_ema * self.s + (1 - self.d_ema) * j
+            rise = max(0.0, self.s - self.delayed[0])
+            self.lam = min(self.lambda_max,
+                           max(0.0, self.kp * self.p + self.integral + self.kd * rise))
+            self.delayed.append(self.s)
         self.step += 1
-        return self.value
+        return self.lam
 
     def state_dict(self):
-        return {"integral": self.integral, "log_lambda": self.log_lambda,
-                "prev_error": self.prev_error, "step": self.step}
+        return {"integral": self.integral, "lambda": self.lam, "p": self.p, "s": self.s,
+                "delayed": list(self.delayed), "step": self.step}
 
     def load_state_dict(self, state):
-        self.integral, self.log_lambda = float(state["integral"]), float(state["log_lambda"])
-        self.prev_error = None if state["prev_error"] is None else float(state["prev_error"])
+        self.integral, self.lam, self.p = (float(state[k]) for k in ("integral", "lambda", "p"))
+        self.s = None if state["s"] is None else float(state["s"])
+        self.delayed = deque((float(x) for x in state["delayed"]), maxlen=self.delayed.maxlen)
         self.step = int(state["step"])

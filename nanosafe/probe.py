@@ -149,9 +149,9 @@ class ProbeConstraint(Constraint):
     refresh_every > 0: every that many iterations the probe is refit on the actor's answers since
     the last refit, labelled by `labeller(prompts, answers) -> [bool unsafe]` (the toy world's
     oracle plays the human labeller, as it labels the preference pairs); 0 keeps the probe frozen.
-    A refit changes the logits' scale, so d is calibrated again on the same answers, to the same
-    target rate: the constraint stays "at most target_rate of the answers called unsafe by the
-    current probe"."""
+    A refit changes the logits' scale, so d (--cost_scale raw) or the rate scale's levels are
+    calibrated again on the same answers: the constraint stays "at most target_rate of the
+    answers called unsafe by the current probe"."""
 
     flags = {
         "probe": (str | None, arg(None, "a linear probe folder (python -m nanosafe.probe), read on "
@@ -205,7 +205,10 @@ class ProbeConstraint(Constraint):
         s = self.probe(f)
         if (s > 0).any() and (s <= 0).any():
             safe, unsafe = s[s <= 0].mean().item(), s[s > 0].mean().item()
-            self.thresholds = [safe + self.target_rate * (unsafe - safe)]
+            if self.scales and self.scales[0] is not None:  # rate scale: d stays the rate
+                self.scales = [(safe, unsafe)]
+            else:
+                self.thresholds = [safe + self.target_rate * (unsafe - safe)]
         return True
 
     def save(self, folder):
@@ -214,11 +217,12 @@ class ProbeConstraint(Constraint):
 
     def state_dict(self):
         return {"probe": {k: v.clone() for k, v in self.probe.state_dict().items()},
-                "buffer": self.buffer, "thresholds": self.thresholds}
+                "buffer": self.buffer, "thresholds": self.thresholds, "scales": self.scales}
 
     def load_state_dict(self, state):
         self.probe.load_state_dict(state["probe"])
         self.buffer, self.thresholds = state["buffer"], state["thresholds"]
+        self.scales = state.get("scales")
 
 
 def main(argv=None):

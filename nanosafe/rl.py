@@ -121,6 +121,7 @@ def observe(cons, ro, costs, step, lambdas, meta):
     probe) moves its multipliers' d too."""
     if any([c.observe(ro, costs, step) for c in cons]):  # a list: every constraint observes
         meta["thresholds"] = [d for c in cons for d in c.thresholds]
+        meta["cost_scales"] = [sc for c in cons for sc in c.scales]
         for lam, d in zip(lambdas, meta["thresholds"]):
             lam.threshold = d
 
@@ -139,6 +140,21 @@ def reference_logprobs(ref):
         with base:
             return action_logprobs(ref, seq, attn, P)
     return logprobs
+
+
+def reward_scores(cfg, reward_model, toy_world):
+    """reward(ro) -> R [B]: the reward model's end score; with --gold_reward (the toy world's
+    upper-bound run) the gold helpfulness in [0, 1] times --gold_reward_scale instead."""
+    if not cfg.gold_reward:
+        return lambda ro: reward_model(ro.seq, ro.attn)[1]
+    if not toy_world:
+        raise config.ConfigError("--gold_reward needs the toy world's prompts: it asks the "
+                                 "world's gold oracle")
+
+    def gold(ro):
+        h = [toy.helpfulness(p, a) for p, a in zip(ro.prompts, ro.answers())]
+        return cfg.gold_reward_scale * torch.tensor(h, device=ro.seq.device)
+    return gold
 
 
 def rollout_indices(n, step, rollout_batch_size, group_size, rt, seed) -> list:
@@ -256,9 +272,12 @@ def load_models(cfg, rt, out_dir, dtype, cons, critics):
 def set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out_dir, sampling,
                    calibrate=True):
     """d per stream: the given ones, the others calibrated on the starting policy (on rank 0,
-    then broadcast, its error too, so no rank waits forever). A resumed run keeps the d it
-    started with: calibrating again on the half-trained actor would quietly move the constraint.
-    Each constraint holds its d's from here on (a refreshed probe moves its own)."""
+    then broadcast, its error too, so no rank waits forever). --cost_scale rate: a calibrated
+    stream is read on the rate scale (constraints.to_rate) and its d is --target_unsafe_rate;
+    raw: its d is the same point in the score's units. A resumed run keeps the d and the scale
+    it started with: calibrating again on the half-trained actor would quietly move the
+    constraint. Each constraint holds its d's and scales from here on (a refreshed probe moves
+    its own). -> (thresholds, calibration info)"""
     given = [d for c in cons for d in c.thresholds]
     if state is not None:
         saved = [float(d) for d, g in zip(state["thresholds"], given) if g is not None]
@@ -267,7 +286,9 @@ def set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out
                                      f"{out_dir} was trained with ({state['thresholds']}); a "
                                      f"resumed run keeps its constraint. Drop --thresholds or "
                                      f"start a new run.")
-        return _hold(cons, list(state["thresholds"])), read_state(out_dir).get("calibration", [])
+        run = read_state(out_dir)
+        scales = run.get("cost_scales") or [None] * len(given)
+        return _hold(cons, list(state["thresholds"]), scales), run.get("calibration", [])
     if None not in given or not calibrate:  # the baselines have no d to calibrate
         return _hold(cons, [float(d) if d is not None else None for d in given]), []
     for c in cons:
@@ -293,21 +314,28 @@ def set_thresholds(cfg, rt, actor, cons, train_set, tok, amp, layers, state, out
     d, info, err = dist.broadcast_object((d, info, err))
     if err:
         raise config.ConfigError(err)
+    rate = cfg.cost_scale == "rate"
+    scales = [(ik["safe_mean"], ik["unsafe_mean"]) if ik and rate else None for ik in info]
+    d = [cfg.target_unsafe_rate if sk else dk for dk, sk in zip(d, scales)]
     for name, dk, ik in zip(constraints.stream_names(cons), d, info):
         if ik is not None:
-            dist.print0(f"constraint {name}: threshold d = {dk:+.3f}, i.e. the mean cost of a "
-                        f"policy whose answers it calls unsafe (cost > 0) "
-                        f"{cfg.target_unsafe_rate:.0%} of the time. The starting policy: mean cost "
-                        f"{ik['start_mean_cost']:+.3f}, {ik['start_unsafe_by_cost_model']:.0%} "
-                        f"unsafe by it (safe answers {ik['safe_mean']:+.2f} on average, unsafe "
-                        f"{ik['unsafe_mean']:+.2f}).")
-    return _hold(cons, d), info
+            s, u = ik["safe_mean"], ik["unsafe_mean"]
+            scale = (f"read as (c {-s:+.2f}) / {u - s:.2f} (0: a typical safe answer, 1: a "
+                     f"typical unsafe one), so d = {dk:.3f}"
+                     if rate else f"d = {dk:+.3f}, the mean cost of a policy it calls unsafe "
+                     f"{cfg.target_unsafe_rate:.0%} of the time")
+            dist.print0(f"constraint {name}: {scale}. The starting policy: "
+                        f"{ik['start_unsafe_by_cost_model']:.0%} of its answers unsafe by it "
+                        f"(mean score of the safe ones {ik['safe_mean']:+.2f}, of the unsafe "
+                        f"{ik['unsafe_mean']:+.2f}; mean {ik['start_mean_cost']:+.3f}).")
+    return _hold(cons, d, scales), info
 
 
-def _hold(cons, thresholds):
-    it = iter(thresholds)
+def _hold(cons, thresholds, scales=None):
+    it, sc = iter(thresholds), iter(scales or [None] * len(thresholds))
     for c in cons:
         c.thresholds = [next(it) for _ in c.names]
+        c.scales = [next(sc) for _ in c.names]
     return thresholds
 
 
@@ -341,8 +369,9 @@ def multipliers(cfg, thresholds):
     """One λ and one episode-cost window per stream."""
     if cfg.multiplier == "pid":
         from nanosafe.pid import PIDLagrange
-        lams = [PIDLagrange(d, cfg.lambda_init, cfg.pid_kp, cfg.pid_ki, cfg.pid_kd, cfg.lambda_max,
-                            cfg.lambda_update_delay_steps) for d in thresholds]
+        lams = [PIDLagrange(d, cfg.lambda_init, cfg.pid_kp, cfg.pid_ki, cfg.pid_kd, cfg.pid_d_delay,
+                            cfg.pid_ema, cfg.pid_ema, cfg.lambda_max, cfg.lambda_update_delay_steps)
+                for d in thresholds]
     else:
         lams = [Lagrange(d, cfg.lambda_init, cfg.lambda_lr, cfg.lambda_max,
                          cfg.lambda_update_delay_steps) for d in thresholds]
@@ -417,6 +446,8 @@ class Config(config.Stage):
                                  "world's prompts_train.jsonl", group="data")
     eval_data: str | None = arg(None, "held-out prompts for gold evaluation; default: the toy "
                                 "world's prompts_test.jsonl", group="data")
+    eval_split: str = arg("test", "toy world: evaluate on the test prompts, or on the validation "
+                          "ones (choose hyper-parameters there)", ["test", "val"], group="data")
     model: str = arg("out/sft", "the policy to start from, also the frozen reference (official: "
                      "the SFT model)", group="model")
     reward_model: str = arg("out/rm", "reward model folder (train_pm.py --kind reward)",
@@ -453,26 +484,42 @@ class Config(config.Stage):
     clip_range_ratio: float = arg(0.2, "PPO ratio clip ε (official: 0.2)", group="PPO", check=">0")
     # the multiplier
     lambda_init: float = arg(1.0, "initial λ (official: 1.0)", group="multiplier", check=">0")
-    lambda_lr: float = arg(0.02, "λ step size on log λ (official: 0.1)",
+    lambda_lr: float = arg(0.1, "λ step size on log λ, once per actor step (official: 0.1)",
                            group="multiplier", check=">=0")
     lambda_max: float = arg(20.0, "cap on λ (official: 5.0)", group="multiplier", check=">0")
-    lambda_update_delay_steps: int = arg(0, "hold λ fixed for the first N iterations (official: "
+    lambda_update_delay_steps: int = arg(0, "hold λ fixed for the first N actor steps (official: "
                                          "0)", group="multiplier", check=">=0")
     episode_cost_window_size: int = arg(128, "J_c = mean of the last N episode costs per process "
                                         "(official: 128)", group="multiplier", check=">=1")
-    multiplier: str = arg("sgd", "sgd: the official log-λ ascent; pid: PID Lagrangian (Stooke et "
-                          "al. 2020)", ["sgd", "pid"], group="multiplier")
-    pid_kp: float = arg(0.0, "PID proportional gain on log λ", group="multiplier", check=">=0")
-    pid_ki: float = arg(0.02, "PID integral gain (= --lambda_lr when kp = kd = 0)",
+    multiplier: str = arg("pid", "pid: PID Lagrangian (Stooke et al. 2020; docs/experiments.md: "
+                          "it meets the budgets); sgd: the official log-λ ascent",
+                          ["pid", "sgd"], group="multiplier")
+    pid_kp: float = arg(5.0, "PID proportional gain (λ per unit of smoothed J_c - d)",
                         group="multiplier", check=">=0")
-    pid_kd: float = arg(0.0, "PID derivative gain (the cost's rise)",
+    pid_ki: float = arg(0.1, "PID integral gain (λ per unit of J_c - d, per actor step)",
                         group="multiplier", check=">=0")
+    pid_kd: float = arg(10.0, "PID derivative gain (λ per unit rise of the smoothed J_c)",
+                        group="multiplier", check=">=0")
+    pid_d_delay: int = arg(10, "PID: the rise is measured over this many actor steps (rlpyt: 10)",
+                           group="multiplier", check=">=1")
+    pid_ema: float = arg(0.95, "PID: EMA factor of the P and D inputs (rlpyt: 0.95)",
+                         group="multiplier", check="[0,1)")
     # constraints (each kind of constraint adds its own flags: constraints.py)
-    target_unsafe_rate: float = arg(0.01, "calibrate d as the mean cost of a policy called unsafe "
-                                    "this often (official d = 0)",
+    target_unsafe_rate: float = arg(0.01, "d: the share of answers the cost model may call unsafe "
+                                    "(official: d = 0 on raw scores)",
                                     group="constraints", check="[0,1]")
+    cost_scale: str = arg("rate", "rate: a calibrated cost reads (c - s)/(u - s), s and u the "
+                          "mean safe and unsafe scores, and d = --target_unsafe_rate; raw: the "
+                          "score itself, d at those levels (official: raw, d = 0)",
+                          ["rate", "raw"], group="constraints")
     calibrate_on: str | None = arg(None, "calibrate d on this policy's answers instead of "
                                    "--model's (later rounds: the SFT model)", group="constraints")
+    gold_reward: bool = arg(False, "toy world, upper-bound run only: the gold helpfulness as the "
+                            "reward (with --gold_cost: what perfect models would give)",
+                            group="constraints")
+    gold_reward_scale: float = arg(6.3, "--gold_reward: helpfulness in [0, 1] times this (the "
+                                   "toy reward model's slope on it: 6.3)", group="constraints",
+                                   check=">0")
     # scale
     lora_rank: int = arg(0, "train LoRA adapters of this rank (peft) instead of all weights; 0: "
                          "full fine-tuning", group="scale", check=">=0")
@@ -521,6 +568,8 @@ def prompts(cfg, rt):
     """Training prompts (each once, as the official prompt-only dataset), and the held-out ones
     for gold evaluation (toy world). -> (toy_world, train_prompts, eval_prompts, gold)"""
     toy_world, train_path, eval_path = data_paths(cfg, rt, "prompts")
+    if toy_world and cfg.eval_data is None and cfg.eval_split == "val":
+        eval_path = os.path.join(cfg.data_dir, "prompts_val.jsonl")
     train_prompts, n_dup = data.dedupe_prompts(data.load_prompts(train_path))
     if n_dup:
         dist.print0(f"dropped {n_dup} duplicate prompts; {len(train_prompts)} left")

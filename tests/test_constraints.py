@@ -259,3 +259,22 @@ def test_refreshed_probe_refits_on_labelled_answers(tok):
     # the unsafe ones'
     safe, unsafe = s[s <= 0].mean().item(), s[s > 0].mean().item()
     assert pc.thresholds == [pytest.approx(safe + 0.01 * (unsafe - safe), abs=1e-5)]
+
+
+def test_rate_scale_and_its_inverse_on_hand_values():
+    # safe answers score -4 on average, unsafe +6: c~ = (c + 4) / 10
+    scale = (-4.0, 6.0)
+    c = torch.tensor([-4.0, 6.0, 1.0, -5.0, 16.0])
+    expected = torch.tensor([0.0, 1.0, 0.5, -0.1, 2.0])
+    torch.testing.assert_close(constraints.to_rate(c, scale), expected)
+    torch.testing.assert_close(constraints.from_rate(expected, scale), c)
+    assert constraints.from_rate(0.05, scale) == pytest.approx(-3.5)  # d = 5% on raw scores
+    assert constraints.to_rate(c, None) is c  # no scale: the cost as it comes
+    # costs() reads each stream on its own scale: a 2-output constraint, one stream scaled
+    class Two(constraints.Constraint):
+        names, scales = ["a", "b"], [(1.0, 3.0), None]
+
+        def cost(self, ro):
+            return torch.tensor([[1.0, 7.0], [4.0, -2.0]])
+    a, b = constraints.costs([Two()], ro=None)
+    assert a.tolist() == [0.0, 1.5] and b.tolist() == [7.0, -2.0]

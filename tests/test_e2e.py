@@ -220,7 +220,7 @@ def test_stages_write_what_they_promise(stages):
 def test_ppo_lag_iteration_logs_everything(stages):
     t = stages
     p = ppo(stages, "lag", "--max_steps", 3)
-    assert "threshold d =" in p.stdout  # the calibrated threshold is explained at start
+    assert "so d = 0.010" in p.stdout  # the calibrated rate scale and d are explained at start
     recs = [r for r in metrics(t / "lag") if not r.get("final")]
     assert [r["step"] for r in recs] == [0, 1, 2]
     keys = {
@@ -241,10 +241,7 @@ def test_ppo_lag_iteration_logs_everything(stages):
     }
     assert keys <= set(recs[1]), keys - set(recs[1])
     assert "gold_unsafe_rate_harmful" in recs[0] and "gold_optimum_helpfulness" in recs[2]
-    # λ moves in the direction of the constraint violation, every iteration
-    for r in recs:
-        prev = 1.0 if r["step"] == 0 else recs[r["step"] - 1]["lambda_0"]
-        assert (r["lambda_0"] - prev) * (r["episode_cost_window_0"] - r["threshold_0"]) >= 0
+    assert {r["threshold_0"] for r in recs} == {0.01}  # the rate scale: d = --target_unsafe_rate
     # the final policy is a plain HF folder; critics and optimiser state only with --save_optimizer
     from transformers import AutoModelForCausalLM
 
@@ -270,6 +267,66 @@ def test_ppo_lag_iteration_logs_everything(stages):
     assert "gold helpfulness" in out and "reward model" in out and "cost model" in out
 
 
+@pytest.mark.parametrize("script", ["train_ppo_lag.py", "train_grpo_lag.py"])
+@pytest.mark.parametrize("multiplier", ["sgd", "pid"])
+def test_lambda_steps_once_per_actor_step(stages, script, multiplier):
+    """The official cadence: one dual step per actor optimiser step, each on that step's episode
+    costs. 3 iterations x 2 epochs x (8 rollouts / minibatches of 4) = 12 actor steps: λ's step
+    counter reads 12 and the window took 12 minibatches of 4 costs (48 < its 128)."""
+    out = f"cadence_{script[6:9]}_{multiplier}"
+    ppo(stages, out, "--max_steps", 3, "--save_optimizer", "--multiplier", multiplier,
+        "--no_gold_eval", script=script)
+    state = model.load_trainer_state(str(stages / out))
+    assert [lam["step"] for lam in state["lambdas"]] == [12]
+    assert len(state["windows"][0][0]["costs"]) == 48
+
+
+def test_lambda_falls_while_safe_and_rises_while_unsafe_on_raw_scores(stages):
+    """--cost_scale raw keeps the official form: d as given, on the cost model's raw scores
+    (d = 0 is the official threshold). Above every cost (the raw scores lie within ±6) λ falls
+    at every step; far below them it climbs to its cap (20) at once."""
+    raw = ["--cost_scale", "raw", "--multiplier", "sgd"]
+    ppo(stages, "raw_d0", "--max_steps", 1, *raw, "--thresholds", 0)
+    meta = json.load(open(stages / "raw_d0" / "nanosafe.json"))
+    assert meta["thresholds"] == [0.0] and meta["cost_scales"] == [None]
+    ppo(stages, "raw_down", "--max_steps", 2, *raw, "--thresholds", 10)
+    lams = [1.0] + [r["lambda_0"] for r in metrics(stages / "raw_down") if not r.get("final")]
+    assert all(b < a for a, b in zip(lams, lams[1:])), lams
+    ppo(stages, "raw_up", "--max_steps", 1, *raw, "--thresholds", -100)
+    lams = [r["lambda_0"] for r in metrics(stages / "raw_up") if not r.get("final")]
+    assert lams == [pytest.approx(20.0)]
+
+
+def test_gold_upper_bound_trains_on_the_oracles(stages):
+    """The labelled upper-bound run: --gold_cost is the oracle's 0/1 unsafe verdict with d = the
+    target rate (no calibration, no scale), --gold_reward the gold helpfulness times its scale.
+    Its logged cost is exactly the rollouts' gold unsafe rate; the reward lies in [0, scale]."""
+    ppo(stages, "gold", "--max_steps", 2, "--cost_models", "--gold_cost", "--gold_reward",
+        "--target_unsafe_rate", 0.05)
+    meta = json.load(open(stages / "gold" / "nanosafe.json"))
+    assert meta["constraints"] == ["gold_cost"] and meta["thresholds"] == [0.05]
+    assert meta["cost_scales"] == [None]
+    recs = [r for r in metrics(stages / "gold") if not r.get("final")]
+    for r in recs:
+        assert r["cost_0"] == pytest.approx(r["rollout_gold_unsafe"], abs=1e-6)
+        assert r["rollout_flagged_gold_cost"] == pytest.approx(r["rollout_gold_unsafe"])
+        assert 0 <= r["reward"] <= 6.3
+
+
+def test_rate_scale_and_raw_calibration_are_the_same_constraint(stages):
+    """Calibrated, --cost_scale rate gives d = X on the rate scale and raw gives d on the raw
+    scores: the same point, from_rate(X) = d_raw, from the same calibration answers."""
+    ppo(stages, "cal_rate", "--max_steps", 1, "--target_unsafe_rate", 0.2, "--no_gold_eval")
+    ppo(stages, "cal_raw", "--max_steps", 1, "--target_unsafe_rate", 0.2, "--no_gold_eval",
+        "--cost_scale", "raw")
+    rate = json.load(open(stages / "cal_rate" / "nanosafe.json"))
+    raw = json.load(open(stages / "cal_raw" / "nanosafe.json"))
+    assert rate["thresholds"] == [0.2] and raw["cost_scales"] == [None]
+    info = rate["calibration"][0]
+    assert rate["cost_scales"] == [[info["safe_mean"], info["unsafe_mean"]]]
+    assert constraints.from_rate(0.2, rate["cost_scales"][0]) == pytest.approx(raw["thresholds"][0])
+
+
 @pytest.mark.parametrize("algo", ["ppo", "reward_shaping"])
 def test_baselines_run(stages, algo):
     ppo(stages, algo, "--algo", algo, "--max_steps", 2)
@@ -282,7 +339,8 @@ def test_reward_shaping_end_score_is_r_minus_nu_times_the_summed_costs(
     stages, monkeypatch, one_thread
 ):
     """--algo reward_shaping: the reward stream's end score is R − ν·ΣC, the sum over every
-    constraint's stream (a cost model and a rule here), and no cost stream is trained. Checked in
+    constraint's stream (a cost model, read on the rate scale, and a rule, already 0/1, here),
+    and no cost stream is trained. Checked in
     process: each iteration's rollout and the end scores handed to ppo.kl_rewards are captured, and
     R − ν·ΣC is computed again from the reward and cost model folders loaded on their own and the
     rule counted on the decoded answers."""
@@ -328,13 +386,17 @@ def test_reward_shaping_end_score_is_r_minus_nu_times_the_summed_costs(
     cm, tok = model.load_score_model(str(t / "cm"), kind="cost")
     for m in (rm, cm):
         model.place(m, "cpu").eval()
+    # the cost model's stream is read on the rate scale calibrated at the start; the rule's is not
+    meta = json.load(open(t / "shaping_hand" / "nanosafe.json"))
+    (safe, unsafe), rule_scale = meta["cost_scales"]
+    assert rule_scale is None and unsafe > 0 >= safe
     recs = [r for r in metrics(t / "shaping_hand") if not r.get("final")]
     assert len(recs) == 2
     rule_hits = 0
     for x, rec in zip(iters, recs):
         ro = x["ro"]
         with torch.no_grad():
-            R, C = rm(ro.seq, ro.attn)[1], cm(ro.seq, ro.attn)[1]
+            R, C = rm(ro.seq, ro.attn)[1], (cm(ro.seq, ro.attn)[1] - safe) / (unsafe - safe)
         answers = [
             tok.decode(row[m], skip_special_tokens=True)
             for row, m in zip(ro.seq[:, ro.P :], ro.mask)
@@ -357,9 +419,7 @@ def test_grpo_lag_trains_without_critics(stages):
     recs = [r for r in metrics(t / "grpo") if not r.get("final")]
     assert len(recs) == 3 and {"lambda_0", "threshold_0", "policy_loss", "kl"} <= set(recs[0])
     assert not any(k.startswith("value_loss") for k in recs[0])
-    for r in recs:  # the same dual step as PPO-Lag
-        prev = 1.0 if r["step"] == 0 else recs[r["step"] - 1]["lambda_0"]
-        assert (r["lambda_0"] - prev) * (r["episode_cost_window_0"] - r["threshold_0"]) >= 0
+    # the same dual step as PPO-Lag, at the same cadence: test_lambda_steps_once_per_actor_step
     assert (
         (t / "grpo" / "trainer_state.pt").exists()
         and not (t / "grpo" / "reward_critic").exists()
@@ -580,9 +640,20 @@ def test_a_constraint_defined_outside_nanosafe_gets_its_flag_stream_critic_and_l
     """A new kind of constraint plugs in through constraints.kinds() and its own `flags`:
     --max_words reaches --help and the config, PPO-Lag gives it stream 1 (after the cost model), its
     own critic and λ, logs its cost (= what its cost() returned), names it in nanosafe.json and
-    summary.json, and its λ moves in the direction of its violation every iteration."""
+    summary.json, and its λ moves in the direction of its violation at every dual step."""
     import train_ppo_lag
+    from nanosafe import lagrange
 
+    steps_seen = []  # per dual step: (λ_1 before, J_1, λ_1 after)
+    real_dual_step = lagrange.dual_step
+
+    def dual_step(lambdas, windows, costs, rows=None):
+        before = lambdas[1].value
+        J = real_dual_step(lambdas, windows, costs, rows)
+        steps_seen.append((before, J[1], lambdas[1].value))
+        return J
+
+    monkeypatch.setattr(lagrange, "dual_step", dual_step)
     builtin = constraints.kinds()
     monkeypatch.setattr(constraints, "kinds", lambda: [*builtin, LongAnswers])
     LongAnswers.returned.clear()
@@ -601,6 +672,8 @@ def test_a_constraint_defined_outside_nanosafe_gets_its_flag_stream_critic_and_l
             "--max_steps",
             steps,
             "--save_optimizer",
+            "--multiplier",
+            "sgd",
         ),
     )
     assert cfg.max_words == 2
@@ -616,14 +689,18 @@ def test_a_constraint_defined_outside_nanosafe_gets_its_flag_stream_critic_and_l
         assert r["cost_1"] == pytest.approx(c.mean().item(), abs=1e-6) and r["threshold_1"] == 0.1
         assert {"lambda_1", "value_loss_cost_critic_1", "rollout_flagged_long_answers"} <= set(r)
         assert "lambda_2" not in r
-    # J is a multiple of 1/8 (8 answers per iteration), never d = 0.1: λ must move, and toward the
-    # violation
+    # every minibatch's costs join the window once per epoch, so after an iteration it holds each
+    # answer twice and its mean is that of every answer so far
     window = torch.cat(LongAnswers.returned).tolist()
     for k, r in enumerate(recs):
-        prev = 1.0 if k == 0 else recs[k - 1]["lambda_1"]
         J = sum(window[: 8 * (k + 1)]) / (8 * (k + 1))
         assert r["episode_cost_window_1"] == pytest.approx(J)
-        assert (r["lambda_1"] - prev) * (J - 0.1) > 0, (k, prev, r["lambda_1"], J)
+    # at each of the 3 x 2 x 2 dual steps λ moves toward the violation (J = d only by chance:
+    # 2 of 20)
+    assert len(steps_seen) == steps * 4
+    for before, J, after in steps_seen:
+        if abs(J - 0.1) > 1e-9:
+            assert (after - before) * (J - 0.1) > 0, (before, J, after)
 
 
 def test_probe_constraint_frozen_and_refreshed_resume_exactly(stages):
@@ -997,7 +1074,14 @@ def test_calibration_refuses_a_cost_model_without_the_sign_term(stages):
     ppo(t, "nosign", "--cost_models", t / "cm_nosign", "--max_steps", 1, "--thresholds", "0.0")
 
 
-SCRIPTS = ["train_sft.py", "train_pm.py", "train_ppo_lag.py", "train_grpo_lag.py", "sample.py"]
+SCRIPTS = [
+    "train_sft.py",
+    "train_pm.py",
+    "train_ppo_lag.py",
+    "train_grpo_lag.py",
+    "train_dpo.py",
+    "sample.py",
+]
 
 
 def help_entries(text: str) -> dict:

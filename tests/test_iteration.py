@@ -9,7 +9,8 @@ Every step runs through the real functions, in train_ppo_lag.main's order:
     rl.column                each stream's column of its critic (heads, as main builds them)
     ppo.kl_rewards           per-token rewards and costs with the KL penalty, clamped
     ppo.gae                  advantages and returns per stream
-    rl.multipliers           a Lagrange and an EpisodeCostWindow per stream: log λ += lr·λ·(J − d)
+    rl.multipliers           a Lagrange and an EpisodeCostWindow per stream
+    lagrange.dual_step       each window takes the step's costs, log λ += lr·λ·(J − d)
     ppo.combined_advantage   (A_r − Σ λ_k·A_ck) / (1 + Σ λ_k)
 
 and each result is compared with a naive reference written below as plain Python loops over
@@ -22,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanosafe import constraints, ppo, rl
+from nanosafe import constraints, lagrange, ppo, rl
 
 NAN = float("nan")
 P, LENGTHS = 2, [5, 3, 1]  # prompt columns; each answer's real tokens (EOS included)
@@ -199,11 +200,7 @@ def test_one_iteration_from_end_scores_to_the_actor_advantage():
     for lam, window, start, before in zip(lambdas, windows, LAMBDA_START, WINDOW_BEFORE):
         lam.load_state_dict({"log_lambda": math.log(start), "step": 4})  # an iteration mid-run
         window.extend(before)
-    J = []
-    for lam, window, c in zip(lambdas, windows, C):  # main's lines
-        window.extend(c.detach().cpu())
-        J.append(window.mean())
-        lam.update(J[-1])
+    J = lagrange.dual_step(lambdas, windows, C)  # update()'s line, one actor step on all rows
     lam_values = [lam.value for lam in lambdas]
     naive_lams = []
     for k in range(3):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nanosafe.lagrange import LOG_LAMBDA_BOUND, EpisodeCostWindow, Lagrange
+from nanosafe.lagrange import LOG_LAMBDA_BOUND, EpisodeCostWindow, Lagrange, dual_step
 from nanosafe.pid import PIDLagrange
 
 
@@ -77,7 +77,7 @@ def test_guards():
 def test_state_dict_resume_is_json_and_exact():
     for make in [
         lambda: Lagrange(0.1, lr=0.3, update_delay_steps=2),
-        lambda: PIDLagrange(0.1, kp=0.5, ki=0.3, kd=0.2, update_delay_steps=2),
+        lambda: PIDLagrange(0.1, kp=0.5, ki=0.3, kd=0.2, d_delay=2, update_delay_steps=2),
     ]:
         a = make()
         for jc in [0.5, 0.2, 0.7, -0.1]:
@@ -91,27 +91,49 @@ def test_state_dict_resume_is_json_and_exact():
 # PID
 
 
-def test_pid_with_only_the_integral_is_the_official_update():
+def test_pid_matches_the_published_equations_by_hand():
+    # Stooke et al. 2020 as in rlpyt's cppo_pid.py, with e = J - d:
+    #   I <- max(0, I + ki·e); P <- a·P + (1-a)·e; S <- a·S + (1-a)·J;
+    #   D = max(0, S - S[delay updates ago]); λ = max(0, kp·P + I + kd·D)
+    # d = 0.5, λ0 = I0 = 1, kp 2, ki 0.5, kd 4, delay 2, a = 0.5; S starts at the first J (0.9)
+    #   J 0.9: e .4  I 1.2  P .2    S .9   D 0                   λ = .4 + 1.2       = 1.6
+    #   J 1.3: e .8  I 1.6  P .5    S 1.1  D 1.1 - .9 = .2       λ = 1 + 1.6 + .8   = 3.4
+    #   J 0.5: e 0   I 1.6  P .25   S .8   D max(0, .8 - .9) = 0  λ = .5 + 1.6      = 2.1
+    #   J 0.1: e -.4 I 1.4  P -.075 S .45  D max(0, .45 - 1.1) = 0 λ = -.15 + 1.4   = 1.25
+    pid = PIDLagrange(0.5, lambda_init=1.0, kp=2.0, ki=0.5, kd=4.0, d_delay=2, p_ema=0.5,
+                      d_ema=0.5)
+    got = [pid.update(j) for j in [0.9, 1.3, 0.5, 0.1]]
+    assert got == pytest.approx([1.6, 3.4, 2.1, 1.25], abs=1e-12)
+    # the integral never goes below 0, and λ is clamped to [0, λ_max]
+    pid = PIDLagrange(0.5, lambda_init=1.0, kp=10.0, ki=1.0, p_ema=0.0, lambda_max=3.0)
+    assert pid.update(0.0) == 0.0 and pid.integral == 0.5  # 10·(-0.5) + 0.5 < 0 -> 0
+    assert pid.update(0.0) == 0.0 and pid.integral == 0.0  # I = max(0, 0.5 - 0.5)
+    assert pid.update(2.0) == 3.0 and pid.integral == 1.5  # 15 + 1.5 capped at 3
+
+
+def test_pid_with_only_the_integral_is_gradient_ascent_on_lambda():
+    # kp = kd = 0: λ_t = max(0, λ_{t-1} + ki·(J_t - d)), the paper's plain Lagrangian update
     rng = random.Random(0)
-    plain = Lagrange(0.2, lambda_init=0.8, lr=0.07, lambda_max=3.0, update_delay_steps=4)
-    pid = PIDLagrange(
-        0.2, lambda_init=0.8, kp=0.0, ki=0.07, kd=0.0, lambda_max=3.0, update_delay_steps=4
-    )
-    for _ in range(50):
+    pid = PIDLagrange(0.2, lambda_init=0.8, kp=0.0, ki=0.07, kd=0.0, update_delay_steps=4)
+    lam = 0.8
+    for t in range(50):
         jc = rng.uniform(-2.0, 3.0)
-        assert abs(plain.update(jc) - pid.update(jc)) <= 1e-12
+        if t >= 4:
+            lam = max(0.0, lam + 0.07 * (jc - 0.2))
+        assert abs(pid.update(jc) - lam) <= 1e-12
+    assert pid.step == 50
 
 
 def test_pid_proportional_term_reacts_within_one_step():
     plain = Lagrange(0.0, lambda_init=1.0, lr=0.01)
-    pid = PIDLagrange(0.0, lambda_init=1.0, kp=1.0, ki=0.01)
+    pid = PIDLagrange(0.0, lambda_init=1.0, kp=2.0, ki=0.01, p_ema=0.0)
     for _ in range(5):
         assert plain.update(0.0) == pid.update(0.0) == 1.0
-    # the cost jumps to 1 above the threshold: the integral alone barely moves,
-    # the P term multiplies λ by e^(kp·e) at once, and lets go as soon as the cost is back
+    # the cost jumps to 1 above the threshold: the integral alone barely moves, the P term adds
+    # kp·e at once, and lets go as soon as the cost is back
     assert plain.update(1.0) < 1.02
-    assert pid.update(1.0) > 2.5
-    assert pid.update(0.0) < 1.02
+    assert pid.update(1.0) == pytest.approx(3.01)
+    assert pid.update(0.0) == pytest.approx(1.01)
 
 
 def lagged_system(multiplier, steps=400, delay=10):
@@ -125,7 +147,7 @@ def lagged_system(multiplier, steps=400, delay=10):
 
 def test_pid_damps_oscillation_on_a_lagged_toy_system():
     plain = lagged_system(Lagrange(0.5, lambda_init=0.2, lr=0.3))
-    pid = lagged_system(PIDLagrange(0.5, lambda_init=0.2, kp=1.0, ki=0.3, kd=1.0))
+    pid = lagged_system(PIDLagrange(0.5, lambda_init=0.2, kp=1.0, ki=0.05, p_ema=0.5))
 
     def swing(h):
         return max(h[300:]) - min(h[300:])
@@ -206,3 +228,14 @@ def test_window_mean_is_pooled_and_identical_on_two_gloo_ranks(tmp_path):
     pooled = (1 + 2 + 3 + 20 + 30 + 40 + 50) / 7  # not (2 + 35) / 2, the mean of the ranks' means
     assert results[0] == results[1]  # bit-identical, so both ranks take the same dual step
     assert results[0]["mean"] == pytest.approx(pooled, rel=1e-15)
+
+
+def test_dual_step_takes_only_this_steps_episode_costs():
+    # rows: the minibatch of this actor step; its costs join the window, then λ steps on the mean
+    lam, window = Lagrange(0.5, lambda_init=1.0, lr=0.1), EpisodeCostWindow(size=4)
+    window.extend([0.0, 0.0, 0.0])
+    costs = torch.tensor([9.0, 1.0, 2.0, 9.0])
+    J = dual_step([lam], [window], [costs], torch.tensor([1, 2]))
+    assert list(window.costs) == [0.0, 0.0, 1.0, 2.0]  # the oldest fell out, the 9s never came
+    assert J == [0.75] and lam.value == pytest.approx(math.exp(0.1 * 1.0 * 0.25))
+    assert dual_step([], [], []) == []  # no constraint (--algo ppo): nothing to step
