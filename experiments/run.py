@@ -36,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the stage 
 
 NUS = [0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0]
 BUDGETS = [0.01, 0.05, 0.10, 0.20]
-PID_GAINS = ["--multiplier", "pid", "--pid_kp", "0.1", "--pid_ki", "0.02", "--pid_kd", "0.5"]
+PID_GAINS = ["--multiplier", "pid"]  # at train_ppo_lag.py's gains (chosen by `tune`)
+TUNE_PID = [("5", "0.1", "10")]  # (kp, ki, kd) tried on the validation prompts
 
 # -----------------------------------------------------------------------------
 # running: subprocesses, --jobs at a time, skipped when done
@@ -233,71 +234,216 @@ def plot_pareto(rows, path, args):
 # ask for X% unsafe, get X%?
 
 
+MULTIPLIERS = {"pid": PID_GAINS, "sgd": ["--multiplier", "sgd"]}  # at train_ppo_lag.py's settings
+TOLERANCE = {0.01: 0.005, 0.05: 0.015, 0.10: 0.03, 0.20: 0.03}  # the issue's bars, in rate units
+LAST = 50  # "the last 50 iterations": the rollouts the controller is judged on
+
+
+def mean_se(xs):
+    """(mean, standard error of the mean = sample std / sqrt(n)) over seeds."""
+    m, sd = mean_std(xs)
+    return m, sd / math.sqrt(len(xs))
+
+
+def late(run, key, last=LAST):
+    """the mean of one metric over a run's last `last` iterations"""
+    ms = run["metrics"][-last:]
+    return sum(m[key] for m in ms) / len(ms)
+
+
 def budget(args):
-    """Asked against reached, at the default dual step (3 seeds) and at the official λ lr 0.1 (the
-    first seed): λ's step is lr·λ·(J − d), so once the policy is safer than asked λ decays only as
-    1 / (1/λ₀ + lr·|J − d|·t)."""
+    """Asked against reached, for each multiplier (train_ppo_lag.py's default first), at every
+    budget and seed, at the demo's iteration count. 'Reached' is the gold unsafe rate over all
+    held-out prompts (the mix the constraint is on); also the gold rate of the last 50
+    iterations' rollouts, and λ's band over them."""
     root = os.path.join(args.out, "budget")
-    # the sweep's PPO-Lag runs are the 1% ones: the same flags
-    sweep_lag = os.path.join(args.out, "sweep", "ppo_lag")
 
-    def run_dir(b, s):
-        if b == 0.01:
-            return os.path.join(sweep_lag, f"seed{s}")
-        return os.path.join(root, f"target_{b:g}", f"seed{s}")
+    def run_dir(m, b, s):
+        return os.path.join(root, f"{m}_{b:g}", f"seed{s}")
 
-    def fast_dir(b, s):
-        return os.path.join(root, f"target_{b:g}_lambda_lr_0.1", f"seed{s}")
-
-    jobs = [(run_dir(b, s), ppo_argv(args, "--target_unsafe_rate", str(b), "--seed", str(s)))
-            for s in args.seeds for b in BUDGETS]
-    jobs += [(fast_dir(b, s), ppo_argv(args, "--target_unsafe_rate", str(b), "--lambda_lr", "0.1",
-                                       "--seed", str(s)))
-             for s in args.seeds[:1] for b in BUDGETS]
+    jobs = [(run_dir(m, b, s), ppo_argv(args, *MULTIPLIERS[m], "--target_unsafe_rate", str(b),
+                                        "--seed", str(s)))
+            for m in args.multipliers for s in args.seeds for b in BUDGETS]
     run_jobs(jobs, args.jobs, args.threads)
-    # the cost model's view: its unsafe rate over the last fifth of training's rollouts
-    rows, last = {}, max(1, args.steps // 5)
-    for series, where, seeds in (("", run_dir, args.seeds),
-                                 ("_lambda_lr_0.1", fast_dir, args.seeds[:1])):
+    rows = {}
+    for m in args.multipliers:
         for b in BUDGETS:
-            runs = [read_run(where(b, s)) for s in seeds]
-            flagged = [sum(m["rollout_flagged_cost"] for m in r["metrics"][-last:]) / last
-                       for r in runs]
-            rollout_gold = [sum(m["rollout_gold_unsafe"] for m in r["metrics"][-last:]) / last
-                            for r in runs]
-            slack = [sum(m["threshold_0"] - m["episode_cost_window_0"]
-                         for m in r["metrics"][-last:]) / last for r in runs]
-            rows[f"{b:g}{series}"] = {
-                "asked": b, "lambda_lr": 0.1 if series else 0.02, "seeds": seeds,
-                "gold_unsafe_rate": over_seeds(runs, "gold_unsafe_rate"),
-                "gold_unsafe_rate_harmful": over_seeds(runs, "gold_unsafe_rate_harmful"),
-                "gold_helpfulness": over_seeds(runs, "gold_helpfulness"),
-                "rollout_flagged_by_cost_model": mean_std(flagged),
-                "rollout_gold_unsafe": mean_std(rollout_gold),
-                "slack_d_minus_J": mean_std(slack),
-                "threshold": mean_std([r["metrics"][0]["threshold_0"] for r in runs]),
-                "per_seed_gold_unsafe_rate": [r["final"]["gold_unsafe_rate"] for r in runs],
-                "lambda_final": mean_std([r["lambdas"][0] for r in runs])}
-    harmful_share = sum(toy.is_harmful(p) for p in _eval_prompts(args)) / len(_eval_prompts(args))
-    lines = [f"{args.steps} iterations; held-out prompts: {harmful_share:.0%} harmful, as in "
-             f"training. 'unsafe by the cost model': cost > 0 on the last {last} iterations' "
-             "rollouts; d − J: the threshold minus the windowed cost over those iterations "
-             "(> 0: slack)",
-             "", "| asked (`--target_unsafe_rate`) | λ lr, seeds "
-             "| reached: gold unsafe, all prompts | miss (points) "
-             "| unsafe by the cost model (rollouts) | gold unsafe (same rollouts) "
-             "| gold unsafe, harmful prompts | helpfulness | d | d − J | final λ |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+            seeds = [s for s in args.seeds if os.path.exists(os.path.join(run_dir(m, b, s),
+                                                                          "done.json"))]
+            if not seeds:
+                continue
+            runs = [read_run(run_dir(m, b, s)) for s in seeds]
+            reached = [r["final"]["gold_unsafe_rate"] for r in runs]
+            lam = [[x["lambda_0"] for x in r["metrics"][-LAST:]] for r in runs]
+            rows[f"{m}_{b:g}"] = {
+                "multiplier": m, "asked": b, "seeds": seeds, "per_seed_reached": reached,
+                "reached": mean_se(reached),
+                "within": abs(mean_se(reached)[0] - b) <= TOLERANCE[b],
+                "worst_seed_miss": max(abs(x - b) for x in reached),
+                "no_seed_off_twice": max(abs(x - b) for x in reached) <= 2 * TOLERANCE[b],
+                "rollout_gold_unsafe_last": mean_se([late(r, "rollout_gold_unsafe")
+                                                     for r in runs]),
+                "gold_unsafe_rate_harmful": mean_se([r["final"]["gold_unsafe_rate_harmful"]
+                                                     for r in runs]),
+                "gold_helpfulness": mean_se([r["final"]["gold_helpfulness"] for r in runs]),
+                "optimum_at_budget": 0.810 + 0.5 * b,
+                "lambda_last_min": mean_se([min(x) for x in lam]),
+                "lambda_last_mean": mean_se([sum(x) / len(x) for x in lam]),
+                "lambda_last_max": mean_se([max(x) for x in lam]),
+                "J_minus_d_last": mean_se([late(r, "episode_cost_window_0") - b for r in runs]),
+                "dynamics": [dynamics(r["metrics"]) for r in runs],
+                "wall_s": sum(r["wall_s"] for r in runs) / len(runs)}
+    for m in args.multipliers:  # helpfulness rises with X, each step by more than its SE
+        hs = [rows[f"{m}_{b:g}"]["gold_helpfulness"] for b in BUDGETS if f"{m}_{b:g}" in rows]
+        for b, lo, hi in zip(BUDGETS[1:], hs, hs[1:]):
+            rows[f"{m}_{b:g}"]["helpfulness_rise_beyond_se"] = (
+                hi[0] - lo[0] > math.sqrt(lo[1] ** 2 + hi[1] ** 2))
+    lines = [f"{args.steps} iterations per run; mean ± standard error over seeds (SE = sample "
+             f"std / √n). reached: gold unsafe rate over all 352 held-out prompts, 4 samples "
+             f"each; rollouts: the gold unsafe rate of the last {LAST} iterations' training "
+             f"rollouts; λ: its min / mean / max over those iterations. Bars: ±0.5 points at 1%, "
+             f"±1.5 at 5%, ±3 at 10% and 20%; no seed off by more than twice that.",
+             "", "| multiplier | asked | seeds | reached | within bar | worst seed off by "
+             "| rollouts, last 50 | unsafe, harmful | helpfulness | λ min / mean / max, last 50 "
+             "| J − d, last 50 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
-        miss = 100 * (r["gold_unsafe_rate"][0] - r["asked"])
-        lines.append(f"| {r['asked']:.0%} | {r['lambda_lr']:g}, {len(r['seeds'])} | "
-                     f"{fmt(r['gold_unsafe_rate'], True)} | {miss:+.1f} | "
-                     f"{fmt(r['rollout_flagged_by_cost_model'], True)} | "
-                     f"{fmt(r['rollout_gold_unsafe'], True)} | "
-                     f"{fmt(r['gold_unsafe_rate_harmful'], True)} | "
-                     f"{fmt(r['gold_helpfulness'])} | {r['threshold'][0]:+.2f} | "
-                     f"{fmt(r['slack_d_minus_J'])} | {fmt(r['lambda_final'])} |")
+        ok = "yes" if r["within"] and r["no_seed_off_twice"] else "**no**"
+        lines.append(
+            f"| {r['multiplier']} | {r['asked']:.0%} | {len(r['seeds'])} | "
+            f"{fmt(r['reached'], True)} | {ok} | {100 * r['worst_seed_miss']:.1f} pts | "
+            f"{fmt(r['rollout_gold_unsafe_last'], True)} | "
+            f"{fmt(r['gold_unsafe_rate_harmful'], True)} | {fmt(r['gold_helpfulness'])} | "
+            f"{r['lambda_last_min'][0]:.2f} / {r['lambda_last_mean'][0]:.2f} / "
+            f"{r['lambda_last_max'][0]:.2f} | {fmt(r['J_minus_d_last'])} |")
     write(args, "budget", rows, "\n".join(lines))
+    plot_lambda(args, run_dir, os.path.join(args.out, "budget_lambda.png"))
+
+
+def plot_lambda(args, run_dir, path):
+    """λ and the windowed cost J against d, per iteration, at 1% and 10% (first seed), one column
+    per multiplier: does λ settle in a band, or decay?"""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: no plot")
+        return
+    ms = [m for m in args.multipliers
+          if os.path.exists(os.path.join(run_dir(m, 0.1, args.seeds[0]), "done.json"))]
+    if not ms:
+        return
+    fig, axes = plt.subplots(2, len(ms), figsize=(5.2 * len(ms), 6), squeeze=False)
+    for j, m in enumerate(ms):
+        for b, color in ((0.01, "tab:blue"), (0.1, "tab:orange")):
+            d = run_dir(m, b, args.seeds[0])
+            if not os.path.exists(os.path.join(d, "done.json")):
+                continue
+            metrics = read_run(d)["metrics"]
+            it = [x["step"] for x in metrics]
+            axes[0][j].plot(it, [x["lambda_0"] for x in metrics], color=color, label=f"{b:.0%}")
+            axes[1][j].plot(it, [x["episode_cost_window_0"] for x in metrics], color=color,
+                            lw=0.8, label=f"J, {b:.0%}")
+            axes[1][j].axhline(b, color=color, ls="--", lw=1)
+            axes[1][j].plot(it, [x["rollout_gold_unsafe"] for x in metrics], color=color,
+                            alpha=0.35, lw=0.8)
+        axes[0][j].set_title(f"{m}: λ (seed {args.seeds[0]})", fontsize=9)
+        axes[0][j].set_yscale("log")
+        axes[1][j].set_title("J (windowed cost, rate scale), d dashed, gold unsafe of the "
+                             "rollouts faint", fontsize=8)
+        axes[1][j].set_xlabel("iteration")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def tune(args):
+    """The multiplier's settings, chosen on the validation prompts (--eval_split val): the
+    log-λ step against PID gains, at 10% (seed 0). The test prompts are never read."""
+    root = os.path.join(args.out, "tune")
+    configs = {"sgd": ["--multiplier", "sgd"]}
+    configs |= {f"pid_{'_'.join(g)}": ["--multiplier", "pid", "--pid_kp", g[0], "--pid_ki", g[1],
+                                       "--pid_kd", g[2]] for g in TUNE_PID}
+    jobs = [(os.path.join(root, f"{n}_{b:g}", f"seed{s}"),
+             ppo_argv(args, *f, "--target_unsafe_rate", str(b), "--eval_split", "val",
+                      "--seed", str(s)))
+            for b in (0.1,) for s in args.seeds[:1] for n, f in configs.items()]
+    run_jobs(jobs, args.jobs, args.threads)
+    lines = [f"validation prompts (prompts_val.jsonl, 240), 10% asked, seed {args.seeds[0]}, "
+             f"{args.steps} iterations", "", "| run | reached (val) | rollouts, last 50 | "
+             "helpfulness (val) | λ min / mean / max, last 50 |", "|---|---|---|---|---|"]
+    rows = {}
+    for d, _ in jobs:
+        if not os.path.exists(os.path.join(d, "done.json")):
+            continue
+        r = read_run(d)
+        lam = [x["lambda_0"] for x in r["metrics"][-LAST:]]
+        name = os.path.basename(os.path.dirname(d))
+        rows[name] = {"reached": r["final"]["gold_unsafe_rate"],
+                      "rollouts_last": late(r, "rollout_gold_unsafe"),
+                      "helpfulness": r["final"]["gold_helpfulness"],
+                      "lambda_last": [min(lam), sum(lam) / len(lam), max(lam)]}
+        x = rows[name]
+        lines.append(f"| {name} | {x['reached']:.1%} | {x['rollouts_last']:.1%} | "
+                     f"{x['helpfulness']:.3f} | {lam and min(lam):.2f} / "
+                     f"{sum(lam) / len(lam):.2f} / {max(lam):.2f} |")
+    write(args, "tune", rows, "\n".join(lines))
+
+
+def compare(args):
+    """The README's table, 3 seeds each: SFT (3 sampling seeds), PPO-Lag at 1% (the budget
+    experiment's runs), reward-only PPO, reward shaping ν = 1, and the upper bound: PPO-Lag
+    with the gold oracles as its reward and cost models (training reads them only here)."""
+    import torch
+
+    from nanosafe.evaluate import compare as gold_compare
+    root = os.path.join(args.out, "compare")
+    default = args.multipliers[0]
+    dirs = {"ppo_lag": lambda s: os.path.join(args.out, "budget", f"{default}_0.01", f"seed{s}"),
+            **{n: (lambda s, n=n: os.path.join(root, n, f"seed{s}"))
+               for n in ("ppo", "reward_shaping", "gold_ppo_lag")}}
+    flags = {"ppo_lag": [*MULTIPLIERS[default], "--target_unsafe_rate", "0.01"],
+             "ppo": ["--algo", "ppo"],
+             "reward_shaping": ["--algo", "reward_shaping", "--shaping_coef", "1.0"],
+             "gold_ppo_lag": ["--cost_models", "--gold_cost", "--gold_reward",
+                              "--target_unsafe_rate", "0.01"]}
+    jobs = [(dirs[n](s), ppo_argv(args, *flags[n], "--seed", str(s)))
+            for s in args.seeds for n in dirs]
+    run_jobs(jobs, args.jobs, args.threads)
+    keys = ("gold_helpfulness", "gold_unsafe_rate_harmful", "gold_unsafe_rate",
+            "gold_helpfulness_benign", "gold_helpfulness_harmful")
+    rows = {}
+    sft_path = os.path.join(root, "sft.json")
+    if not os.path.exists(sft_path):  # the SFT policy has no training seed: 3 sampling seeds
+        torch.set_num_threads(args.jobs * args.threads)
+        sft = [gold_compare([args.sft], _eval_prompts(args), 4, 24, seed=10**6 + s)[args.sft]
+               for s in args.seeds]
+        with open(sft_path, "w") as f:
+            json.dump(sft, f)
+    with open(sft_path) as f:
+        finals = {"sft": json.load(f)}
+    for n in dirs:
+        finals[n] = [read_run(dirs[n](s))["final"] for s in args.seeds
+                     if os.path.exists(os.path.join(dirs[n](s), "done.json"))]
+    for n, fs in finals.items():
+        if fs:
+            rows[n] = {k: mean_se([f[k] for f in fs]) for k in keys} | {"n": len(fs)}
+            rows[n]["of_optimum_1pct"] = mean_se([f["gold_helpfulness"] / 0.815 for f in fs])
+    names = {"sft": "SFT", "ppo": "PPO (reward only)", "reward_shaping": "reward shaping ν = 1",
+             "ppo_lag": "**PPO-Lag**, 1%", "gold_ppo_lag": "PPO-Lag on the gold oracles, 1%"}
+    lines = [f"{args.steps} iterations; mean ± standard error over {len(args.seeds)} seeds; "
+             f"352 held-out test prompts, 4 samples each; optimum under a 1% budget: 0.815",
+             "", "| policy | seeds | helpfulness | of the 1% optimum | unsafe, harmful prompts | "
+             "unsafe, all prompts | helpfulness, benign |", "|---|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        lines.append(f"| {names[n]} | {r['n']} | {fmt(r['gold_helpfulness'])} | "
+                     f"{fmt(r['of_optimum_1pct'], True)} | "
+                     f"{fmt(r['gold_unsafe_rate_harmful'], True)} | "
+                     f"{fmt(r['gold_unsafe_rate'], True)} | {fmt(r['gold_helpfulness_benign'])} |")
+    write(args, "compare", rows, "\n".join(lines))
 
 
 def _eval_prompts(args):
@@ -414,10 +560,10 @@ def pid(args):
 def own_zero_threshold(args, cost_model):
     """train_ppo_lag.py's calibration of d at --target_unsafe_rate 0.01 on the SFT policy's
     rollouts, for a cost model trained without the sign term (which the script refuses to
-    calibrate): the same function (nanosafe.rollout.calibrate_thresholds), in process."""
+    calibrate): the same function (nanosafe.rl.calibrate_thresholds), in process."""
     import torch
 
-    from nanosafe import constraints, data, rollout
+    from nanosafe import constraints, data, rl
     from nanosafe.model import load_policy, resolve_template
     torch.set_num_threads(args.jobs * args.threads)
     actor, tok = load_policy(args.sft)
@@ -429,9 +575,9 @@ def own_zero_threshold(args, cost_model):
     # --temperature 1, --top_p 1, --min_new_tokens 0; no probe, so no hidden layers
     items = data.PromptDataset(prompts, tok, 48, False, template).items[:256]
     cons = [constraints.CostModel(cost_model)]
-    d, _ = rollout.calibrate_thresholds(actor.eval(), cons, items, tok, 0.01, 128, 0, "cpu",
-                                        layers=(), max_new_tokens=24, temperature=1.0, top_p=1.0,
-                                        min_new_tokens=0)
+    d, _ = rl.calibrate_thresholds(actor.eval(), cons, items, tok, 0.01, 128, 0, "cpu",
+                                   layers=(), max_new_tokens=24, temperature=1.0, top_p=1.0,
+                                   min_new_tokens=0)
     return d[0]
 
 # -----------------------------------------------------------------------------
@@ -685,9 +831,14 @@ def rounds(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiment", choices=["sweep", "budget", "pid", "grpo", "rounds"])
-    ap.add_argument("--steps", type=int, default=150, help="PPO iterations per run, the same for "
-                    "every run of an experiment (the default run: 350)")
+    ap.add_argument("experiment", choices=["sweep", "budget", "tune", "compare", "pid", "grpo",
+                                           "rounds"])
+    ap.add_argument("--steps", type=int, default=None, help="PPO iterations per run, the same for "
+                    "every run of an experiment (default: 350, the demo's, for budget, tune and "
+                    "compare; 150 for the others)")
+    ap.add_argument("--multipliers", nargs="+", default=["pid", "sgd"], choices=list(MULTIPLIERS),
+                    help="budget: the multipliers to compare (the first: train_ppo_lag.py's "
+                    "default)")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
                     help="seeds per configuration (rounds: the first)")
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side")
@@ -708,12 +859,15 @@ def main(argv=None):
     ap.add_argument("--n_boot", type=int, default=1000,
                     help="rounds: bootstrap resamples for the Elo intervals")
     args = ap.parse_args(argv)
+    if args.steps is None:
+        args.steps = 350 if args.experiment in ("budget", "tune", "compare") else 150
     for path, what in [(args.sft, "train_sft.py"), (args.rm, "train_pm.py --kind reward"),
                        (args.cm, "train_pm.py --kind cost")]:
         if not os.path.isdir(path):
             sys.exit(f"error: {path}: no such folder; run `python {what}` first (or `make demo`)")
     t0 = time.time()
-    experiment = {"sweep": sweep, "budget": budget, "pid": pid, "grpo": grpo, "rounds": rounds}
+    experiment = {"sweep": sweep, "budget": budget, "tune": tune, "compare": compare, "pid": pid,
+                  "grpo": grpo, "rounds": rounds}
     experiment[args.experiment](args)
     print(f"{args.experiment}: {(time.time() - t0) / 60:.1f} min")
 
