@@ -11,9 +11,12 @@ J_c is the mean episode cost over a recent window (EpisodeCostWindow), the same 
 every rank, so every rank takes the same step and nothing needs broadcasting.
 K constraints are K of these objects, each with its own threshold and window.
 
-The cadence is the official one: `dual_step` once per actor optimiser step, before it, from
-the episode costs of that step's minibatch (safe-rlhf's PPOLagTrainer.rl_step adds its batch's
-costs to the window, steps log λ, then computes the advantages with the new λ).
+The cadence is the official one: one dual step per actor optimiser step, before it
+(safe-rlhf's PPOLagTrainer.rl_step takes the window's mean and steps log λ at every call, then
+computes the actor loss with the new λ). The official window takes a rollout's costs when they
+are scored (post_rollout); here `dual_step` adds each step's minibatch costs just before its
+step, so λ reacts within the iteration to the answers it trains on. With a 128-cost window and
+128 rollouts per iteration, the two windows hold the same costs at each iteration's last step.
 """
 
 import math
