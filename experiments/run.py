@@ -4,10 +4,12 @@ docs/experiments.md. From the repository root:
 
     python -m experiments.run sweep    # PPO-Lag, PPO, reward shaping ν ∈ {0.01 .. 10}, 3 seeds:
                                        #   table + Pareto plot
-    python -m experiments.run budget   # PPO-Lag --target_unsafe_rate 1/5/10/20 %: asked against
-                                       #   reached
-    python -m experiments.run pid      # PID against the log-λ step (overshoot, λ's oscillation);
-                                       #   cost model without its sign term
+    python -m experiments.run tune     # the multiplier chosen on the validation prompts
+    python -m experiments.run budget   # --target_unsafe_rate 1/5/10/20 %, PID and the log-λ step,
+                                       #   3 seeds, 350 iterations: asked against reached, λ's band
+    python -m experiments.run compare  # the README's table: SFT, PPO, reward shaping, PPO-Lag and
+                                       #   PPO-Lag on the gold oracles (upper bound), 3 seeds
+    python -m experiments.run sign     # the cost model without its sign term, at the official d = 0
     python -m experiments.run grpo     # Lagrangian GRPO against PPO-Lag at the same wall-clock
     python -m experiments.run rounds   # three rounds of Safe RLHF: sample, label with the oracles,
                                        #   retrain, PPO-Lag; Elo
@@ -15,8 +17,9 @@ docs/experiments.md. From the repository root:
 Every run is `train_ppo_lag.py` (or `train_pm.py`) in a subprocess, --jobs at a time with --threads
 each, in out/experiments/<experiment>/<run>/ with its log; a run with a summary is not run again, so
 an interrupted experiment goes on where it stopped. The runs take out/sft, out/rm, out/cm (make
-demo). A shorter budget than the default run (--steps 150 of 350) keeps the sweep's 27 runs within
-90 minutes on 2 CPU cores; every run of an experiment has the same budget. The gold oracles only
+demo). budget, tune and compare run the demo's 350 iterations; the others a shorter budget (--steps
+150) that keeps the sweep's 27 runs within 90 minutes on 2 CPU cores; every run of an experiment has
+the same budget. The gold oracles only
 judge the results, except in `rounds`, where they are the labellers of the new pairs (as people are
 in the paper).
 """
@@ -451,7 +454,7 @@ def _eval_prompts(args):
         return [json.loads(ln)["prompt"] for ln in f if ln.strip()]
 
 # -----------------------------------------------------------------------------
-# the multiplier: PID against the plain step; the cost model's sign term
+# the multiplier's dynamics; the cost model's sign term
 
 
 def dynamics(metrics):
@@ -480,81 +483,47 @@ def dynamics(metrics):
             "flagged_after_max": max(m["rollout_flagged_cost"] for m in metrics[cross:])}
 
 
-def pid(args):
-    root = os.path.join(args.out, "pid")
-    sweep_lag = os.path.join(args.out, "sweep", "ppo_lag")
+def sign(args):
+    """The cost model's sign term, one seed, in the official form (--cost_scale raw, the log-λ
+    step): at the official d = 0, the model with it and without it; and the model without it
+    calibrated on its own zero (train_ppo_lag.py refuses to; here the same calibration is run
+    in process and d passed in). The multipliers are compared in `budget`."""
+    root = os.path.join(args.out, "sign")
     cm_nosign = os.path.join(root, "cm_no_sign")
     pm = [(cm_nosign, ["train_pm.py", "--kind", "cost", "--no_sign_loss", "--model", args.sft])]
     run_jobs(pm, 1, args.jobs * args.threads)
-    # the sign ablation, one seed: (1) the official d = 0 for both cost models, where the sign
-    # term is what gives 0 its meaning; (2) the model without it calibrated as the default run is,
-    # on its own zero, which nothing trained to separate safe from unsafe (train_ppo_lag.py refuses
-    # to; here the same calibration is run and d passed in)
     d_own = own_zero_threshold(args, cm_nosign)
-    # at 1% the cost can fall below d by at most d - (the safe answers' score), ~0.09: so the
-    # multipliers also at 10% (the budget experiment's runs for the log-λ step), where it has ten
-    # times the room
-    dirs = {"sgd": lambda s: os.path.join(sweep_lag, f"seed{s}"),
-            "pid": lambda s: os.path.join(root, "pid", f"seed{s}"),
-            "sgd_10": lambda s: os.path.join(args.out, "budget", "target_0.1", f"seed{s}"),
-            "pid_10": lambda s: os.path.join(root, "pid_10", f"seed{s}"),
-            "sign_d0": lambda s: os.path.join(root, "sign_d0", f"seed{s}"),
-            "no_sign_d0": lambda s: os.path.join(root, "no_sign_d0", f"seed{s}"),
-            "no_sign_calibrated": lambda s: os.path.join(root, "no_sign_calibrated", f"seed{s}")}
-    flags = {"sgd": [], "pid": PID_GAINS, "sgd_10": ["--target_unsafe_rate", "0.1"],
-             "pid_10": [*PID_GAINS, "--target_unsafe_rate", "0.1"],
-             "sign_d0": ["--thresholds", "0"],
-             "no_sign_d0": ["--cost_models", cm_nosign, "--thresholds", "0"],
-             "no_sign_calibrated": ["--cost_models", cm_nosign, "--thresholds", str(d_own)]}
-    seeds = {n: args.seeds if n in ("sgd", "pid", "sgd_10", "pid_10") else args.seeds[:1]
-             for n in dirs}
-    jobs = [(dirs[n](s), ppo_argv(args, *flags[n], "--seed", str(s)))
-            for n in dirs for s in seeds[n]]
-    run_jobs(jobs, args.jobs, args.threads)
+    official = ["--cost_scale", "raw", "--multiplier", "sgd"]
+    flags = {"sign_d0": [*official, "--thresholds", "0"],
+             "no_sign_d0": [*official, "--cost_models", cm_nosign, "--thresholds", "0"],
+             "no_sign_calibrated": [*official, "--cost_models", cm_nosign, "--thresholds",
+                                    str(d_own)]}
+    s0 = args.seeds[0]
+    dirs = {n: os.path.join(root, n, f"seed{s0}") for n in flags}
+    run_jobs([(dirs[n], ppo_argv(args, *flags[n], "--seed", str(s0))) for n in flags],
+             args.jobs, args.threads)
     rows = {}
-    for n in dirs:
-        runs = [read_run(dirs[n](s)) for s in seeds[n]]
-        dyn = [dynamics(r["metrics"]) for r in runs]
-        rows[n] = {"per_seed": dyn, "gold_helpfulness": over_seeds(runs, "gold_helpfulness"),
-                   "gold_unsafe_rate_harmful": over_seeds(runs, "gold_unsafe_rate_harmful"),
-                   "gold_unsafe_rate": over_seeds(runs, "gold_unsafe_rate")}
-        for k in ("first_crossing", "overshoot", "reviolation", "iterations_above_d_after",
-                  "lambda_turns", "lambda_total_variation", "lambda_max", "lambda_std_late"):
-            vals = [x[k] for x in dyn if x.get(k) is not None]
-            rows[n][k] = mean_std(vals) if vals else None
+    for n, d in dirs.items():
+        r = read_run(d)
+        rows[n] = {k: r["final"][k] for k in ("gold_helpfulness", "gold_unsafe_rate_harmful",
+                                              "gold_unsafe_rate")}
+        rows[n]["lambda_final"] = r["lambdas"][0]
     rows["no_sign_calibrated"]["threshold"] = d_own
     for n, path in (("sign_d0", args.cm), ("no_sign_d0", cm_nosign),
                     ("no_sign_calibrated", cm_nosign)):
         with open(os.path.join(path, "summary.json")) as f:
             rows[n]["cost_model_eval"] = json.load(f)
-    gains = " ".join(PID_GAINS[1:])
-    lines = [f"{len(args.seeds)} seeds, {args.steps} iterations; mean ± std over seeds. "
-             "J = windowed episode cost (the last 128 rollouts), d its threshold; "
-             "overshoot = max (d − J) after J first reaches d; λ turns = sign changes of Δλ after "
-             f"it. PID: {gains}",
-             "", "| run | J first ≤ d (iteration) | overshoot below d | back above d (max J − d) "
-             "| iterations above d after | λ turns | λ total variation | std of λ, 2nd half "
-             "| max λ | helpfulness | unsafe, harmful |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    seed0 = args.seeds[0]
-    names = {"sgd": "1%: log-λ step (official, `--lambda_lr 0.02`)",
-             "pid": "1%: PID (`--multiplier pid`)",
-             "sgd_10": "10%: log-λ step", "pid_10": "10%: PID",
-             "sign_d0": f"d = 0, cost model with the sign term (seed {seed0})",
-             "no_sign_d0": f"d = 0, cost model without it (seed {seed0})",
-             "no_sign_calibrated": f"without the sign term, d = {d_own:+.2f} calibrated on its "
-                                   f"zero (seed {seed0})"}
-
-    def f2(v, p=2):
-        return "–" if v is None else f"{v[0]:.{p}f} ± {v[1]:.{p}f}"
-
+    names = {"sign_d0": "d = 0, cost model with the sign term",
+             "no_sign_d0": "d = 0, cost model without it",
+             "no_sign_calibrated": f"without it, d = {d_own:+.2f} calibrated on its zero"}
+    lines = [f"seed {s0}, {args.steps} iterations, --cost_scale raw, log-λ step", "",
+             "| run | sign accuracy of the cost model | helpfulness | unsafe, harmful | "
+             "unsafe, all | final λ |", "|---|---|---|---|---|---|"]
     for n, r in rows.items():
-        lines.append(f"| {names[n]} | {f2(r['first_crossing'], 1)} | {f2(r['overshoot'])} | "
-                     f"{f2(r['reviolation'])} | {f2(r['iterations_above_d_after'], 1)} | "
-                     f"{f2(r['lambda_turns'], 1)} | {f2(r['lambda_total_variation'])} | "
-                     f"{f2(r['lambda_std_late'], 3)} | {f2(r['lambda_max'])} | "
-                     f"{fmt(r['gold_helpfulness'])} | {fmt(r['gold_unsafe_rate_harmful'], True)} |")
-    write(args, "pid", rows, "\n".join(lines))
+        lines.append(f"| {names[n]} | {r['cost_model_eval'].get('sign_accuracy', 0):.3f} | "
+                     f"{r['gold_helpfulness']:.3f} | {r['gold_unsafe_rate_harmful']:.1%} | "
+                     f"{r['gold_unsafe_rate']:.1%} | {r['lambda_final']:.3g} |")
+    write(args, "sign", rows, "\n".join(lines))
 
 
 def own_zero_threshold(args, cost_model):
@@ -831,7 +800,7 @@ def rounds(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiment", choices=["sweep", "budget", "tune", "compare", "pid", "grpo",
+    ap.add_argument("experiment", choices=["sweep", "budget", "tune", "compare", "sign", "grpo",
                                            "rounds"])
     ap.add_argument("--steps", type=int, default=None, help="PPO iterations per run, the same for "
                     "every run of an experiment (default: 350, the demo's, for budget, tune and "
@@ -866,8 +835,8 @@ def main(argv=None):
         if not os.path.isdir(path):
             sys.exit(f"error: {path}: no such folder; run `python {what}` first (or `make demo`)")
     t0 = time.time()
-    experiment = {"sweep": sweep, "budget": budget, "tune": tune, "compare": compare, "pid": pid,
-                  "grpo": grpo, "rounds": rounds}
+    experiment = {"sweep": sweep, "budget": budget, "tune": tune, "compare": compare,
+                  "sign": sign, "grpo": grpo, "rounds": rounds}
     experiment[args.experiment](args)
     print(f"{args.experiment}: {(time.time() - t0) / 60:.1f} min")
 
