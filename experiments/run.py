@@ -318,8 +318,12 @@ def budget(args):
             f"{fmt(r['gold_unsafe_rate_harmful'], True)} | {fmt(r['gold_helpfulness'])} | "
             f"{r['lambda_last_min'][0]:.2f} / {r['lambda_last_mean'][0]:.2f} / "
             f"{r['lambda_last_max'][0]:.2f} | {fmt(r['J_minus_d_last'])} |")
-    write(args, "budget", rows, "\n".join(lines))
-    plot_lambda(args, run_dir, os.path.join(args.out, "budget_lambda.png"))
+    # a subset of multipliers or seeds gets its own table, beside the full one
+    full = args.multipliers == list(MULTIPLIERS) and args.seeds == [0, 1, 2]
+    name = "budget" + ("" if full else f"_{'_'.join(args.multipliers)}_seeds"
+                                      f"{''.join(map(str, args.seeds))}")
+    write(args, name, rows, "\n".join(lines))
+    plot_lambda(args, run_dir, os.path.join(args.out, f"{name}_lambda.png"))
 
 
 def plot_lambda(args, run_dir, path):
@@ -446,7 +450,8 @@ def compare(args):
                      f"{fmt(r['of_optimum_1pct'], True)} | "
                      f"{fmt(r['gold_unsafe_rate_harmful'], True)} | "
                      f"{fmt(r['gold_unsafe_rate'], True)} | {fmt(r['gold_helpfulness_benign'])} |")
-    write(args, "compare", rows, "\n".join(lines))
+    name = "compare" if len(args.seeds) == 3 else f"compare_seeds{''.join(map(str, args.seeds))}"
+    write(args, name, rows, "\n".join(lines))
 
 
 def _eval_prompts(args):
