@@ -7,9 +7,11 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -210,3 +212,37 @@ def test_dynamics_overshoot_and_oscillation_by_hand():
     assert d["lambda_turns"] == 2 and d["lambda_total_variation"] == pytest.approx(0.8)
     assert d["lambda_std_late"] == pytest.approx(0.1)  # the second half 2, 2.2, 2.1: sample std 0.1
     assert run.dynamics(ms[:2])["first_crossing"] is None
+
+
+def test_budget_rows_mean_and_standard_error_by_hand(tmp_path, monkeypatch):
+    """budget's table from finished runs: 'reached' is the mean ± SE (sample std / √n) of the
+    final gold unsafe rate over seeds, the bar is checked on the mean and on the worst seed, and
+    λ's band is taken over the last 50 iterations."""
+    assert run.mean_se([0.01, 0.02, 0.03]) == pytest.approx((0.02, 0.01 / math.sqrt(3)))
+    out = tmp_path / "exp"
+    reached = {0: 0.12, 1: 0.09, 2: 0.135}  # asked 10%: mean 0.115, worst seed off by 3.5 points
+    for s, r in reached.items():
+        d = out / "budget" / "pid_0.1" / f"seed{s}"
+        d.mkdir(parents=True)
+        metrics = [{"step": i, "lambda_0": 1.0 + (i >= 10) * (s + i / 100),
+                    "rollout_gold_unsafe": 0.1, "episode_cost_window_0": 0.1, "threshold_0": 0.1,
+                    "rollout_flagged_cost": 0.1} for i in range(60)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        final = {"gold_unsafe_rate": r, "gold_unsafe_rate_harmful": 2 * r,
+                 "gold_helpfulness": 0.5 + s / 100}
+        (d / "summary.json").write_text(json.dumps({"final": final, "lambdas": [1.0]}))
+        (d / "done.json").write_text(json.dumps({"wall_s": 60.0}))
+    monkeypatch.setattr(run, "BUDGETS", [0.1])
+    monkeypatch.setattr(run, "plot_lambda", lambda *a: None)
+    args = SimpleNamespace(out=str(out), multipliers=["pid"], seeds=[0, 1, 2], steps=60,
+                           sft="s", rm="r", cm="c", jobs=1, threads=1)
+    run.budget(args)
+    row = json.load(open(out / "budget_pid_seeds012.json"))["pid_0.1"]
+    m, se = row["reached"]
+    sd = statistics.stdev([0.12, 0.09, 0.135])
+    assert m == pytest.approx(0.115) and se == pytest.approx(sd / math.sqrt(3))
+    assert row["within"] and row["no_seed_off_twice"]  # 1.5 <= 3 points; 3.5 <= 2 x 3 points
+    assert row["worst_seed_miss"] == pytest.approx(0.035)
+    # λ over iterations 10..59: seed s gives 1 + s + i/100, min at i = 10, max at i = 59
+    lo, hi = row["lambda_last_min"][0], row["lambda_last_max"][0]
+    assert lo == pytest.approx(1 + 1 + 0.10) and hi == pytest.approx(1 + 1 + 0.59)
