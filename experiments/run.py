@@ -402,8 +402,9 @@ def tune(args):
 
 def compare(args):
     """The README's table, 3 seeds each: SFT (3 sampling seeds), PPO-Lag at 1% (the budget
-    experiment's runs), reward-only PPO, reward shaping ν = 1, and the upper bound: PPO-Lag
-    with the gold oracles as its reward and cost models (training reads them only here)."""
+    experiment's runs), reward-only PPO, reward shaping with ν = 5 (about the λ PPO-Lag settles
+    at for 1%: a fixed multiplier against the controller), and the upper bound: PPO-Lag with the
+    gold oracles as its reward and cost models (training reads them only here)."""
     import torch
 
     from nanosafe.evaluate import compare as gold_compare
@@ -411,10 +412,10 @@ def compare(args):
     default = args.multipliers[0]
     dirs = {"ppo_lag": lambda s: os.path.join(args.out, "budget", f"{default}_0.01", f"seed{s}"),
             **{n: (lambda s, n=n: os.path.join(root, n, f"seed{s}"))
-               for n in ("ppo", "reward_shaping", "gold_ppo_lag")}}
+               for n in ("ppo", "reward_shaping_5", "gold_ppo_lag")}}
     flags = {"ppo_lag": [*MULTIPLIERS[default], "--target_unsafe_rate", "0.01"],
              "ppo": ["--algo", "ppo"],
-             "reward_shaping": ["--algo", "reward_shaping", "--shaping_coef", "1.0"],
+             "reward_shaping_5": ["--algo", "reward_shaping", "--shaping_coef", "5.0"],
              "gold_ppo_lag": ["--cost_models", "--gold_cost", "--gold_reward",
                               "--target_unsafe_rate", "0.01"]}
     jobs = [(dirs[n](s), ppo_argv(args, *flags[n], "--seed", str(s)))
@@ -439,7 +440,7 @@ def compare(args):
         if fs:
             rows[n] = {k: mean_se([f[k] for f in fs]) for k in keys} | {"n": len(fs)}
             rows[n]["of_optimum_1pct"] = mean_se([f["gold_helpfulness"] / 0.815 for f in fs])
-    names = {"sft": "SFT", "ppo": "PPO (reward only)", "reward_shaping": "reward shaping ν = 1",
+    names = {"sft": "SFT", "ppo": "PPO (reward only)", "reward_shaping_5": "reward shaping ν = 5",
              "ppo_lag": "**PPO-Lag**, 1%", "gold_ppo_lag": "PPO-Lag on the gold oracles, 1%"}
     lines = [f"{args.steps} iterations; mean ± standard error over {len(args.seeds)} seeds; "
              f"352 held-out test prompts, 4 samples each; optimum under a 1% budget: 0.815",
