@@ -49,6 +49,7 @@ from nanosafe.model import (
     place,
     read_state,
     recover_checkpoint,
+    require_stage,
     resolve_template,
 )
 from nanosafe.monitor import MetricsLog
@@ -138,9 +139,7 @@ def check_flags(cfg) -> str:
         needs += [(cfg.reward_model, "train_pm.py --kind reward"),
                   (cfg.cost_model, "train_pm.py --kind cost")]
     for path, what in needs:
-        if not os.path.isdir(path):
-            raise CheckpointError(f"{path}: no such checkpoint. Run the earlier stage first: "
-                                  f"python {what}")
+        require_stage(path, what)
     if mocan:
         return "mocan"
     return "safe_dpo" if cfg.loss == "safe_dpo" else f"dpo_{cfg.preference}".replace("_better", "")

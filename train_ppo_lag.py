@@ -171,7 +171,7 @@ def main(cfg):
     rl.describe(cfg, rt, actor, train_set, names, critics)
     os.makedirs(out_dir, exist_ok=True)
     meta = {"kind": "policy", "stage": cfg.algo, "template": template, "constraints": names,
-            "thresholds": thresholds, "cost_scales": [sc for c in cons for sc in c.scales],
+            "thresholds": thresholds, "cost_scales": constraints.stream_scales(cons),
             "calibration": calib, "args": config.to_dict(cfg)}
     gold_eval = gold and rl.gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp)
     mon = monitor.Monitor(cfg, rt, out_dir, start, cons, gold_eval, gold and toy_world)

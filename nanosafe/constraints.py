@@ -18,13 +18,12 @@ To add a constraint, write a class like `BannedWords` below and add it to `kinds
 reach --help, the flag checks and `build` from there (README: "Adding a constraint").
 """
 
-import os
 
 import torch
 
 from nanosafe import config
 from nanosafe.config import arg
-from nanosafe.model import CheckpointError, load_score_model, read_state
+from nanosafe.model import load_score_model, read_state, require_stage
 
 
 class Constraint:
@@ -87,9 +86,7 @@ class CostModel(Constraint):
     @classmethod
     def from_flags(cls, cfg, dtype, labeller):
         for p in cfg.cost_models:
-            if not os.path.isdir(p):
-                raise CheckpointError(f"{p}: no such checkpoint. Run the earlier stage first: "
-                                      f"python train_pm.py --kind cost")
+            require_stage(p, "train_pm.py --kind cost")
         out = [cls(p, None, dtype, cfg.trust_remote_code) for p in cfg.cost_models]
         n = sum(len(c.names) for c in out)
         if cfg.thresholds and len(cfg.thresholds) != n:
@@ -182,6 +179,11 @@ def check_given(cfg):
 
 def stream_names(constraints) -> list:
     return [n for c in constraints for n in c.names]
+
+
+def stream_scales(constraints) -> list:
+    """Every stream's scale (constraints.to_rate), streams in order; None: read as it comes."""
+    return [sc for c in constraints for sc in (c.scales or [None] * len(c.names))]
 
 
 def to_rate(c, scale):

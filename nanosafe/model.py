@@ -98,6 +98,13 @@ def check_same_tokenizer(tok_a, tok_b, where_a: str, where_b: str):
 # models
 
 
+def require_stage(path: str, command: str):
+    """A checkpoint an earlier stage writes, or one error line naming the command that makes it."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint. Run the earlier stage first: "
+                              f"python {command}")
+
+
 def read_state(path: str) -> dict:
     p = os.path.join(path, STATE_FILE)
     return json.load(open(p)) if os.path.exists(p) else {}

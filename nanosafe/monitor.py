@@ -201,8 +201,8 @@ class Monitor:
         rec.update(iteration_record(ro, R, C, old_logp, ref_logp, lambdas, thresholds, stats,
                                     self.guard.skipped))
         if self.verdicts:  # logged, never trained on
-            zeros = [constraints.to_rate(0.0, sc) for c in self.cons
-                     for sc in (c.scales or [None] * len(c.names))]
+            scales = constraints.stream_scales(self.cons)
+            zeros = [constraints.to_rate(0.0, sc) for sc in scales]
             rec.update(rollout_verdicts(ro, C, self.names, zeros))
         self.clock.lap("rest")
         rec["time_s"] = {k: round(v, 5) for k, v in self.clock.laps.items()}

@@ -21,7 +21,6 @@ from nanosafe.generate import position_ids_from_mask as position_ids
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange
 from nanosafe.lora import adapters_off, add_lora, load_lora_state, lora_layers, lora_state
 from nanosafe.model import (
-    CheckpointError,
     check_same_tokenizer,
     gradient_checkpointing,
     load_policy,
@@ -30,6 +29,7 @@ from nanosafe.model import (
     plain_weights,
     read_state,
     recover_checkpoint,
+    require_stage,
     resolve_template,
     save_checkpoint,
 )
@@ -121,7 +121,7 @@ def observe(cons, ro, costs, step, lambdas, meta):
     probe) moves its multipliers' d too."""
     if any([c.observe(ro, costs, step) for c in cons]):  # a list: every constraint observes
         meta["thresholds"] = [d for c in cons for d in c.thresholds]
-        meta["cost_scales"] = [sc for c in cons for sc in c.scales]
+        meta["cost_scales"] = constraints.stream_scales(cons)
         for lam, d in zip(lambdas, meta["thresholds"]):
             lam.threshold = d
 
@@ -552,11 +552,8 @@ def check_flags(cfg):
     if cfg.lora_rank > 0 and cfg.fsdp:
         raise config.ConfigError("--lora_rank with --fsdp is not supported: LoRA makes a model fit "
                                  "on each GPU, FSDP shards one that does not; pick one")
-    for path, what in [(cfg.model, "train_sft.py"),
-                       (cfg.reward_model, "train_pm.py --kind reward")]:
-        if not os.path.isdir(path):
-            raise CheckpointError(f"{path}: no such checkpoint. Run the earlier stage first: "
-                                  f"python {what}")
+    require_stage(cfg.model, "train_sft.py")
+    require_stage(cfg.reward_model, "train_pm.py --kind reward")
 
 
 def toy_labeller(prompts, answers):
@@ -568,8 +565,8 @@ def prompts(cfg, rt):
     """Training prompts (each once, as the official prompt-only dataset), and the held-out ones
     for gold evaluation (toy world). -> (toy_world, train_prompts, eval_prompts, gold)"""
     toy_world, train_path, eval_path = data_paths(cfg, rt, "prompts")
-    if toy_world and cfg.eval_data is None and cfg.eval_split == "val":
-        eval_path = os.path.join(cfg.data_dir, "prompts_val.jsonl")
+    if toy_world and cfg.eval_data is None:  # --eval_split: the test or the validation prompts
+        eval_path = os.path.join(cfg.data_dir, f"prompts_{cfg.eval_split}.jsonl")
     train_prompts, n_dup = data.dedupe_prompts(data.load_prompts(train_path))
     if n_dup:
         dist.print0(f"dropped {n_dup} duplicate prompts; {len(train_prompts)} left")
