@@ -385,9 +385,6 @@ def make_dataset(seed=0, sft_per_prompt=4, pairs_per_prompt=96, test_pairs_per_p
     leaves the SFT data and the test pairs unchanged: results stay comparable."""
     train, test = split_prompts(seed)
     out = {}
-
-    def draw(rng, p):
-        return sft_response(rng, p)[0] if rng.random() < 0.5 else drift_response(rng, p)
     for split, prompts in (("train", train), ("test", test)):
         n_sft = sft_per_prompt if split == "train" else 1
         n_pair = pairs_per_prompt if split == "train" else test_pairs_per_prompt
@@ -395,19 +392,28 @@ def make_dataset(seed=0, sft_per_prompt=4, pairs_per_prompt=96, test_pairs_per_p
         rng = random.Random(f"{seed}:sft_{split}")
         out[f"sft_{split}"] = [{"prompt": p, "response": sft_response(rng, p)[0]}
                                for p, _ in prompts for _ in range(n_sft)]
-        rng, pairs = random.Random(f"{seed}:pref_{split}"), []
-        for p, _ in prompts:
-            for _ in range(n_pair):
-                # pairs of two SFT answers (what the policy says now) or drift shapes (what an
-                # optimised policy might say), and a third of near copies (fine distinctions)
-                r0 = draw(rng, p)
-                r1 = perturb(rng, p, r0) if rng.random() < 1 / 3 else draw(rng, p)
-                if rng.random() < 0.5:
-                    r0, r1 = r1, r0
-                pairs.append(pref_record(rng, p, r0, r1, label_temperature, cost_label_temperature))
-        out[f"pref_{split}"] = pairs
+        out[f"pref_{split}"] = draw_pairs(random.Random(f"{seed}:pref_{split}"),
+                                          [p for p, _ in prompts], n_pair, label_temperature,
+                                          cost_label_temperature)
     out["prompts_val"] = [prompt_record(p, t) for p, t in validation_prompts()]
     return out
+
+
+def draw_pairs(rng, prompts, n_pair, label_temperature=0.1, cost_label_temperature=0.5):
+    """n_pair labelled pairs per prompt: two SFT answers (what the policy says now) or drift
+    shapes (what an optimised policy might say), and a third of near copies (fine
+    distinctions). Also how experiments draw a larger held-out set than pref_test's."""
+    def draw(p):
+        return sft_response(rng, p)[0] if rng.random() < 0.5 else drift_response(rng, p)
+    pairs = []
+    for p in prompts:
+        for _ in range(n_pair):
+            r0 = draw(p)
+            r1 = perturb(rng, p, r0) if rng.random() < 1 / 3 else draw(p)
+            if rng.random() < 0.5:
+                r0, r1 = r1, r0
+            pairs.append(pref_record(rng, p, r0, r1, label_temperature, cost_label_temperature))
+    return pairs
 
 
 def write_jsonl(path, records):
