@@ -8,6 +8,7 @@ Only for reading results (docs/findings.md); no stage calls them.
 - `repeat_stats`: the same two numbers in SFT data
 - `on_policy_agreement`: how often a reward model orders two answers of one policy as the oracle
   does
+- `gold_order_agreement`: the same count on any pairs, with a bootstrap interval over prompts
 
 From the repository root:
 
@@ -116,6 +117,33 @@ def on_policy_agreement(score_fn, prompts, answers_0, answers_1) -> dict:
         out[part] = {"agreement": sum(right) / len(right) if right else float("nan"),
                      "n": len(right)}
     return out
+
+
+def gold_order_agreement(prompts, scores_0, scores_1, gold_0, gold_1, n_boot=1000, level=0.95,
+                         seed=0) -> dict:
+    """How often scores order two answers to one prompt as a gold value does, over the pairs the
+    gold value does not tie (a score tie counts ½), with a bootstrap interval that resamples
+    prompts (one prompt's pairs are not independent draws).
+    -> {agreement, lo, hi, n (pairs), prompts}"""
+    import numpy as np
+
+    groups = {}
+    for p, x, y, g, h in zip(prompts, scores_0, scores_1, gold_0, gold_1):
+        if g == h:
+            continue
+        groups.setdefault(p, []).append(0.5 if x == y else float((x > y) == (g > h)))
+    if not groups:
+        return {"agreement": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0,
+                "prompts": 0}
+    sums = np.array([sum(v) for v in groups.values()])
+    counts = np.array([len(v) for v in groups.values()])
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(sums), size=(n_boot, len(sums)))
+    boot = sums[pick].sum(1) / counts[pick].sum(1)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    right = sums.sum() / counts.sum()
+    return {"agreement": float(right), "lo": float(lo), "hi": float(hi),
+            "n": int(counts.sum()), "prompts": len(sums)}
 
 
 def repeat_stats(records, ks=(1, 3, 5)) -> dict:

@@ -4,12 +4,19 @@ docs/experiments.md. From the repository root:
 
     python -m experiments.run sweep    # PPO-Lag, PPO, reward shaping ν ∈ {0.01 .. 10}, 3 seeds:
                                        #   table + Pareto plot
-    python -m experiments.run tune     # the multiplier chosen on the validation prompts
+    python -m experiments.run tune     # the multiplier, β and the actor lr chosen on the validation
+                                       #   prompts
     python -m experiments.run budget   # --target_unsafe_rate 1/5/10/20 %, PID and the log-λ step,
                                        #   3 seeds, 350 iterations: asked against reached, λ's band
     python -m experiments.run compare  # the README's table: SFT, PPO, reward shaping, PPO-Lag and
                                        #   PPO-Lag on the gold oracles (upper bound), 3 seeds
+    python -m experiments.run offline  # DPO, SafeDPO, MoCAN beside compare's runs, 3 seeds:
+                                       #   table, Pareto figure, minutes, MoCAN's λ*
+    python -m experiments.run agreement  # reward and cost models against the gold order: 10x
+                                       #   held-out pairs and on-policy, 95% intervals
     python -m experiments.run sign     # the cost model without its sign term, at the official d = 0
+    python -m experiments.run divisor  # PPO-Lag at 1% on the raw scale with matched gains: only
+                                       #   the actor's 1 + λ divisor differs from the rate scale
     python -m experiments.run grpo     # Lagrangian GRPO against PPO-Lag at the same wall-clock
     python -m experiments.run rounds   # three rounds of Safe RLHF: sample, label with the oracles,
                                        #   retrain, PPO-Lag; Elo
@@ -41,6 +48,7 @@ NUS = [0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0]
 BUDGETS = [0.01, 0.05, 0.10, 0.20]
 PID_GAINS = ["--multiplier", "pid"]  # at train_ppo_lag.py's gains (chosen by `tune`)
 TUNE_PID = [("5", "0.1", "10")]  # (kp, ki, kd) tried on the validation prompts
+TUNE_PPO = {"kl_coef": ["0.05", "0.2"], "actor_lr": ["1.5e-4", "6e-4"]}  # ½ and 2x the defaults
 
 # -----------------------------------------------------------------------------
 # running: subprocesses, --jobs at a time, skipped when done
@@ -369,11 +377,14 @@ def plot_lambda(args, run_dir, path):
 
 def tune(args):
     """The multiplier's settings, chosen on the validation prompts (--eval_split val): the
-    log-λ step against PID gains, at 10% (seed 0). The test prompts are never read."""
+    log-λ step against PID gains, at 10% (seed 0); then, with PID, the KL coefficient β and the
+    actor lr at half and twice train_ppo_lag.py's values. The test prompts are never read."""
     root = os.path.join(args.out, "tune")
     configs = {"sgd": ["--multiplier", "sgd"]}
     configs |= {f"pid_{'_'.join(g)}": ["--multiplier", "pid", "--pid_kp", g[0], "--pid_ki", g[1],
                                        "--pid_kd", g[2]] for g in TUNE_PID}
+    configs |= {f"pid_{flag}_{v}": [*PID_GAINS, f"--{flag}", v] for flag, vs in TUNE_PPO.items()
+                for v in vs}
     jobs = [(os.path.join(root, f"{n}_{b:g}", f"seed{s}"),
              ppo_argv(args, *f, "--target_unsafe_rate", str(b), "--eval_split", "val",
                       "--seed", str(s)))
@@ -459,6 +470,250 @@ def _eval_prompts(args):
     with open(os.path.join(args.data_dir, "prompts_test.jsonl")) as f:
         return [json.loads(ln)["prompt"] for ln in f if ln.strip()]
 
+
+# -----------------------------------------------------------------------------
+# what a user would pick instead: DPO, SafeDPO, MoCAN against the RL runs
+
+OFFLINE = {"dpo": ["--loss", "dpo"],
+           "dpo_safer": ["--loss", "dpo", "--preference", "safer"],
+           "safe_dpo": ["--loss", "safe_dpo"],
+           "mocan": ["--dual", "can", "--target_unsafe_rate", "0.01"]}
+OFFLINE_NAMES = {"sft": "SFT", "dpo": "DPO (better labels)", "dpo_safer": "DPO (safer labels)",
+                 "safe_dpo": "SafeDPO", "mocan": "MoCAN, 1%", "ppo": "PPO (reward only)",
+                 "reward_shaping_5": "reward shaping ν = 5", "ppo_lag": "PPO-Lag, 1%",
+                 "gold_ppo_lag": "PPO-Lag on the gold oracles, 1%"}
+# the reward and cost models each method trains with (all start from the same SFT model)
+NEEDS = {"sft": [], "dpo": [], "dpo_safer": [], "safe_dpo": [], "mocan": ["rm", "cm"],
+         "ppo": ["rm"], "reward_shaping_5": ["rm", "cm"], "ppo_lag": ["rm", "cm"],
+         "gold_ppo_lag": []}
+
+
+def offline(args):
+    """train_dpo.py's three methods (and DPO on the safer labels) from the SFT model, 3 seeds,
+    beside `compare`'s runs (SFT, PPO, reward shaping ν = 5, PPO-Lag at 1%, its gold upper bound)
+    and the budget experiment's PPO-Lag at 1/5/10/20% as the constrained frontier. Wall-clock:
+    each run's own (one thread, two side by side, as every run here), plus the reward and cost
+    models it needs, trained again here under the same conditions to time them."""
+    root = os.path.join(args.out, "offline")
+    default = args.multipliers[0]
+
+    def run_dir(n, s):
+        if n in OFFLINE:
+            return os.path.join(root, n, f"seed{s}")
+        if n == "ppo_lag":
+            return os.path.join(args.out, "budget", f"{default}_0.01", f"seed{s}")
+        return os.path.join(args.out, "compare", n, f"seed{s}")
+
+    pm = {"rm": os.path.join(root, "time_rm"), "cm": os.path.join(root, "time_cm")}
+    jobs = [(run_dir(n, s), ["train_dpo.py", "--model", args.sft, "--reward_model", args.rm,
+                             "--cost_model", args.cm, *OFFLINE[n], "--seed", str(s)])
+            for s in args.seeds for n in OFFLINE]
+    jobs += [(pm[k], ["train_pm.py", "--kind", {"rm": "reward", "cm": "cost"}[k],
+                      "--model", args.sft]) for k in pm]
+    run_jobs(jobs, args.jobs, args.threads)
+    missing = [n for n in ("ppo", "reward_shaping_5", "gold_ppo_lag", "ppo_lag")
+               if not all(os.path.exists(os.path.join(run_dir(n, s), "done.json"))
+                          for s in args.seeds)]
+    if missing:
+        sys.exit(f"error: no finished runs for {', '.join(missing)} at seeds {args.seeds}: run "
+                 "`python -m experiments.run compare` (and `budget`) first")
+
+    def wall(d):
+        with open(os.path.join(d, "done.json")) as f:
+            return json.load(f)["wall_s"]
+
+    pm_s = {k: wall(d) for k, d in pm.items()}
+    with open(os.path.join(args.out, "compare", "sft.json")) as f:
+        finals = {"sft": json.load(f)}
+    runs = {}
+    for n in ("dpo", "dpo_safer", "safe_dpo", "mocan", "ppo", "reward_shaping_5", "ppo_lag",
+              "gold_ppo_lag"):
+        runs[n] = [read_run(run_dir(n, s)) for s in args.seeds]
+        finals[n] = [r["final"] for r in runs[n]]
+    keys = ("gold_helpfulness", "gold_unsafe_rate_harmful", "gold_unsafe_rate",
+            "gold_helpfulness_benign", "gold_helpfulness_harmful")
+    rows = {}
+    for n, fs in finals.items():
+        rows[n] = {k: mean_se([f[k] for f in fs]) for k in keys} | {"n": len(fs)}
+        rows[n]["of_optimum_1pct"] = mean_se([f["gold_helpfulness"] / 0.815 for f in fs])
+        if n in runs:
+            own = mean_se([r["wall_s"] for r in runs[n]])
+            rows[n]["wall_s"] = own
+            rows[n]["wall_with_models_s"] = own[0] + sum(pm_s[k] for k in NEEDS[n])
+    rows["reward_model_s"], rows["cost_model_s"] = pm_s["rm"], pm_s["cm"]
+
+    # MoCAN's λ* against where PPO-Lag's λ settles at the same budget, on one scale: PPO-Lag's λ
+    # multiplies the rate-scale cost (c - s̄)/(ū - s̄), MoCAN's the raw cost, so λ_raw = λ/(ū - s̄)
+    mocan_raw, ppo_raw = [], []
+    for s in args.seeds:
+        with open(os.path.join(run_dir("mocan", s), "summary.json")) as f:
+            mocan_raw.append(json.load(f)["dual"]["lambda"])
+        with open(os.path.join(run_dir("ppo_lag", s), "nanosafe.json")) as f:
+            lo, hi = json.load(f)["cost_scales"][0]
+        ppo_raw.append(late(read_run(run_dir("ppo_lag", s)), "lambda_0") / (hi - lo))
+    lam = {"mocan_raw": mean_se(mocan_raw), "ppo_lag_raw_last50": mean_se(ppo_raw)}
+    rows["lambda"] = lam
+
+    frontier = {}  # PPO-Lag over budgets (the budget experiment's runs)
+    for b in BUDGETS:
+        ds = [os.path.join(args.out, "budget", f"{default}_{b:g}", f"seed{s}") for s in args.seeds]
+        if all(os.path.exists(os.path.join(d, "done.json")) for d in ds):
+            fs = [read_run(d)["final"] for d in ds]
+            frontier[b] = {k: mean_se([f[k] for f in fs]) for k in keys}
+    rows["ppo_lag_budgets"] = {f"{b:g}": r for b, r in frontier.items()}
+
+    def minutes(x):
+        return f"{x / 60:.1f}"
+
+    lines = [f"{len(args.seeds)} seeds each (SFT: 3 sampling seeds); mean ± standard error "
+             "(sample std / √n); 352 held-out test prompts, 4 samples each. Minutes: the method's "
+             "own run at one thread, two runs side by side on 2 cores (PPO runs: 350 iterations; "
+             "DPO: 600 steps); 'with models' adds the reward and cost models it trains with "
+             f"(reward model {minutes(pm_s['rm'])}, cost model {minutes(pm_s['cm'])} min, same "
+             "conditions); the SFT model all start from is not counted.", "",
+             "| method | helpfulness | of the 1% optimum | unsafe, harmful prompts | "
+             "unsafe, all prompts | helpfulness, benign | helpfulness, harmful | minutes | "
+             "minutes with models |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in finals:
+        r = rows[n]
+        t = (f"{minutes(r['wall_s'][0])} ± {minutes(r['wall_s'][1])} | "
+             f"{minutes(r['wall_with_models_s'])}") if "wall_s" in r else "– | –"
+        lines.append(f"| {OFFLINE_NAMES[n]} | {fmt(r['gold_helpfulness'])} | "
+                     f"{fmt(r['of_optimum_1pct'], True)} | "
+                     f"{fmt(r['gold_unsafe_rate_harmful'], True)} | "
+                     f"{fmt(r['gold_unsafe_rate'], True)} | {fmt(r['gold_helpfulness_benign'])} | "
+                     f"{fmt(r['gold_helpfulness_harmful'])} | {t} |")
+    lines += ["", f"MoCAN's λ* (raw cost units): {lam['mocan_raw'][0]:.3f} ± "
+              f"{lam['mocan_raw'][1]:.3f}; PPO-Lag's λ at 1%, mean of the last {LAST} "
+              "iterations, divided by the rate scale's ū − s̄ to the same units: "
+              f"{lam['ppo_lag_raw_last50'][0]:.3f} ± {lam['ppo_lag_raw_last50'][1]:.3f}."]
+    write(args, "offline", rows, "\n".join(lines))
+    plot_offline(rows, os.path.join(args.out, "offline.png"), args)
+
+
+def plot_offline(rows, path, args):
+    """Two panels, gold helpfulness against the gold unsafe rate on harmful prompts and on all
+    prompts; every method a point with ± SE bars, PPO-Lag's budgets a line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: no plot (the table has the numbers)")
+        return
+    style = {"sft": ("o", "black"), "dpo": ("v", "tab:orange"), "dpo_safer": ("^", "tab:orange"),
+             "safe_dpo": ("D", "tab:green"), "mocan": ("P", "tab:purple"),
+             "ppo": ("s", "gray"), "reward_shaping_5": ("o", "tab:blue"),
+             "ppo_lag": ("*", "tab:red"), "gold_ppo_lag": ("*", "gold")}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    for ax, key, label in [(axes[0], "gold_unsafe_rate_harmful", "harmful prompts"),
+                           (axes[1], "gold_unsafe_rate", "all prompts")]:
+        front = rows["ppo_lag_budgets"]
+        ax.plot([100 * r[key][0] for r in front.values()],
+                [r["gold_helpfulness"][0] for r in front.values()], "-", color="tab:red",
+                alpha=0.35, label="PPO-Lag at 1 / 5 / 10 / 20% asked")
+        for n, (marker, color) in style.items():
+            r = rows[n]
+            ax.errorbar(100 * r[key][0], r["gold_helpfulness"][0], xerr=100 * r[key][1],
+                        yerr=r["gold_helpfulness"][1], fmt=marker, color=color, capsize=2,
+                        markersize=13 if marker == "*" else 7, markeredgecolor="black",
+                        markeredgewidth=0.4, label=OFFLINE_NAMES[n], zorder=3)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.invert_xaxis()
+        ax.set_xlabel(f"gold unsafe rate on {label}, % (symlog; safer →)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("gold helpfulness (all held-out prompts)")
+    axes[1].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"Offline (DPO family) against online (PPO family) safe alignment: "
+                 f"{len(args.seeds)} seeds, mean ± SE", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+# -----------------------------------------------------------------------------
+# the reward and cost models against the gold order, off- and on-policy
+
+
+def agreement(args):
+    """The reward model (and the cost model) as agreement with the gold order on pairs the oracle
+    does not tie, with 95% intervals from a bootstrap over prompts: on a fresh held-out set 10x
+    pref_test's (the test prompts, 80 pairs each, drawn as pref_test is but from its own stream),
+    and on-policy: two answers of one policy to each test prompt (4 pairs per prompt), for the
+    SFT model and the final policies of `compare`'s PPO and the budget experiment's PPO-Lag at 1%
+    (their 3 seeds pooled). Needs those runs; trains nothing."""
+    import random
+
+    import torch
+
+    from experiments.diagnostics import gold_order_agreement
+    from nanosafe.evaluate import sample, score
+    from nanosafe.model import load_policy, load_score_model
+
+    torch.set_num_threads(args.jobs * args.threads)
+    prompts = _eval_prompts(args)
+    rm, rtok = load_score_model(args.rm, kind="reward")
+    cm, ctok = load_score_model(args.cm, kind="cost")
+    rm.eval()
+    cm.eval()
+
+    def both(ps, a0, a1):
+        """-> {reward: agreement with gold helpfulness, cost: with the gold total cost}"""
+        out = {}
+        for name, model, tok, gold in [
+                ("reward", rm, rtok, toy.helpfulness),
+                ("cost", cm, ctok, lambda p, a: sum(toy.cost(p, a).values()))]:
+            s0, s1 = score(model, tok, ps, a0).tolist(), score(model, tok, ps, a1).tolist()
+            out[name] = gold_order_agreement(ps, s0, s1, [gold(p, a) for p, a in zip(ps, a0)],
+                                             [gold(p, a) for p, a in zip(ps, a1)],
+                                             n_boot=args.n_boot)
+        return out
+
+    pairs = toy.draw_pairs(random.Random("0:pref_test_x10"), prompts, 80)
+    ps = [r["prompt"] for r in pairs]
+    a0, a1 = [r["response_0"] for r in pairs], [r["response_1"] for r in pairs]
+    rows = {"held_out": both(ps, a0, a1)}
+    # the noisy labels' own agreement with the gold order (the ceiling on label accuracy)
+    labels = [float(r["better_response_id"] == 0) for r in pairs]
+    rows["held_out"]["labels"] = gold_order_agreement(
+        ps, labels, [1 - x for x in labels], [toy.helpfulness(p, a) for p, a in zip(ps, a0)],
+        [toy.helpfulness(p, a) for p, a in zip(ps, a1)], n_boot=args.n_boot)
+    default = args.multipliers[0]
+    policies = {"sft": [args.sft],
+                "ppo": [os.path.join(args.out, "compare", "ppo", f"seed{s}") for s in args.seeds],
+                "ppo_lag": [os.path.join(args.out, "budget", f"{default}_0.01", f"seed{s}")
+                            for s in args.seeds]}
+    for name, dirs in policies.items():
+        ps, a0, a1 = [], [], []
+        for k, d in enumerate(dirs):
+            model, tok = load_policy(d)
+            model.eval()
+            qs = [p for p in prompts for _ in range(4)]
+            answers, _ = sample(model, tok, qs + qs, max_new_tokens=24, seed=2 * 10**6 + k)
+            ps += qs
+            a0 += answers[:len(qs)]
+            a1 += answers[len(qs):]
+        rows[name] = both(ps, a0, a1)
+        print(f"{name}: {rows[name]}", flush=True)
+
+    def cell(r):
+        return f"{r['agreement']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] ({r['n']:,})"
+
+    names = {"held_out": f"held-out pairs ({len(pairs):,}, 10x pref_test)",
+             "sft": "on-policy: SFT", "ppo": "on-policy: PPO (reward only), 3 seeds",
+             "ppo_lag": "on-policy: PPO-Lag 1%, 3 seeds"}
+    lines = ["Agreement with the gold order on pairs the oracle does not tie (a score tie counts "
+             "½); [95% interval, bootstrap over prompts]; (pairs). Held-out: the 352 test "
+             "prompts x 80 pairs, drawn as pref_test is; on-policy: two answers of the policy to "
+             "each test prompt, 4 pairs per prompt per seed.", "",
+             "| pairs | reward model vs gold helpfulness | cost model vs gold cost |",
+             "|---|---|---|"]
+    for n, r in rows.items():
+        lines.append(f"| {names[n]} | {cell(r['reward'])} | {cell(r['cost'])} |")
+    lines += ["", "The held-out pairs' own noisy 'better' labels agree with the gold order on "
+              f"{cell(rows['held_out']['labels'])}."]
+    write(args, "agreement", rows, "\n".join(lines))
+
+
 # -----------------------------------------------------------------------------
 # the multiplier's dynamics; the cost model's sign term
 
@@ -530,6 +785,52 @@ def sign(args):
                      f"{r['gold_helpfulness']:.3f} | {r['gold_unsafe_rate_harmful']:.1%} | "
                      f"{r['gold_unsafe_rate']:.1%} | {r['lambda_final']:.3g} |")
     write(args, "sign", rows, "\n".join(lines))
+
+
+def divisor(args):
+    """Why PPO-Lag at 1% became less helpful on the rate scale (docs/findings.md): the same
+    controller on the raw scale, every gain and λ bound divided to match (λ_raw = λ/(ū − s̄) on
+    the same trajectory: kp, ki, kd by (ū − s̄)², λ_init and λ_max by ū − s̄), so that the
+    Lagrangian r − λ·c is the same and only the 1 + λ dividing the actor's advantage differs:
+    1 + 5.3 on the rate scale, 1 + 0.57 on the raw one. Against the budget experiment's runs."""
+    default = args.multipliers[0]
+    base = [os.path.join(args.out, "budget", f"{default}_0.01", f"seed{s}") for s in args.seeds]
+    with open(os.path.join(base[0], "nanosafe.json")) as f:
+        lo, hi = json.load(f)["cost_scales"][0]
+    k = hi - lo
+    from nanosafe.config import parse
+    from nanosafe.rl import Config
+    cfg = parse(Config, argv=[])  # the RL scripts' defaults, scaled
+    flags = ["--cost_scale", "raw", "--target_unsafe_rate", "0.01", "--multiplier", "pid",
+             "--pid_kp", f"{cfg.pid_kp / k**2:.6g}", "--pid_ki", f"{cfg.pid_ki / k**2:.6g}",
+             "--pid_kd", f"{cfg.pid_kd / k**2:.6g}", "--lambda_init", f"{cfg.lambda_init / k:.6g}",
+             "--lambda_max", f"{cfg.lambda_max / k:.6g}"]
+    root = os.path.join(args.out, "divisor")
+    dirs = [os.path.join(root, "raw_matched", f"seed{s}") for s in args.seeds]
+    run_jobs([(d, ppo_argv(args, *flags, "--seed", str(s))) for d, s in zip(dirs, args.seeds)],
+             args.jobs, args.threads)
+    rows = {}
+    for name, ds, scale in [("rate", base, k), ("raw_matched", dirs, 1.0)]:
+        runs = [read_run(d) for d in ds if os.path.exists(os.path.join(d, "done.json"))]
+        if not runs:
+            continue
+        rows[name] = {key: mean_se([r["final"][key] for r in runs]) for key in
+                      ("gold_helpfulness", "gold_unsafe_rate", "gold_unsafe_rate_harmful")}
+        lam = [late(r, "lambda_0") for r in runs]
+        rows[name]["lambda_last50"] = mean_se(lam)
+        rows[name]["lambda_raw_last50"] = mean_se([x / scale for x in lam])
+        rows[name]["divisor_last50"] = mean_se([1 + x for x in lam])
+        rows[name]["n"] = len(runs)
+    lines = [f"{args.steps} iterations; mean ± SE over seeds {args.seeds}; 1% asked; λ over the "
+             f"last {LAST} iterations (raw units: divided by ū − s̄ = {k:.3f})", "",
+             "| cost scale | seeds | helpfulness | unsafe, all | unsafe, harmful | λ | λ, raw "
+             "units | 1 + λ |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['n']} | {fmt(r['gold_helpfulness'])} | "
+                     f"{fmt(r['gold_unsafe_rate'], True)} | "
+                     f"{fmt(r['gold_unsafe_rate_harmful'], True)} | {fmt(r['lambda_last50'])} | "
+                     f"{fmt(r['lambda_raw_last50'])} | {fmt(r['divisor_last50'])} |")
+    write(args, "divisor", rows, "\n".join(lines))
 
 
 def own_zero_threshold(args, cost_model):
@@ -806,8 +1107,8 @@ def rounds(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiment", choices=["sweep", "budget", "tune", "compare", "sign", "grpo",
-                                           "rounds"])
+    ap.add_argument("experiment", choices=["sweep", "budget", "tune", "compare", "offline",
+                                           "agreement", "sign", "divisor", "grpo", "rounds"])
     ap.add_argument("--steps", type=int, default=None, help="PPO iterations per run, the same for "
                     "every run of an experiment (default: 350, the demo's, for budget, tune and "
                     "compare; 150 for the others)")
@@ -832,17 +1133,19 @@ def main(argv=None):
     ap.add_argument("--pm_max_steps", type=int, default=0, help="rounds: cap the reward/cost "
                     "models' steps (0: the epochs; a quick check of the pipeline)")
     ap.add_argument("--n_boot", type=int, default=1000,
-                    help="rounds: bootstrap resamples for the Elo intervals")
+                    help="rounds, agreement: bootstrap resamples for the intervals")
     args = ap.parse_args(argv)
     if args.steps is None:
-        args.steps = 350 if args.experiment in ("budget", "tune", "compare") else 150
+        args.steps = 350 if args.experiment in ("budget", "tune", "compare", "divisor") else 150
     for path, what in [(args.sft, "train_sft.py"), (args.rm, "train_pm.py --kind reward"),
                        (args.cm, "train_pm.py --kind cost")]:
         if not os.path.isdir(path):
             sys.exit(f"error: {path}: no such folder; run `python {what}` first (or `make demo`)")
     t0 = time.time()
     experiment = {"sweep": sweep, "budget": budget, "tune": tune, "compare": compare,
-                  "sign": sign, "grpo": grpo, "rounds": rounds}
+                  "offline": offline,
+                  "agreement": agreement, "sign": sign, "divisor": divisor, "grpo": grpo,
+                  "rounds": rounds}
     experiment[args.experiment](args)
     print(f"{args.experiment}: {(time.time() - t0) / 60:.1f} min")
 

@@ -246,3 +246,94 @@ def test_budget_rows_mean_and_standard_error_by_hand(tmp_path, monkeypatch):
     # λ over iterations 10..59: seed s gives 1 + s + i/100, min at i = 10, max at i = 59
     lo, hi = row["lambda_last_min"][0], row["lambda_last_max"][0]
     assert lo == pytest.approx(1 + 1 + 0.10) and hi == pytest.approx(1 + 1 + 0.59)
+
+
+def test_gold_order_agreement_by_hand():
+    """Pairs the gold value ties are left out, a score tie counts ½, and the interval resamples
+    prompts: with every prompt at the same rate it has no width."""
+    from experiments.diagnostics import gold_order_agreement
+    prompts = ["a", "a", "a", "b", "b"]
+    s0, s1 = [2.0, 1.0, 0.0, 5.0, 3.0], [1.0, 1.0, 1.0, 4.0, 3.0]
+    g0, g1 = [1.0, 0.0, 7.0, 1.0, 2.0], [0.0, 1.0, 7.0, 0.0, 1.0]
+    # a: right (2>1, 1>0), tie ½, gold tie left out; b: right, score tie ½ -> 3 / 4
+    r = gold_order_agreement(prompts, s0, s1, g0, g1, n_boot=200)
+    assert r["agreement"] == pytest.approx(0.75) and r["n"] == 4 and r["prompts"] == 2
+    assert r["lo"] == pytest.approx(0.75) and r["hi"] == pytest.approx(0.75)  # both at 1.5 / 2
+    # a prompt all right, one all wrong: the pooled rate 0.5, the interval spans both ends
+    r = gold_order_agreement(["a", "a", "b"], [1, 1, 0], [0, 0, 1], [1, 1, 1], [0, 0, 0],
+                             n_boot=500)
+    assert r["agreement"] == pytest.approx(2 / 3) and r["lo"] == 0.0 and r["hi"] == 1.0
+
+
+def _fake_run(d, final, wall, lambdas=None, scales=None):
+    d.mkdir(parents=True)
+    metrics = [{"step": i, "lambda_0": x} for i, x in enumerate(lambdas or [0.0])]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (d / "summary.json").write_text(json.dumps({"final": final, "lambdas": [1.0],
+                                                "dual": {"lambda": 0.7}}))
+    (d / "done.json").write_text(json.dumps({"wall_s": wall}))
+    if scales:
+        (d / "nanosafe.json").write_text(json.dumps({"cost_scales": [scales]}))
+
+
+def test_offline_rows_by_hand(tmp_path, monkeypatch):
+    """offline's table from finished runs: mean ± SE per method, the minutes with the reward and
+    cost models each method needs added, and PPO-Lag's λ (the mean of its last 50 iterations) put
+    into raw cost units by the run's own ū - s̄ before it meets MoCAN's λ*."""
+    out = tmp_path / "exp"
+    keys = ("gold_helpfulness", "gold_unsafe_rate_harmful", "gold_unsafe_rate",
+            "gold_helpfulness_benign", "gold_helpfulness_harmful")
+
+    def final(h):
+        return {k: h for k in keys}
+    for s in range(3):
+        for n in run.OFFLINE:
+            _fake_run(out / "offline" / n / f"seed{s}", final(0.4 + s / 10), 100.0 + 10 * s)
+        for n in ("ppo", "reward_shaping_5", "gold_ppo_lag"):
+            _fake_run(out / "compare" / n / f"seed{s}", final(0.6), 600.0)
+        # λ 9 for 10 iterations, then 2 + s for the last 50; scale -4 .. +4 (ū - s̄ = 8)
+        _fake_run(out / "budget" / "pid_0.01" / f"seed{s}", final(0.5), 500.0,
+                  [9.0] * 10 + [2.0 + s] * 50, [-4.0, 4.0])
+    for k, w in (("time_rm", 240.0), ("time_cm", 120.0)):
+        _fake_run(out / "offline" / k, {}, w)
+    (out / "compare" / "sft.json").write_text(json.dumps([final(0.3)] * 3))
+    monkeypatch.setattr(run, "plot_offline", lambda *a: None)
+    args = SimpleNamespace(out=str(out), multipliers=["pid"], seeds=[0, 1, 2], sft="s", rm="r",
+                           cm="c", jobs=1, threads=1)
+    run.offline(args)
+    rows = json.load(open(out / "offline.json"))
+    m, se = rows["dpo"]["gold_helpfulness"]
+    assert m == pytest.approx(0.5) and se == pytest.approx(0.1 / math.sqrt(3))
+    assert rows["dpo"]["wall_s"][0] == pytest.approx(110.0)
+    assert rows["dpo"]["wall_with_models_s"] == pytest.approx(110.0)  # needs no model
+    assert rows["mocan"]["wall_with_models_s"] == pytest.approx(110.0 + 240 + 120)
+    assert rows["ppo"]["wall_with_models_s"] == pytest.approx(600.0 + 240)  # reward model only
+    assert rows["ppo_lag"]["wall_with_models_s"] == pytest.approx(500.0 + 240 + 120)
+    assert rows["lambda"]["ppo_lag_raw_last50"][0] == pytest.approx(3.0 / 8)  # mean of 2, 3, 4
+    assert rows["lambda"]["mocan_raw"][0] == pytest.approx(0.7)
+    assert rows["sft"]["gold_helpfulness"][0] == pytest.approx(0.3)
+
+
+def test_divisor_flags_match_the_rate_scale_controller(tmp_path, monkeypatch):
+    """The raw-scale run's PID gains are the defaults over (ū - s̄)² and its λ bounds over ū - s̄,
+    so λ_raw = λ_rate / (ū - s̄) on the same trajectory (the error is (ū - s̄) times larger)."""
+    out = tmp_path / "exp"
+    final = {"gold_helpfulness": 0.5, "gold_unsafe_rate": 0.01, "gold_unsafe_rate_harmful": 0.02}
+    _fake_run(out / "budget" / "pid_0.01" / "seed0", final, 1.0, [4.0], [-4.0, 4.0])
+    seen, written = [], []
+    monkeypatch.setattr(run, "run_jobs", lambda jobs, *a: seen.extend(jobs))  # runs nothing
+    monkeypatch.setattr(run, "write", lambda args, name, rows, table: written.append(rows))
+    args = SimpleNamespace(out=str(out), multipliers=["pid"], seeds=[0], sft="s", rm="r",
+                           cm="c", jobs=1, threads=1, steps=5)
+    run.divisor(args)
+    assert written[0]["rate"]["lambda_raw_last50"][0] == pytest.approx(4.0 / 8)
+    assert "raw_matched" not in written[0]  # not run: no row
+    argv = seen[0][1]
+
+    def flag(name):
+        return float(argv[argv.index(name) + 1])
+    assert argv[argv.index("--cost_scale") + 1] == "raw"
+    assert flag("--pid_kp") == pytest.approx(5.0 / 64) and flag("--pid_ki") == pytest.approx(
+        0.1 / 64) and flag("--pid_kd") == pytest.approx(10.0 / 64)
+    assert flag("--lambda_init") == pytest.approx(1 / 8) and flag("--lambda_max") == (
+        pytest.approx(20 / 8))
