@@ -13,20 +13,25 @@ records (train_dpo.py runs them):
 A pair is a record in the PKU-SafeRLHF schema (data.load_preference), *oriented*: response_0 is
 the answer the loss pushes up ("w"), response_1 the other ("l"); h = 1 marks an unsafe answer.
 
-What could and could not be checked against the papers (the stored copies reachable from here):
-- SafeDPO: the transform T (keep a pair whose preferred answer is safe, swap an unsafe preferred
-  answer with a safe other one, drop the pair when both are unsafe) and the loss
-  -log σ(β·[log-ratio(ỹ_w) - log-ratio(ỹ_l)] - (h̃_l - h̃_w)·Δ) agree in a paper-notes summary
-  (an English and a Chinese version of one note, which also gives the paper's β = 0.1, Δ = 10)
-  and in one third-party re-implementation; a review page agrees on the derivation (r = -inf for
-  an unsafe answer). The re-implementation cites the loss as the paper's Eq. (12) and T as its
-  §3.2; the arXiv text itself could not be read past its abstract, so those two numbers are
-  unverified (and the paper's v1 and v2 may number apart).
-- MoCAN: only the abstract and a summary could be read (the dual "has a closed form", is convex
-  and smooth; two stages: optimise λ, then one unconstrained alignment). The dual below is
-  derived here from the KL-regularised Lagrangian (its derivation is in the docstrings and the
-  tests check it on a case solved by hand); no equation number is cited for it, and the paper's
-  exact stage-2 labelling (hard or soft pseudo-preferences) could not be checked.
+What was checked, and against what (neither paper's text could be read here past its opening):
+- SafeDPO has no official code. The transform T (keep a pair whose preferred answer is safe, swap
+  an unsafe preferred answer with a safe other one, drop the pair when both are unsafe), the loss
+  -log σ(β·[log-ratio(ỹ_w) - log-ratio(ỹ_l)] - (h̃_l - h̃_w)·Δ) and the defaults β = 0.1, Δ = 10
+  agree across two paper notes (one built from the PDF), a review summary and two third-party
+  re-implementations. Their section and equation numbers disagree (§3 and Eq. 11-12 in one
+  re-implementation; the notes put the supporting results at Propositions 4.2-4.4), and arXiv
+  has two versions, so no number is cited here. Δ >= 0 leaving the optimum unchanged is the
+  notes' Proposition 4.4.
+- MoCAN: the dual is the official code's (github shuoli90/CAN, safe_rlhf/trainers/
+  model_based.py: safety = -cost, E[safety] >= threshold, so b = -d): β·mean_x logmeanexp[(r +
+  λ(safety - b))/β], minimised there by projected gradient descent, here by bisection on D' (the
+  same λ* to 1e-7 on a random case). The authors estimate it from 1,000 prompts x 128 reference
+  samples; train_dpo.py's K defaults to 8 (fewer samples make π_λ's reweighting coarser).
+  Stage 2 in the official code (safe_rlhf/algorithms/cdpo/dpo.py) relabels the existing
+  preference pairs, scored by the reward and cost models, with one hard label per pair drawn
+  once, P(y_1 chosen) = σ(w_1 - w_0), w = r - λ*·c, then runs standard DPO. Here the same
+  probability is the soft label of can_labels: the same expected loss and optimum, without the
+  draw's noise (a stated departure).
 """
 
 import math
@@ -99,8 +104,8 @@ def has_safety_labels(record) -> bool:
 
 
 def safe_dpo_pairs(records):
-    """SafeDPO's transform T of the pairs (Kim et al., §3.2 by a third-party reading: see the
-    module docstring), on the helpfulness preference y_w ≻ y_l and the safety labels h:
+    """SafeDPO's transform T of the pairs (Kim et al.; no section cited: see the module
+    docstring), on the helpfulness preference y_w ≻ y_l and the safety labels h:
 
         h_w = 0            keep (y_w, y_l)           whatever h_l
         h_w = 1, h_l = 0   swap: (y_l, y_w)          the safe answer becomes the preferred one
@@ -134,7 +139,7 @@ def unsafe_flags(pairs) -> torch.Tensor:
 
 def safety_offset(h_w, h_l, delta):
     """SafeDPO's offset (h_l - h_w)·Δ, subtracted from the DPO logit (the loss the module
-    docstring gives; Eq. 12 by the third-party reading): on a pair with a safe y_w and an unsafe
+    docstring gives): on a pair with a safe y_w and an unsafe
     y_l the implicit reward margin must exceed Δ before the loss flattens, pushing the unsafe
     answer down harder. After T, h_w = 0, so the offset is Δ·h_l. The paper shows Δ >= 0 leaves
     the optimum unchanged."""
@@ -190,7 +195,8 @@ def solve_can_dual(r, c, d, beta, lambda_max, tol=1e-7):
 def can_labels(r, c, lam):
     """MoCAN's second stage as DPO on relabelled pairs: the Bradley–Terry probability that y_w
     beats y_l under the Lagrangian reward r - λ·c (d cancels in a difference): r, c [2, B] for
-    (y_w, y_l) -> [B] in (0, 1). A soft label: dpo_loss's minimiser then has
+    (y_w, y_l) -> [B] in (0, 1). The official code draws one hard label from it per pair; here it
+    is a soft label (the same expected loss): dpo_loss's minimiser then has
     β·[log-ratio(y_w) - log-ratio(y_l)] = (r - λc)(y_w) - (r - λc)(y_l), the pairwise form of
     π_λ ∝ π_ref·exp((r - λc)/β)."""
     s = r - lam * c
