@@ -47,7 +47,7 @@ compare: install install-plot
 
 experiments: install install-plot
 	@test -d out/cm || $(MAKE) demo
-	for e in tune budget compare sweep sign grpo rounds; do $(PY) -m experiments.run $$e || exit 1; done
+	for e in tune budget compare offline agreement divisor sweep sign grpo rounds; do $(PY) -m experiments.run $$e || exit 1; done
 
 test: install
 	@$(PY) -c "import peft" 2>/dev/null || $(PY) -m pip install -q peft || echo "no peft: the LoRA tests will skip"
