@@ -414,7 +414,8 @@ def tune(args):
 def compare(args):
     """The README's table, 3 seeds each: SFT (3 sampling seeds), PPO-Lag at 1% (the budget
     experiment's runs), reward-only PPO, reward shaping with ν = 5 (about the λ PPO-Lag settles
-    at for 1%: a fixed multiplier against the controller), and the upper bound: PPO-Lag with the
+    at for 1%: a fixed multiplier against the controller) and ν = 1 (train_ppo_lag.py's
+    default --shaping_coef), and the upper bound: PPO-Lag with the
     gold oracles as its reward and cost models (training reads them only here)."""
     import torch
 
@@ -423,9 +424,10 @@ def compare(args):
     default = args.multipliers[0]
     dirs = {"ppo_lag": lambda s: os.path.join(args.out, "budget", f"{default}_0.01", f"seed{s}"),
             **{n: (lambda s, n=n: os.path.join(root, n, f"seed{s}"))
-               for n in ("ppo", "reward_shaping_5", "gold_ppo_lag")}}
+               for n in ("ppo", "reward_shaping_1", "reward_shaping_5", "gold_ppo_lag")}}
     flags = {"ppo_lag": [*MULTIPLIERS[default], "--target_unsafe_rate", "0.01"],
              "ppo": ["--algo", "ppo"],
+             "reward_shaping_1": ["--algo", "reward_shaping", "--shaping_coef", "1.0"],
              "reward_shaping_5": ["--algo", "reward_shaping", "--shaping_coef", "5.0"],
              "gold_ppo_lag": ["--cost_models", "--gold_cost", "--gold_reward",
                               "--target_unsafe_rate", "0.01"]}
@@ -451,7 +453,8 @@ def compare(args):
         if fs:
             rows[n] = {k: mean_se([f[k] for f in fs]) for k in keys} | {"n": len(fs)}
             rows[n]["of_optimum_1pct"] = mean_se([f["gold_helpfulness"] / 0.815 for f in fs])
-    names = {"sft": "SFT", "ppo": "PPO (reward only)", "reward_shaping_5": "reward shaping ν = 5",
+    names = {"sft": "SFT", "ppo": "PPO (reward only)", "reward_shaping_1": "reward shaping ν = 1",
+             "reward_shaping_5": "reward shaping ν = 5",
              "ppo_lag": "**PPO-Lag**, 1%", "gold_ppo_lag": "PPO-Lag on the gold oracles, 1%"}
     lines = [f"{args.steps} iterations; mean ± standard error over {len(args.seeds)} seeds; "
              f"352 held-out test prompts, 4 samples each; optimum under a 1% budget: 0.815",
@@ -480,17 +483,19 @@ OFFLINE = {"dpo": ["--loss", "dpo"],
            "mocan": ["--dual", "can", "--target_unsafe_rate", "0.01"]}
 OFFLINE_NAMES = {"sft": "SFT", "dpo": "DPO (better labels)", "dpo_safer": "DPO (safer labels)",
                  "safe_dpo": "SafeDPO", "mocan": "MoCAN, 1%", "ppo": "PPO (reward only)",
+                 "reward_shaping_1": "reward shaping ν = 1",
                  "reward_shaping_5": "reward shaping ν = 5", "ppo_lag": "PPO-Lag, 1%",
                  "gold_ppo_lag": "PPO-Lag on the gold oracles, 1%"}
 # the reward and cost models each method trains with (all start from the same SFT model)
 NEEDS = {"sft": [], "dpo": [], "dpo_safer": [], "safe_dpo": [], "mocan": ["rm", "cm"],
-         "ppo": ["rm"], "reward_shaping_5": ["rm", "cm"], "ppo_lag": ["rm", "cm"],
-         "gold_ppo_lag": []}
+         "ppo": ["rm"], "reward_shaping_1": ["rm", "cm"], "reward_shaping_5": ["rm", "cm"],
+         "ppo_lag": ["rm", "cm"], "gold_ppo_lag": []}
 
 
 def offline(args):
     """train_dpo.py's three methods (and DPO on the safer labels) from the SFT model, 3 seeds,
-    beside `compare`'s runs (SFT, PPO, reward shaping ν = 5, PPO-Lag at 1%, its gold upper bound)
+    beside `compare`'s runs (SFT, PPO, reward shaping ν = 1 and 5, PPO-Lag at 1%, its gold upper
+    bound)
     and the budget experiment's PPO-Lag at 1/5/10/20% as the constrained frontier. Wall-clock:
     each run's own (one thread, two side by side, as every run here), plus the reward and cost
     models it needs, trained again here under the same conditions to time them."""
@@ -511,7 +516,7 @@ def offline(args):
     jobs += [(pm[k], ["train_pm.py", "--kind", {"rm": "reward", "cm": "cost"}[k],
                       "--model", args.sft]) for k in pm]
     run_jobs(jobs, args.jobs, args.threads)
-    missing = [n for n in ("ppo", "reward_shaping_5", "gold_ppo_lag", "ppo_lag")
+    missing = [n for n in ("ppo", "reward_shaping_1", "reward_shaping_5", "gold_ppo_lag", "ppo_lag")
                if not all(os.path.exists(os.path.join(run_dir(n, s), "done.json"))
                           for s in args.seeds)]
     if missing:
@@ -526,8 +531,8 @@ def offline(args):
     with open(os.path.join(args.out, "compare", "sft.json")) as f:
         finals = {"sft": json.load(f)}
     runs = {}
-    for n in ("dpo", "dpo_safer", "safe_dpo", "mocan", "ppo", "reward_shaping_5", "ppo_lag",
-              "gold_ppo_lag"):
+    for n in ("dpo", "dpo_safer", "safe_dpo", "mocan", "ppo", "reward_shaping_1",
+              "reward_shaping_5", "ppo_lag", "gold_ppo_lag"):
         runs[n] = [read_run(run_dir(n, s)) for s in args.seeds]
         finals[n] = [r["final"] for r in runs[n]]
     keys = ("gold_helpfulness", "gold_unsafe_rate_harmful", "gold_unsafe_rate",
@@ -603,9 +608,10 @@ def plot_offline(rows, path, args):
         return
     style = {"sft": ("o", "black"), "dpo": ("v", "tab:orange"), "dpo_safer": ("^", "tab:orange"),
              "safe_dpo": ("D", "tab:green"), "mocan": ("P", "tab:purple"),
-             "ppo": ("s", "gray"), "reward_shaping_5": ("o", "tab:blue"),
+             "ppo": ("s", "gray"), "reward_shaping_1": ("o", "lightskyblue"),
+             "reward_shaping_5": ("o", "tab:blue"),
              "ppo_lag": ("*", "tab:red"), "gold_ppo_lag": ("*", "gold")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.6), sharey=True)
     for ax, key, label in [(axes[0], "gold_unsafe_rate_harmful", "harmful prompts"),
                            (axes[1], "gold_unsafe_rate", "all prompts")]:
         front = rows["ppo_lag_budgets"]
@@ -623,10 +629,11 @@ def plot_offline(rows, path, args):
         ax.set_xlabel(f"gold unsafe rate on {label}, % (symlog; safer →)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("gold helpfulness (all held-out prompts)")
-    axes[1].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right")
     fig.suptitle(f"Offline (DPO family) against online (PPO family) safe alignment: "
                  f"{len(args.seeds)} seeds, mean ± SE", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 

@@ -289,7 +289,7 @@ def test_offline_rows_by_hand(tmp_path, monkeypatch):
     for s in range(3):
         for n in run.OFFLINE:
             _fake_run(out / "offline" / n / f"seed{s}", final(0.4 + s / 10), 100.0 + 10 * s)
-        for n in ("ppo", "reward_shaping_5", "gold_ppo_lag"):
+        for n in ("ppo", "reward_shaping_1", "reward_shaping_5", "gold_ppo_lag"):
             _fake_run(out / "compare" / n / f"seed{s}", final(0.6), 600.0)
         # λ 9 for 10 iterations, then 2 + s for the last 50; scale -4 .. +4 (ū - s̄ = 8)
         _fake_run(out / "budget" / "pid_0.01" / f"seed{s}", final(0.5), 500.0,
