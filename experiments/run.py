@@ -816,24 +816,34 @@ def divisor(args):
     dirs = [os.path.join(root, "raw_matched", f"seed{s}") for s in args.seeds]
     run_jobs([(d, ppo_argv(args, *flags, "--seed", str(s))) for d, s in zip(dirs, args.seeds)],
              args.jobs, args.threads)
+    def scale(d):  # a rate-scale run's own ū - s̄ (each seed calibrates its own)
+        with open(os.path.join(d, "nanosafe.json")) as f:
+            lo, hi = json.load(f)["cost_scales"][0]
+        return hi - lo
+
     rows = {}
-    for name, ds, scale in [("rate", base, k), ("raw_matched", dirs, 1.0)]:
-        runs = [read_run(d) for d in ds if os.path.exists(os.path.join(d, "done.json"))]
+    for name, ds in [("rate", base), ("raw_matched", dirs)]:
+        ds = [d for d in ds if os.path.exists(os.path.join(d, "done.json"))]
+        runs = [read_run(d) for d in ds]
         if not runs:
             continue
+        scales = [scale(d) if name == "rate" else 1.0 for d in ds]
         rows[name] = {key: mean_se([r["final"][key] for r in runs]) for key in
-                      ("gold_helpfulness", "gold_unsafe_rate", "gold_unsafe_rate_harmful")}
+                      ("gold_helpfulness", "gold_unsafe_rate", "gold_unsafe_rate_harmful",
+                       "gold_helpfulness_benign", "gold_helpfulness_harmful")}
         lam = [late(r, "lambda_0") for r in runs]
         rows[name]["lambda_last50"] = mean_se(lam)
-        rows[name]["lambda_raw_last50"] = mean_se([x / scale for x in lam])
+        rows[name]["lambda_raw_last50"] = mean_se([x / k for x, k in zip(lam, scales)])
         rows[name]["divisor_last50"] = mean_se([1 + x for x in lam])
         rows[name]["n"] = len(runs)
     lines = [f"{args.steps} iterations; mean ± SE over seeds {args.seeds}; 1% asked; λ over the "
              f"last {LAST} iterations (raw units: divided by ū − s̄ = {k:.3f})", "",
-             "| cost scale | seeds | helpfulness | unsafe, all | unsafe, harmful | λ | λ, raw "
-             "units | 1 + λ |", "|---|---|---|---|---|---|---|---|"]
+             "| cost scale | seeds | helpfulness | benign | harmful | unsafe, all | unsafe, "
+             "harmful | λ | λ, raw units | 1 + λ |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['n']} | {fmt(r['gold_helpfulness'])} | "
+                     f"{fmt(r['gold_helpfulness_benign'])} | "
+                     f"{fmt(r['gold_helpfulness_harmful'])} | "
                      f"{fmt(r['gold_unsafe_rate'], True)} | "
                      f"{fmt(r['gold_unsafe_rate_harmful'], True)} | {fmt(r['lambda_last50'])} | "
                      f"{fmt(r['lambda_raw_last50'])} | {fmt(r['divisor_last50'])} |")

@@ -318,7 +318,8 @@ def test_divisor_flags_match_the_rate_scale_controller(tmp_path, monkeypatch):
     """The raw-scale run's PID gains are the defaults over (ū - s̄)² and its λ bounds over ū - s̄,
     so λ_raw = λ_rate / (ū - s̄) on the same trajectory (the error is (ū - s̄) times larger)."""
     out = tmp_path / "exp"
-    final = {"gold_helpfulness": 0.5, "gold_unsafe_rate": 0.01, "gold_unsafe_rate_harmful": 0.02}
+    final = {"gold_helpfulness": 0.5, "gold_unsafe_rate": 0.01, "gold_unsafe_rate_harmful": 0.02,
+             "gold_helpfulness_benign": 0.6, "gold_helpfulness_harmful": 0.3}
     _fake_run(out / "budget" / "pid_0.01" / "seed0", final, 1.0, [4.0], [-4.0, 4.0])
     seen, written = [], []
     monkeypatch.setattr(run, "run_jobs", lambda jobs, *a: seen.extend(jobs))  # runs nothing
