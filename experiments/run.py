@@ -415,14 +415,14 @@ def compare(args):
     """The README's table, 3 seeds each: SFT (3 sampling seeds), PPO-Lag at 1% (the budget
     experiment's runs), reward-only PPO, reward shaping with ν = 5 (about the λ PPO-Lag settles
     at for 1%: a fixed multiplier against the controller) and ν = 1 (train_ppo_lag.py's
-    default --shaping_coef), and the upper bound: PPO-Lag with the
-    gold oracles as its reward and cost models (training reads them only here)."""
+    default --shaping_coef), and the upper bound: PPO-Lag with the gold oracles as its reward
+    and cost models (training reads them only here)."""
     import torch
 
     from nanosafe.evaluate import compare as gold_compare
     root = os.path.join(args.out, "compare")
     default = args.multipliers[0]
-    dirs = {"ppo_lag": lambda s: os.path.join(args.out, "budget", f"{default}_0.01", f"seed{s}"),
+    dirs = {"ppo_lag": lambda s: lag_1pct_dir(args, s),
             **{n: (lambda s, n=n: os.path.join(root, n, f"seed{s}"))
                for n in ("ppo", "reward_shaping_1", "reward_shaping_5", "gold_ppo_lag")}}
     flags = {"ppo_lag": [*MULTIPLIERS[default], "--target_unsafe_rate", "0.01"],
@@ -434,8 +434,6 @@ def compare(args):
     jobs = [(dirs[n](s), ppo_argv(args, *flags[n], "--seed", str(s)))
             for s in args.seeds for n in dirs]
     run_jobs(jobs, args.jobs, args.threads)
-    keys = ("gold_helpfulness", "gold_unsafe_rate_harmful", "gold_unsafe_rate",
-            "gold_helpfulness_benign", "gold_helpfulness_harmful")
     rows = {}
     sft_path = os.path.join(root, "sft.json")
     if not os.path.exists(sft_path):  # the SFT policy has no training seed: 3 sampling seeds
@@ -451,8 +449,7 @@ def compare(args):
                      if os.path.exists(os.path.join(dirs[n](s), "done.json"))]
     for n, fs in finals.items():
         if fs:
-            rows[n] = {k: mean_se([f[k] for f in fs]) for k in keys} | {"n": len(fs)}
-            rows[n]["of_optimum_1pct"] = mean_se([f["gold_helpfulness"] / 0.815 for f in fs])
+            rows[n] = gold_row(fs)
     names = {"sft": "SFT", "ppo": "PPO (reward only)", "reward_shaping_1": "reward shaping ν = 1",
              "reward_shaping_5": "reward shaping ν = 5",
              "ppo_lag": "**PPO-Lag**, 1%", "gold_ppo_lag": "PPO-Lag on the gold oracles, 1%"}
@@ -472,6 +469,30 @@ def compare(args):
 def _eval_prompts(args):
     with open(os.path.join(args.data_dir, "prompts_test.jsonl")) as f:
         return [json.loads(ln)["prompt"] for ln in f if ln.strip()]
+
+
+GOLD_KEYS = ("gold_helpfulness", "gold_unsafe_rate_harmful", "gold_unsafe_rate",
+             "gold_helpfulness_benign", "gold_helpfulness_harmful")
+
+
+def gold_row(finals):
+    """mean ± SE over seeds of the final gold numbers, and helpfulness over the 1% optimum"""
+    return ({k: mean_se([f[k] for f in finals]) for k in GOLD_KEYS} | {"n": len(finals)}
+            | {"of_optimum_1pct": mean_se([f["gold_helpfulness"] / 0.815 for f in finals])})
+
+
+def lag_1pct_dir(args, s):
+    """PPO-Lag at 1% with the default multiplier, seed s: the budget experiment's run, which
+    compare, offline, agreement and divisor reuse"""
+    return os.path.join(args.out, "budget", f"{args.multipliers[0]}_0.01", f"seed{s}")
+
+
+def rate_scale(run_dir):
+    """ū - s̄ of a rate-scale run's (first) cost stream, from its nanosafe.json: λ / (ū - s̄) is
+    its λ on the cost model's raw scores"""
+    with open(os.path.join(run_dir, "nanosafe.json")) as f:
+        lo, hi = json.load(f)["cost_scales"][0]
+    return hi - lo
 
 
 # -----------------------------------------------------------------------------
@@ -495,10 +516,10 @@ NEEDS = {"sft": [], "dpo": [], "dpo_safer": [], "safe_dpo": [], "mocan": ["rm", 
 def offline(args):
     """train_dpo.py's three methods (and DPO on the safer labels) from the SFT model, 3 seeds,
     beside `compare`'s runs (SFT, PPO, reward shaping ν = 1 and 5, PPO-Lag at 1%, its gold upper
-    bound)
-    and the budget experiment's PPO-Lag at 1/5/10/20% as the constrained frontier. Wall-clock:
-    each run's own (one thread, two side by side, as every run here), plus the reward and cost
-    models it needs, trained again here under the same conditions to time them."""
+    bound) and the budget experiment's PPO-Lag at 1/5/10/20% as the constrained frontier.
+    Wall-clock: each run's own (one thread, two side by side, as every run here), plus the
+    reward and cost models it needs, trained again here under the same conditions to time
+    them."""
     root = os.path.join(args.out, "offline")
     default = args.multipliers[0]
 
@@ -506,9 +527,16 @@ def offline(args):
         if n in OFFLINE:
             return os.path.join(root, n, f"seed{s}")
         if n == "ppo_lag":
-            return os.path.join(args.out, "budget", f"{default}_0.01", f"seed{s}")
+            return lag_1pct_dir(args, s)
         return os.path.join(args.out, "compare", n, f"seed{s}")
 
+    # the runs it reuses, checked before its own are run
+    missing = [n for n in ("ppo", "reward_shaping_1", "reward_shaping_5", "gold_ppo_lag", "ppo_lag")
+               if not all(os.path.exists(os.path.join(run_dir(n, s), "done.json"))
+                          for s in args.seeds)]
+    if missing:
+        sys.exit(f"error: no finished runs for {', '.join(missing)} at seeds {args.seeds}: run "
+                 "`python -m experiments.run compare` (and `budget`) first")
     pm = {"rm": os.path.join(root, "time_rm"), "cm": os.path.join(root, "time_cm")}
     jobs = [(run_dir(n, s), ["train_dpo.py", "--model", args.sft, "--reward_model", args.rm,
                              "--cost_model", args.cm, *OFFLINE[n], "--seed", str(s)])
@@ -516,12 +544,6 @@ def offline(args):
     jobs += [(pm[k], ["train_pm.py", "--kind", {"rm": "reward", "cm": "cost"}[k],
                       "--model", args.sft]) for k in pm]
     run_jobs(jobs, args.jobs, args.threads)
-    missing = [n for n in ("ppo", "reward_shaping_1", "reward_shaping_5", "gold_ppo_lag", "ppo_lag")
-               if not all(os.path.exists(os.path.join(run_dir(n, s), "done.json"))
-                          for s in args.seeds)]
-    if missing:
-        sys.exit(f"error: no finished runs for {', '.join(missing)} at seeds {args.seeds}: run "
-                 "`python -m experiments.run compare` (and `budget`) first")
 
     def wall(d):
         with open(os.path.join(d, "done.json")) as f:
@@ -535,12 +557,9 @@ def offline(args):
               "reward_shaping_5", "ppo_lag", "gold_ppo_lag"):
         runs[n] = [read_run(run_dir(n, s)) for s in args.seeds]
         finals[n] = [r["final"] for r in runs[n]]
-    keys = ("gold_helpfulness", "gold_unsafe_rate_harmful", "gold_unsafe_rate",
-            "gold_helpfulness_benign", "gold_helpfulness_harmful")
     rows = {}
     for n, fs in finals.items():
-        rows[n] = {k: mean_se([f[k] for f in fs]) for k in keys} | {"n": len(fs)}
-        rows[n]["of_optimum_1pct"] = mean_se([f["gold_helpfulness"] / 0.815 for f in fs])
+        rows[n] = gold_row(fs)
         if n in runs:
             own = mean_se([r["wall_s"] for r in runs[n]])
             rows[n]["wall_s"] = own
@@ -549,13 +568,12 @@ def offline(args):
 
     # MoCAN's λ* against where PPO-Lag's λ settles at the same budget, on one scale: PPO-Lag's λ
     # multiplies the rate-scale cost (c - s̄)/(ū - s̄), MoCAN's the raw cost, so λ_raw = λ/(ū - s̄)
-    mocan_raw, ppo_raw = [], []
+    mocan_raw = []
     for s in args.seeds:
         with open(os.path.join(run_dir("mocan", s), "summary.json")) as f:
             mocan_raw.append(json.load(f)["dual"]["lambda"])
-        with open(os.path.join(run_dir("ppo_lag", s), "nanosafe.json")) as f:
-            lo, hi = json.load(f)["cost_scales"][0]
-        ppo_raw.append(late(read_run(run_dir("ppo_lag", s)), "lambda_0") / (hi - lo))
+    ppo_raw = [late(r, "lambda_0") / rate_scale(run_dir("ppo_lag", s))
+               for s, r in zip(args.seeds, runs["ppo_lag"])]
     lam = {"mocan_raw": mean_se(mocan_raw), "ppo_lag_raw_last50": mean_se(ppo_raw)}
     rows["lambda"] = lam
 
@@ -564,7 +582,7 @@ def offline(args):
         ds = [os.path.join(args.out, "budget", f"{default}_{b:g}", f"seed{s}") for s in args.seeds]
         if all(os.path.exists(os.path.join(d, "done.json")) for d in ds):
             fs = [read_run(d)["final"] for d in ds]
-            frontier[b] = {k: mean_se([f[k] for f in fs]) for k in keys}
+            frontier[b] = {k: mean_se([f[k] for f in fs]) for k in GOLD_KEYS}
     rows["ppo_lag_budgets"] = {f"{b:g}": r for b, r in frontier.items()}
 
     def minutes(x):
@@ -684,11 +702,9 @@ def agreement(args):
     rows["held_out"]["labels"] = gold_order_agreement(
         ps, labels, [1 - x for x in labels], [toy.helpfulness(p, a) for p, a in zip(ps, a0)],
         [toy.helpfulness(p, a) for p, a in zip(ps, a1)], n_boot=args.n_boot)
-    default = args.multipliers[0]
     policies = {"sft": [args.sft],
                 "ppo": [os.path.join(args.out, "compare", "ppo", f"seed{s}") for s in args.seeds],
-                "ppo_lag": [os.path.join(args.out, "budget", f"{default}_0.01", f"seed{s}")
-                            for s in args.seeds]}
+                "ppo_lag": [lag_1pct_dir(args, s) for s in args.seeds]}
     for name, dirs in policies.items():
         ps, a0, a1 = [], [], []
         for k, d in enumerate(dirs):
@@ -800,11 +816,8 @@ def divisor(args):
     the same trajectory: kp, ki, kd by (ū − s̄)², λ_init and λ_max by ū − s̄), so that the
     Lagrangian r − λ·c is the same and only the 1 + λ dividing the actor's advantage differs:
     1 + 5.3 on the rate scale, 1 + 0.57 on the raw one. Against the budget experiment's runs."""
-    default = args.multipliers[0]
-    base = [os.path.join(args.out, "budget", f"{default}_0.01", f"seed{s}") for s in args.seeds]
-    with open(os.path.join(base[0], "nanosafe.json")) as f:
-        lo, hi = json.load(f)["cost_scales"][0]
-    k = hi - lo
+    base = [lag_1pct_dir(args, s) for s in args.seeds]
+    k = rate_scale(base[0])  # the raw run's gains: seed 0's scale
     from nanosafe.config import parse
     from nanosafe.rl import Config
     cfg = parse(Config, argv=[])  # the RL scripts' defaults, scaled
@@ -816,24 +829,18 @@ def divisor(args):
     dirs = [os.path.join(root, "raw_matched", f"seed{s}") for s in args.seeds]
     run_jobs([(d, ppo_argv(args, *flags, "--seed", str(s))) for d, s in zip(dirs, args.seeds)],
              args.jobs, args.threads)
-    def scale(d):  # a rate-scale run's own ū - s̄ (each seed calibrates its own)
-        with open(os.path.join(d, "nanosafe.json")) as f:
-            lo, hi = json.load(f)["cost_scales"][0]
-        return hi - lo
-
     rows = {}
     for name, ds in [("rate", base), ("raw_matched", dirs)]:
         ds = [d for d in ds if os.path.exists(os.path.join(d, "done.json"))]
         runs = [read_run(d) for d in ds]
         if not runs:
             continue
-        scales = [scale(d) if name == "rate" else 1.0 for d in ds]
-        rows[name] = {key: mean_se([r["final"][key] for r in runs]) for key in
-                      ("gold_helpfulness", "gold_unsafe_rate", "gold_unsafe_rate_harmful",
-                       "gold_helpfulness_benign", "gold_helpfulness_harmful")}
+        # each rate-scale seed in raw units by its own ū - s̄ (each calibrates its own)
+        scales = [rate_scale(d) if name == "rate" else 1.0 for d in ds]
+        rows[name] = {key: mean_se([r["final"][key] for r in runs]) for key in GOLD_KEYS}
         lam = [late(r, "lambda_0") for r in runs]
         rows[name]["lambda_last50"] = mean_se(lam)
-        rows[name]["lambda_raw_last50"] = mean_se([x / k for x, k in zip(lam, scales)])
+        rows[name]["lambda_raw_last50"] = mean_se([x / sc for x, sc in zip(lam, scales)])
         rows[name]["divisor_last50"] = mean_se([1 + x for x in lam])
         rows[name]["n"] = len(runs)
     lines = [f"{args.steps} iterations; mean ± SE over seeds {args.seeds}; 1% asked; λ over the "
