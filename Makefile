@@ -2,7 +2,7 @@
 # make demo:    install what is missing, run the toy pipeline SFT -> reward model -> cost model -> PPO-Lag and
 #               its gold evaluation against SFT (~12 min on 2 CPU cores)
 # make compare: after the demo, the README's table: PPO-Lag, PPO, reward shaping (ν = 1, 5) and PPO-Lag on the gold
-#               oracles, 3 seeds each, mean ± standard error (15 runs, ~65 min on 2 CPU cores)
+#               oracles, 3 seeds each, mean ± standard error (15 runs, ~60 min on 2 CPU cores)
 # make experiments: after the demo, the paper's experiments at toy scale (docs/experiments.md; ~5 h on 2 CPU cores)
 # make test:    install what is missing, run the tests (CPU only, ~8 min on 2 cores; peft for the LoRA tests)
 PY ?= python3
