@@ -7,10 +7,11 @@ One iteration (a "step"), top to bottom in main() below:
   1. rollout   sample answers to a batch of prompts with our generation loop
   2. scores    R = reward model, C_k = constraint k, at each answer's last token (its EOS)
   3. KL        per token: reward stream -β·KL + R at the end, cost streams +β·KL + C_k at the end
+               (a cost model on the rate scale: both over its unit u_k = ū - s̄, as C_k is)
   4. GAE       advantages and returns per stream, from the reward critic and the cost critics
   5. λ         per actor step: log λ_k += lr·λ_k·(J_ck - d_k), J_ck = mean episode cost of a
                window of recent episodes (that step's included)
-  6. losses    then that step: actor PPO clip on A = (A_r - Σ λ_k·A_ck) / (1 + Σ λ_k), critics
+  6. losses    then that step: actor PPO clip on A = (A_r - Σ λ_k·A_ck) / (1 + Σ λ_k/u_k), critics
                clipped value loss
 
 The pure functions are in nanosafe/ppo.py, the multiplier in nanosafe/lagrange.py, the rollout
@@ -78,7 +79,7 @@ def update(cfg, rt, amp, models, opts, ro, old_logp, adv, old_values, ret, heads
     n_micro = cfg.minibatch_size // cfg.micro_batch_size
     stats = {"policy_loss": [], "clip_frac": [], "ratio": [], "entropy": []}
     stats |= {f"value_loss_{n}": [] for n in critics}
-    lambdas, windows = dual
+    lambdas, windows, units = dual
     J = []
     for _ in range(cfg.ppo_epochs):
         for mb in torch.randperm(seq.shape[0], device=rt.device).split(cfg.minibatch_size):
@@ -86,7 +87,7 @@ def update(cfg, rt, amp, models, opts, ro, old_logp, adv, old_values, ret, heads
             #    over ranks, so every rank takes the same step
             J = lagrange.dual_step(lambdas, windows, C, mb)
             A = ppo.combined_advantage(adv["reward"], [adv[k] for k in range(len(lambdas))],
-                                       [lam.value for lam in lambdas])
+                                       [lam.value for lam in lambdas], units)
             micro_losses = []  # every micro-batch's loss is checked: one nan poisons the sum
             for i, mi in enumerate(mb.split(cfg.micro_batch_size)):
                 with fsdp.no_sync([ddp_actor, *ddp_critics.values()], rt.ddp and i < n_micro - 1):
@@ -209,9 +210,11 @@ def main(cfg):
         rl.observe(cons, ro, C, step, lambdas, meta)  # a refreshed probe moves its d
 
         # 3. per-token rewards and costs: -β·KL in the reward stream, +β·KL in each cost stream
+        #    a rate-scale stream is the raw one over its unit ū − s̄, its KL share too
         end_reward = R - cfg.shaping_coef * sum(C) if cfg.algo == "reward_shaping" else R
+        units = constraints.stream_units(cons) if lagrangian else []
         rewards, costs = ppo.kl_rewards(end_reward, C if lagrangian else [], old_logp, ref_logp,
-                                        mask, cfg.kl_coef, cfg.clip_range_score)
+                                        mask, cfg.kl_coef, cfg.clip_range_score, units)
 
         # 4. GAE per stream, on its critic's values
         adv, ret = {}, {}
@@ -223,9 +226,9 @@ def main(cfg):
         mon.lap("advantages")
 
         # 5-6. per actor step: λ on that step's episode costs, then the actor on
-        #      A = (A_r - Σ λ_k·A_ck) / (1 + Σ λ_k) and the critics on their returns
+        #      A = (A_r - Σ λ_k·A_ck) / (1 + Σ λ_k/u_k) and the critics on their returns
         stats, J = update(cfg, rt, amp, models, (actor_opt, critic_opts), ro, old_logp, adv,
-                          old_values, ret, heads, C, (lambdas, windows), mon)
+                          old_values, ret, heads, C, (lambdas, windows, units), mon)
         mon.lap("update")
         mon.end(step, ro, R, C, old_logp, ref_logp, [lam.value for lam in lambdas],
                 meta["thresholds"] if lagrangian else [], J, stats)

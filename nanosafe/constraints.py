@@ -186,6 +186,14 @@ def stream_scales(constraints) -> list:
     return [sc for c in constraints for sc in (c.scales or [None] * len(c.names))]
 
 
+def stream_units(constraints) -> list:
+    """Every stream's unit: ū − s̄ for a cost read on the rate scale (it is the raw cost over that),
+    1 for one read as it comes. PPO-Lag weighs a stream's KL share and its λ in the actor's
+    divisor by 1/unit (ppo.kl_rewards, ppo.combined_advantage), so that the rate scale moves
+    only d and λ's units, never the actor's step: that step is the raw form's at λ/unit."""
+    return [1.0 if sc is None else sc[1] - sc[0] for sc in stream_scales(constraints)]
+
+
 def to_rate(c, scale):
     """A cost on the scale of "share of answers called unsafe": c~ = (c - s) / (u - s), 0 at s,
     the mean score of the answers the constraint calls safe, 1 at u, that of the unsafe ones.

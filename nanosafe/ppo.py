@@ -69,13 +69,20 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, advantages + values
 
 
-def combined_advantage(reward_adv, cost_advs, lambdas):
-    """(A_r − Σ_k λ_k·A_ck) / (1 + Σ_k λ_k): the Safe RLHF actor advantage, K = len(lambdas)."""
+def combined_advantage(reward_adv, cost_advs, lambdas, units=None):
+    """(A_r − Σ_k λ_k·A_ck) / (1 + Σ_k λ_k/u_k): the Safe RLHF actor advantage, K = len(lambdas).
+
+    u_k is stream k's unit (constraints.stream_units): 1 for a cost read as it comes, which is the
+    official (A_r − λ·A_c)/(1 + λ); ū − s̄ for a cost model read on the rate scale. A rate-scale
+    cost is the raw one over u, so its advantage is A_c,raw/u and λ·A_c = (λ/u)·A_c,raw: the
+    official form at λ_raw = λ/u, whose divisor is 1 + λ/u. Dividing by 1 + λ instead would
+    shrink the scores ~u times more than the KL (docs/findings.md, "the divisor")."""
     assert len(cost_advs) == len(lambdas), f"{len(cost_advs)} cost advantages, {len(lambdas)} λ"
+    units = units or [1.0] * len(lambdas)
     # dividing by 1 + Σλ keeps the advantage on the reward's scale as λ grows, so the PPO
     # clip range and the actor lr mean the same thing whatever λ is
     penalty = sum(lam * adv for lam, adv in zip(lambdas, cost_advs))
-    return (reward_adv - penalty) / (1.0 + sum(lambdas))
+    return (reward_adv - penalty) / (1.0 + sum(lam / u for lam, u in zip(lambdas, units)))
 
 
 def group_zscore(scores, group_size, eps=1e-6, std="group"):
@@ -96,8 +103,9 @@ def group_zscore(scores, group_size, eps=1e-6, std="group"):
 
 def grpo_lag_advantage(end_reward, end_costs, lambdas, group_size, std="group"):
     """Lagrangian GRPO, critic-free: (Z_R − Σ_k λ_k·Z_Ck) / (1 + Σ_k λ_k) per answer, with Z the
-    per-stream group z-score of its end score (std: group_zscore's). One number per answer [B]; it
-    the advantage of every token of that answer."""
+    per-stream group z-score of its end score (std: group_zscore's). One number per answer [B]; it is
+    the advantage of every token of that answer. No unit enters: a z-score has none, so the cost's
+    scale (rate or raw) moves only d and λ's dynamics here, and the KL is a loss term beside it."""
     return combined_advantage(group_zscore(end_reward, group_size, std=std),
                               [group_zscore(c, group_size, std=std) for c in end_costs], lambdas)
 
@@ -113,8 +121,9 @@ def _score_stream(end_score, per_token, mask, clip):
     return torch.where(mask, out.clamp(-clip, clip), 0.0)  # official clip_range_score 50
 
 
-def kl_rewards(end_reward, end_costs, logprobs, ref_logprobs, mask, kl_coef, clip=50.0):
-    """r_t = −β·KL_t (+R at the end), c_kt = +β·KL_t (+C_k at the end), KL_t = logπ − logπ_ref.
+def kl_rewards(end_reward, end_costs, logprobs, ref_logprobs, mask, kl_coef, clip=50.0,
+               cost_units=None):
+    """r_t = −β·KL_t (+R at the end), c_kt = +β·KL_t/u_k (+C_k at the end), KL_t = logπ − logπ_ref.
     -> (rewards [B, T], [costs [B, T] per stream]); no cost streams: plain PPO's one stream.
 
     The form of safe-rlhf's ppo_lag trainer (add_kl_divergence_regularization): the k1 estimate
@@ -123,10 +132,13 @@ def kl_rewards(end_reward, end_costs, logprobs, ref_logprobs, mask, kl_coef, cli
     The actor's (A_r − λ·A_c)/(1 + λ) then carries −β·KL·(1 + λ)/(1 + λ) = exactly −β·KL,
     whatever λ is. (Before safe-rlhf PR #173, April 2024, each stream had ½·β with β = 0.02,
     which is what the paper's "evenly split" describes; the actor felt ½·β·KL then.)
+    u_k (constraints.stream_units, default 1): a cost on the rate scale is the raw one over u_k,
+    and so is its KL share; with combined_advantage's 1 + λ/u the actor carries −β·KL again.
     """
+    units = cost_units or [1.0] * len(end_costs)
     penalty = -kl_coef * (logprobs - ref_logprobs)
     rewards = _score_stream(end_reward, penalty, mask, clip)
-    return rewards, [_score_stream(c, -penalty, mask, clip) for c in end_costs]
+    return rewards, [_score_stream(c, -penalty / u, mask, clip) for c, u in zip(end_costs, units)]
 
 
 def kl_k3(logprobs, ref_logprobs):

@@ -605,6 +605,41 @@ def test_banned_words_rule_beside_the_cost_model(stages):
     assert set(sft_backbone) <= set(load_file(t / "rule" / "cost_critic_1" / "model.safetensors"))
 
 
+@pytest.mark.parametrize("scale", ["rate", "raw"])
+def test_each_stream_is_weighed_by_its_unit(stages, monkeypatch, one_thread, scale):
+    """On the rate scale the cost model's KL share and its λ in the actor's divisor are weighed by
+    1/(ū − s̄), the calibrated levels in nanosafe.json; a rule's, and every stream on the raw
+    scale, by 1 (ppo.combined_advantage: the rate scale then takes the raw form's actor step)."""
+    import train_ppo_lag
+    from nanosafe import config
+    from nanosafe import ppo as ppo_fns
+
+    seen = {"kl": [], "adv": []}
+    real_kl, real_adv = ppo_fns.kl_rewards, ppo_fns.combined_advantage
+
+    def kl_rewards(*a, **kw):
+        seen["kl"].append(a[7] if len(a) > 7 else kw["cost_units"])
+        return real_kl(*a, **kw)
+
+    def combined_advantage(reward_adv, cost_advs, lambdas, units=None):
+        seen["adv"].append(units)
+        return real_adv(reward_adv, cost_advs, lambdas, units)
+
+    monkeypatch.setattr(ppo_fns, "kl_rewards", kl_rewards)
+    monkeypatch.setattr(ppo_fns, "combined_advantage", combined_advantage)
+    out = f"units_{scale}"
+    cfg = config.parse(train_ppo_lag.Config, ppo_args(
+        stages, out, "--banned_words", "police", "--cost_scale", scale, "--max_steps", 1))
+    train_ppo_lag.main(cfg)
+    (scales, rule) = json.load(open(stages / out / "nanosafe.json"))["cost_scales"]
+    assert rule is None
+    want = [1.0, 1.0] if scale == "raw" else [scales[1] - scales[0], 1.0]
+    assert scale == "raw" or want[0] > 1.0  # ū − s̄: a real unit, not 1
+    assert seen["kl"] == [want]
+    steps = cfg.ppo_epochs * cfg.rollout_batch_size // cfg.minibatch_size
+    assert len(seen["adv"]) == steps and all(u == want for u in seen["adv"])  # every actor step
+
+
 class LongAnswers(constraints.Constraint):
     """A constraint defined here alone (README "Adding a constraint"): cost 1 for an answer of
     more than --max_words words, and at most 10% of answers may be."""

@@ -147,19 +147,21 @@ def test_kl_rewards_official_form_hand_values():
     assert single[0, 2].item() == 50.0 and (single[~mask] == 0).all()
 
 
-@pytest.mark.parametrize("lam", [0.0, 1.0, 7.5])
-def test_combined_advantage_carries_exactly_minus_beta_kl_whatever_lambda(lam):
-    # with scores 0 and γ = GAE-λ = 1, zero values: A_r,t = Σ_{k>=t} −β·KL_k and A_c,t = +Σ β·KL_k,
-    # so (A_r − λ·A_c) / (1 + λ) = −Σ β·KL_k: the actor feels the full β whatever the multiplier
+@pytest.mark.parametrize("lam,unit", [(0.0, 1.0), (1.0, 1.0), (7.5, 1.0), (7.5, 9.29)])
+def test_combined_advantage_carries_exactly_minus_beta_kl_whatever_lambda(lam, unit):
+    # scores 0, γ = GAE-λ = 1, zero values: A_r,t = Σ_{k>=t} −β·KL_k and A_c,t = +Σ β·KL_k/u,
+    # so (A_r − λ·A_c) / (1 + λ/u) = −Σ β·KL_k: the actor feels the full β whatever the multiplier
+    # and whatever the cost's unit (u = 1: the official form; 9.29: a rate-scale cost model's ū − s̄)
     torch.manual_seed(0)
     mask = ragged([4, 2, 3], 4)
     logp, ref = with_junk(torch.randn(3, 4), mask), torch.randn(3, 4)
     beta = 0.05
     zeros = torch.zeros(3)
-    rewards, (costs,) = kl_rewards(zeros, [zeros], logp, ref, mask, kl_coef=beta)
+    rewards, (costs,) = kl_rewards(zeros, [zeros], logp, ref, mask, kl_coef=beta,
+                                   cost_units=[unit])
     a_r, _ = gae(rewards, torch.zeros(3, 4), mask, gamma=1.0, lam=1.0)
     a_c, _ = gae(costs, torch.zeros(3, 4), mask, gamma=1.0, lam=1.0)
-    adv = combined_advantage(a_r, [a_c], [lam])
+    adv = combined_advantage(a_r, [a_c], [lam], [unit])
     kl = torch.where(mask, logp - ref, 0.0)
     expected = -beta * kl.flip(-1).cumsum(-1).flip(-1)  # −β·(KL_t + KL_{t+1} + ...)
     torch.testing.assert_close(adv[mask], expected[mask], rtol=0, atol=1e-12)
@@ -168,6 +170,33 @@ def test_combined_advantage_carries_exactly_minus_beta_kl_whatever_lambda(lam):
         kl_rewards(zeros, [], logp, ref, mask, kl_coef=beta)[0], torch.zeros(3, 4), mask, 1.0, 1.0
     )
     torch.testing.assert_close(adv[mask], single[mask], rtol=0, atol=1e-12)
+
+
+def test_rate_scale_takes_the_raw_forms_actor_step():
+    # a rate-scale cost c~ = (c − s)/u, u = ū − s̄ (constraints.to_rate), its critic's values read
+    # alike, λ on the rate scale: the actor's advantage is the official raw-scale one at
+    # λ_raw = λ/u, computed here the official way (units 1) from the raw scores
+    torch.manual_seed(1)
+    B, T = 4, 6
+    mask = ragged([6, 3, 5, 1], T)
+    logp, ref = with_junk(torch.randn(B, T), mask), torch.randn(B, T)
+    R, C_raw = torch.randn(B), 5 * torch.randn(B)
+    V_r, V_c_raw = torch.randn(B, T), 5 * torch.randn(B, T)
+    s, u, lam, beta = -4.82, 9.29, 5.3, 0.1
+    rate = lambda x: (x - s) / u  # noqa: E731
+    r_raw, (c_raw,) = kl_rewards(R, [C_raw], logp, ref, mask, beta)
+    a_r, _ = gae(r_raw, V_r, mask, 1.0, 0.95)
+    a_c_raw, _ = gae(c_raw, V_c_raw, mask, 1.0, 0.95)
+    official = combined_advantage(a_r, [a_c_raw], [lam / u])
+    r, (c,) = kl_rewards(R, [rate(C_raw)], logp, ref, mask, beta, cost_units=[u])
+    a_c, _ = gae(c, rate(V_c_raw), mask, 1.0, 0.95)
+    torch.testing.assert_close(a_c[mask], a_c_raw[mask] / u)  # the cost advantage, over u
+    ours = combined_advantage(gae(r, V_r, mask, 1.0, 0.95)[0], [a_c], [lam], [u])
+    torch.testing.assert_close(ours[mask], official[mask])
+    # what the rate scale did before: λ's divisor 1 + λ and the KL share unscaled, a different step
+    c_old = kl_rewards(R, [rate(C_raw)], logp, ref, mask, beta)[1][0]
+    old = combined_advantage(a_r, [gae(c_old, rate(V_c_raw), mask, 1.0, 0.95)[0]], [lam])
+    assert (old - official)[mask].abs().max() > 0.1
 
 
 # -----------------------------------------------------------------------------
@@ -256,6 +285,10 @@ def test_combined_advantage_hand_values():
     # K = 2, λ = (2, 0.5): ([1, -2] - [1, 2] - [-0.5, 1]) / 3.5 = [0.5, -5] / 3.5
     torch.testing.assert_close(
         combined_advantage(a_r, [a_c1, a_c2], [2.0, 0.5]), torch.tensor([[1 / 7, -10 / 7]])
+    )
+    # units (4, 1): λ_1 weighs 2/4 in the divisor: ([1, -2] - [1, 2] - [-0.5, 1]) / 2 = [0.25, -2.5]
+    torch.testing.assert_close(
+        combined_advantage(a_r, [a_c1, a_c2], [2.0, 0.5], [4.0, 1.0]), torch.tensor([[0.25, -2.5]])
     )
 
 
