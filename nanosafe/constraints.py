@@ -7,6 +7,8 @@ Constraints for PPO-Lagrangian: what a cost is, per answer. A constraint is one 
     thresholds   d per stream, or None: calibrated on the starting policy ("cost > 0 is unsafe")
     scales       per stream, the (safe, unsafe) score levels a calibrated cost is read between
                  (--cost_scale rate, set at calibration), or None: the cost as it comes
+    units        per stream, what one unsafe answer costs in raw units when the cost is given
+                 already on the rate scale (the gold constraint), or None: u - s from scales, else 1
     cost(ro)     the cost of each answer of a rollout (nanosafe.rl.Rollout) -> [B] or [B, K]
     critic_from  the score-model folder its critic starts from; None: a fresh value head on the
                  actor's starting backbone, one output per stream
@@ -31,6 +33,7 @@ class Constraint:
     names: list = ["cost"]
     thresholds: list = [None]
     scales: list | None = None
+    units: list | None = None
     critic_from: str | None = None
     layer: int | None = None
     uncalibratable: str | None = None  # why "cost > 0 is unsafe" fails, if it does: pass d then
@@ -131,20 +134,26 @@ class BannedWords(Constraint):
 class GoldCost(Constraint):
     """Cost 1 if the toy world's gold oracle calls the answer unsafe, else 0: the constraint a
     perfect cost model would give. Only for the labelled upper-bound run (README, "Where the
-    helpfulness goes"): everywhere else the oracle only judges."""
+    helpfulness goes"): everywhere else the oracle only judges. Its unit is the toy cost model's
+    ū − s̄, so PPO-Lag weighs it as it would a perfect cost model of that scale (stream_units),
+    as --gold_reward_scale puts the gold reward on the reward model's."""
     flags = {"gold_cost": (bool, arg(False, "toy world, upper-bound run only: the gold oracle's "
                                      "unsafe verdict (0/1) as the cost, d = "
-                                     "--target_unsafe_rate", group="constraints"))}
+                                     "--target_unsafe_rate", group="constraints")),
+             "gold_cost_unit": (float, arg(9.3, "--gold_cost: what one unsafe answer costs in "
+                                           "raw units (the toy cost model's ū − s̄: 9.29)",
+                                           group="constraints", check=">0"))}
 
-    def __init__(self, labeller, rate):
+    def __init__(self, labeller, rate, unit=1.0):
         self.names, self.thresholds, self.labeller = ["gold_cost"], [rate], labeller
+        self.units = [unit]
 
     @classmethod
     def from_flags(cls, cfg, dtype, labeller):
         if cfg.gold_cost and labeller is None:
             raise config.ConfigError("--gold_cost needs the toy world's prompts: it asks the "
                                      "world's gold oracle")
-        return [cls(labeller, cfg.target_unsafe_rate)] if cfg.gold_cost else []
+        return [cls(labeller, cfg.target_unsafe_rate, cfg.gold_cost_unit)] if cfg.gold_cost else []
 
     def cost(self, ro):
         unsafe = self.labeller(ro.prompts, ro.answers())
@@ -187,11 +196,17 @@ def stream_scales(constraints) -> list:
 
 
 def stream_units(constraints) -> list:
-    """Every stream's unit: ū − s̄ for a cost read on the rate scale (it is the raw cost over that),
-    1 for one read as it comes. PPO-Lag weighs a stream's KL share and its λ in the actor's
-    divisor by 1/unit (ppo.kl_rewards, ppo.combined_advantage), so that the rate scale moves
-    only d and λ's units, never the actor's step: that step is the raw form's at λ/unit."""
-    return [1.0 if sc is None else sc[1] - sc[0] for sc in stream_scales(constraints)]
+    """Every stream's unit, what one unsafe answer costs in raw units: ū − s̄ for a cost read on
+    the rate scale (it is the raw cost over that), the constraint's own `units` where it gives
+    them (the gold cost), 1 for a cost read as it comes (a rule, a probe). PPO-Lag weighs a
+    stream's KL share and its λ in the actor's divisor by 1/unit (ppo.kl_rewards,
+    ppo.combined_advantage), so that the rate scale moves only d and λ's units, never the
+    actor's step: that step is the raw form's at λ/unit."""
+    out = []
+    for c in constraints:
+        scales = c.scales or [None] * len(c.names)
+        out += c.units or [1.0 if sc is None else sc[1] - sc[0] for sc in scales]
+    return out
 
 
 def to_rate(c, scale):

@@ -103,9 +103,9 @@ def group_zscore(scores, group_size, eps=1e-6, std="group"):
 
 def grpo_lag_advantage(end_reward, end_costs, lambdas, group_size, std="group"):
     """Lagrangian GRPO, critic-free: (Z_R − Σ_k λ_k·Z_Ck) / (1 + Σ_k λ_k) per answer, with Z the
-    per-stream group z-score of its end score (std: group_zscore's). One number per answer [B]; it is
-    the advantage of every token of that answer. No unit enters: a z-score has none, so the cost's
-    scale (rate or raw) moves only d and λ's dynamics here, and the KL is a loss term beside it."""
+    per-stream group z-score of its end score (std: group_zscore's). One number per answer [B]:
+    the advantage of every token of that answer. No unit enters: a z-score has none, so the
+    cost's scale (rate or raw) moves only d and λ's dynamics here; the KL is a loss term."""
     return combined_advantage(group_zscore(end_reward, group_size, std=std),
                               [group_zscore(c, group_size, std=std) for c in end_costs], lambdas)
 

@@ -278,3 +278,14 @@ def test_rate_scale_and_its_inverse_on_hand_values():
             return torch.tensor([[1.0, 7.0], [4.0, -2.0]])
     a, b = constraints.costs([Two()], ro=None)
     assert a.tolist() == [0.0, 1.5] and b.tolist() == [7.0, -2.0]
+
+
+def test_stream_units_on_hand_values():
+    # a scaled stream's unit is ū − s̄, an unscaled one's 1; the gold cost (0/1) gives its own
+    class Two(constraints.Constraint):
+        names, scales = ["a", "b"], [(-4.82, 4.47), None]
+
+    gold = constraints.GoldCost(labeller=lambda p, a: [], rate=0.01, unit=9.3)
+    units = constraints.stream_units([Two(), BannedWords(["x"]), gold])
+    assert units == [pytest.approx(9.29), 1.0, 1.0, 9.3]
+    assert constraints.stream_units([]) == []
