@@ -10,6 +10,7 @@ docs/experiments.md. From the repository root:
                                        #   3 seeds, 350 iterations: asked against reached, λ's band
     python -m experiments.run compare  # the README's table: SFT, PPO, reward shaping, PPO-Lag and
                                        #   PPO-Lag on the gold oracles (upper bound), 3 seeds
+    python -m experiments.run upper    # the gold upper bound at 10% too, beside the learned runs
     python -m experiments.run offline  # DPO, SafeDPO, MoCAN beside compare's runs, 3 seeds:
                                        #   table, Pareto figure, minutes, MoCAN's λ*
     python -m experiments.run agreement  # reward and cost models against the gold order: 10x
@@ -464,6 +465,50 @@ def compare(args):
                      f"{fmt(r['gold_unsafe_rate'], True)} | {fmt(r['gold_helpfulness_benign'])} |")
     name = "compare" if len(args.seeds) == 3 else f"compare_seeds{''.join(map(str, args.seeds))}"
     write(args, name, rows, "\n".join(lines))
+
+
+def upper(args):
+    """Where the helpfulness goes, at every budget: PPO-Lag on the gold oracles (compare's upper
+    bound) at --budgets beside the budget experiment's learned-model runs (default multiplier),
+    both against the gold optimum under the budget, 0.810 + 0.5·X. The 1% gold runs are
+    compare's. Does the learned run's helpfulness rise with X because the world allows it (the gold
+    run rises) or not at all (neither does)?"""
+    default = args.multipliers[0]
+
+    def gold_dir(b, s):
+        if b == 0.01:
+            return os.path.join(args.out, "compare", "gold_ppo_lag", f"seed{s}")
+        return os.path.join(args.out, "upper", f"gold_{b:g}", f"seed{s}")
+
+    def learned_dir(b, s):
+        return os.path.join(args.out, "budget", f"{default}_{b:g}", f"seed{s}")
+
+    jobs = [(gold_dir(b, s), ppo_argv(args, "--cost_models", "--gold_cost", "--gold_reward",
+                                      "--target_unsafe_rate", str(b), "--seed", str(s)))
+            for s in args.seeds for b in args.budgets]
+    run_jobs(jobs, args.jobs, args.threads)
+    rows = {}
+    for b in args.budgets:
+        for name, d in [("learned", learned_dir), ("gold", gold_dir)]:
+            finals = [read_run(d(b, s))["final"] for s in args.seeds
+                      if os.path.exists(os.path.join(d(b, s), "done.json"))]
+            if finals:
+                rows[f"{name}_{b:g}"] = gold_row(finals) | {"asked": b, "models": name} | {
+                    "of_optimum": mean_se([f["gold_helpfulness"] / (0.810 + 0.5 * b)
+                                           for f in finals])}
+    lines = [f"{args.steps} iterations; mean ± SE over the seeds run; 352 held-out test prompts, 4 "
+             f"samples each; of the optimum: helpfulness over 0.810 + 0.5·X", "",
+             "| asked | reward and cost models | seeds | helpfulness | of the optimum at X | "
+             "unsafe, all | unsafe, harmful | helpfulness, benign | helpfulness, harmful |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        lines.append(f"| {r['asked']:.0%} | {r['models']} | {r['n']} | "
+                     f"{fmt(r['gold_helpfulness'])} | {fmt(r['of_optimum'], True)} | "
+                     f"{fmt(r['gold_unsafe_rate'], True)} | "
+                     f"{fmt(r['gold_unsafe_rate_harmful'], True)} | "
+                     f"{fmt(r['gold_helpfulness_benign'])} | "
+                     f"{fmt(r['gold_helpfulness_harmful'])} |")
+    write(args, "upper", rows, "\n".join(lines))
 
 
 def _eval_prompts(args):
@@ -1131,14 +1176,17 @@ def rounds(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiment", choices=["sweep", "budget", "tune", "compare", "offline",
-                                           "agreement", "sign", "divisor", "grpo", "rounds"])
+    ap.add_argument("experiment", choices=["sweep", "budget", "tune", "compare", "upper",
+                                           "offline", "agreement", "sign", "divisor", "grpo",
+                                           "rounds"])
     ap.add_argument("--steps", type=int, default=None, help="PPO iterations per run, the same for "
                     "every run of an experiment (default: 350, the demo's, for budget, tune and "
                     "compare; 150 for the others)")
     ap.add_argument("--multipliers", nargs="+", default=["pid", "sgd"], choices=list(MULTIPLIERS),
                     help="budget: the multipliers to compare (the first: train_ppo_lag.py's "
                     "default)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.10],
+                    help="upper: the budgets X of the gold runs (1%%: compare's)")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
                     help="seeds per configuration (rounds: the first)")
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side")
@@ -1160,14 +1208,15 @@ def main(argv=None):
                     help="rounds, agreement: bootstrap resamples for the intervals")
     args = ap.parse_args(argv)
     if args.steps is None:
-        args.steps = 350 if args.experiment in ("budget", "tune", "compare", "divisor") else 150
+        args.steps = 350 if args.experiment in ("budget", "tune", "compare", "upper",
+                                                "divisor") else 150
     for path, what in [(args.sft, "train_sft.py"), (args.rm, "train_pm.py --kind reward"),
                        (args.cm, "train_pm.py --kind cost")]:
         if not os.path.isdir(path):
             sys.exit(f"error: {path}: no such folder; run `python {what}` first (or `make demo`)")
     t0 = time.time()
     experiment = {"sweep": sweep, "budget": budget, "tune": tune, "compare": compare,
-                  "offline": offline,
+                  "upper": upper, "offline": offline,
                   "agreement": agreement, "sign": sign, "divisor": divisor, "grpo": grpo,
                   "rounds": rounds}
     experiment[args.experiment](args)

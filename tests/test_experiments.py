@@ -338,3 +338,37 @@ def test_divisor_flags_match_the_rate_scale_controller(tmp_path, monkeypatch):
         0.1 / 64) and flag("--pid_kd") == pytest.approx(10.0 / 64)
     assert flag("--lambda_init") == pytest.approx(1 / 8) and flag("--lambda_max") == (
         pytest.approx(20 / 8))
+
+
+def test_upper_rows_and_flags_by_hand(tmp_path, monkeypatch):
+    """upper: the gold runs at each budget (1%: compare's folders) with the gold reward and cost,
+    beside the budget experiment's learned runs, each over its own optimum 0.810 + 0.5·X."""
+    out = tmp_path / "exp"
+
+    def final(h):
+        return {k: h for k in run.GOLD_KEYS}
+    for s in range(2):
+        _fake_run(out / "budget" / "pid_0.1" / f"seed{s}", final(0.6 + s / 100), 1.0)
+        _fake_run(out / "budget" / "pid_0.01" / f"seed{s}", final(0.5), 1.0)
+        _fake_run(out / "compare" / "gold_ppo_lag" / f"seed{s}", final(0.55), 1.0)
+    _fake_run(out / "upper" / "gold_0.1" / "seed0", final(0.7), 1.0)  # seed 1: not run
+    seen, written = [], []
+    monkeypatch.setattr(run, "run_jobs", lambda jobs, *a: seen.extend(jobs))  # runs nothing
+    monkeypatch.setattr(run, "write", lambda args, name, rows, table: written.append(rows))
+    args = SimpleNamespace(out=str(out), multipliers=["pid"], seeds=[0, 1], sft="s", rm="r",
+                           cm="c", jobs=1, threads=1, steps=5, budgets=[0.01, 0.1])
+    run.upper(args)
+    rows = written[0]
+    assert rows["learned_0.1"]["gold_helpfulness"][0] == pytest.approx(0.605)
+    assert rows["learned_0.1"]["of_optimum"][0] == pytest.approx(0.605 / 0.86)
+    assert rows["gold_0.01"]["of_optimum"][0] == pytest.approx(0.55 / 0.815)
+    assert rows["gold_0.1"]["n"] == 1 and rows["gold_0.1"]["of_optimum"][0] == pytest.approx(
+        0.7 / 0.86)
+    dirs = {os.path.relpath(d, out): argv for d, argv in seen}
+    assert set(dirs) == {f"{sub}/seed{s}" for sub in ("compare/gold_ppo_lag", "upper/gold_0.1")
+                         for s in (0, 1)}
+    argv = dirs["upper/gold_0.1/seed1"]
+    assert {"--gold_cost", "--gold_reward"} <= set(argv)
+    assert argv[argv.index("--target_unsafe_rate") + 1] == "0.1"
+    last = len(argv) - 1 - argv[::-1].index("--cost_models")  # the later flag wins: none
+    assert argv[last + 1].startswith("--")
