@@ -90,7 +90,7 @@ class Config(config.Stage):
     batch_size: int = arg(32, "pairs per micro-batch per process", group="optimisation",
                           check=">=1")
     grad_accum: int = arg(1, "micro-batches per optimizer step", group="optimisation", check=">=1")
-    lr: float = arg(3e-4, "peak learning rate (DPO, SafeDPO papers: 1e-6 for 7B)",
+    lr: float = arg(3e-4, "peak learning rate (DPO, SafeDPO papers: 1e-6 for 7B)", pretrained=1e-6,
                     group="optimisation", check=">=0")
     warmup_steps: int = arg(20, "linear warmup steps", group="optimisation", check=">=0")
     weight_decay: float = arg(0.0, "AdamW weight decay", group="optimisation", check=">=0")

@@ -41,6 +41,7 @@ from nanosafe.model import (
     read_state,
     recover_checkpoint,
     resolve_template,
+    trained_from_scratch,
 )
 
 
@@ -78,7 +79,7 @@ class Config(config.Stage):
     batch_size: int = arg(32, "pairs per micro-batch per process (official: 16 per GPU)",
                           group="optimisation", check=">=1")
     grad_accum: int = arg(1, "micro-batches per optimizer step", group="optimisation", check=">=1")
-    lr: float = arg(8e-4, "peak learning rate (official: 2e-5 for 7B)",
+    lr: float = arg(8e-4, "peak learning rate (official: 2e-5 for 7B)", pretrained=2e-5,
                     group="optimisation", check=">=0")
     warmup_steps: int = arg(10, "linear warmup steps", group="optimisation", check=">=0")
     group_by_length: bool = arg(True, "batch pairs of similar length together (each pair still "
@@ -301,8 +302,7 @@ def choose_init(cfg):
     a score model can use (measured: README), so it starts fresh; a pretrained one is kept."""
     if cfg.init != "auto":
         return cfg.init
-    state = read_state(cfg.model)
-    from_scratch = state.get("stage") == "sft" and (state.get("args") or {}).get("model") is None
+    from_scratch = trained_from_scratch(cfg.model)
     init = "random" if from_scratch else "sft"
     why = "was trained from scratch by train_sft.py" if from_scratch else "starts pretrained"
     dist.print0(f"init: {init} (--model {why}; --init sft|random overrides)")

@@ -48,9 +48,10 @@ class Config(rl.Config):
     """Stage 3: PPO-Lagrangian (and the PPO / reward-shaping baselines)."""
     algo: str = arg("ppo_lag", "ppo_lag: constrained; ppo: reward only; reward_shaping: reward "
                     "R - ν·ΣC", ["ppo_lag", "ppo", "reward_shaping"], group="PPO")
-    critic_lr: float = arg(5e-4, "critic learning rate (official: 5e-6)", group="PPO", check=">=0")
+    critic_lr: float = arg(5e-4, "critic learning rate (official: 5e-6)", group="PPO", check=">=0",
+                           pretrained=5e-6)
     critic_weight_decay: float = arg(0.01, "critic AdamW weight decay (official: 0.0)",
-                                     group="PPO", check=">=0")
+                                     group="PPO", check=">=0", pretrained=0.0)
     clip_range_value: float = arg(5.0, "value clip (official: 5.0)", group="PPO", check=">0")
     clip_range_score: float = arg(50.0, "clamp per-token rewards and costs (official: 50)",
                                   group="PPO", check=">0")

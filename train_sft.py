@@ -48,7 +48,7 @@ class Config(config.Stage):
     batch_size: int = arg(32, "micro-batch size per process", group="optimisation", check=">=1")
     grad_accum: int = arg(1, "micro-batches per optimizer step", group="optimisation", check=">=1")
     lr: float = arg(2e-3, "peak learning rate (official: 2e-5 for 7B)",
-                    group="optimisation", check=">=0")
+                    group="optimisation", check=">=0", pretrained=2e-5)
     warmup_steps: int = arg(20, "linear warmup steps", group="optimisation", check=">=0")
     weight_decay: float = arg(0.0, "AdamW weight decay (official: 0.0)",
                               group="optimisation", check=">=0")

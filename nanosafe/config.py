@@ -11,10 +11,15 @@ Each script declares one dataclass; every field has a default, a one-sentence he
 
 `Stage` holds the flags every stage script shares. Booleans are --flag / --no_flag, lists take
 several values (--thresholds 0.1 0.2). Abbreviated flags are refused (--max_step is an error).
+
+A default that suits the toy world but not a pretrained checkpoint (a learning rate, β) names
+both: arg(2e-3, ..., pretrained=2e-5). parse() picks one by what --model is (fit_to_model, printed
+at start); a flag given on the command line always wins.
 """
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -27,14 +32,27 @@ class ConfigError(ValueError):
     """Flags that contradict each other (e.g. 2 cost models, 1 threshold)."""
 
 
-def arg(default, help: str, choices=None, group="run", check=None):
+def arg(default, help: str, choices=None, group="run", check=None, pretrained=None):
     """A dataclass field with its help text, optional choices, its --help group, and the range
-    a number must be in, checked at parse time: ">=1", ">0", "[0,1]", "(0,1]", "[0,1)"."""
+    a number must be in, checked at parse time: ">=1", ">0", "[0,1]", "(0,1]", "[0,1)".
+    pretrained: the default for a pretrained --model (the official value), if not `default`."""
     kw = {"default": default}
     if isinstance(default, list):
         kw = {"default_factory": lambda: list(default)}
-    meta = {"help": help, "choices": choices, "group": group, "check": check}
+    meta = {"help": help, "choices": choices, "group": group, "check": check,
+            "pretrained": pretrained}
     return dataclasses.field(metadata=meta, **kw)
+
+
+class _ByModel:
+    """argparse's default for a flag whose default depends on --model: unset until parse()
+    resolves it; --help shows both values."""
+
+    def __init__(self, toy, pretrained):
+        self.toy, self.pretrained = toy, pretrained
+
+    def __str__(self):
+        return f"{self.toy:g} for a toy model, {self.pretrained:g} for a pretrained one"
 
 
 @dataclasses.dataclass
@@ -151,6 +169,8 @@ def build_parser(cls, description: str = None) -> argparse.ArgumentParser:
     for f in fields:
         tp, inner = _base_type(hints[f.name])
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.metadata.get("pretrained") is not None:
+            default = _ByModel(default, f.metadata["pretrained"])
         # argparse formats help with %
         rng = f" [{f.metadata['check']}]" if f.metadata.get("check") else ""
         kw = dict(default=default, help=(f.metadata.get("help", "") + rng).replace("%", "%%"))
@@ -170,11 +190,33 @@ def parse(cls, argv=None, description: str = None):
     args = build_parser(cls, description).parse_args(sys.argv[1:] if argv is None else argv)
     cfg = cls(**vars(args))
     try:
+        fit_to_model(cfg)
         check(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return cfg
+
+
+def fit_to_model(cfg) -> str | None:
+    """Every flag left at a _ByModel default gets its toy or its pretrained value, by what --model
+    is (nanosafe.model.trained_from_scratch); the choice is printed. -> 'toy' or 'pretrained'."""
+    unset = [f for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), _ByModel)]
+    if not unset:
+        return None
+    from nanosafe.model import trained_from_scratch  # nanosafe.model imports much; only here
+    path = getattr(cfg, "model", None)
+    toy = trained_from_scratch(path)
+    kind = "toy" if toy else "pretrained"
+    for f in unset:
+        v = getattr(cfg, f.name)
+        setattr(cfg, f.name, v.toy if toy else v.pretrained)
+    if os.environ.get("RANK", "0") == "0":
+        why = (f"--model {path} was trained from scratch by train_sft.py" if path and toy else
+               "no --model: a fresh toy model" if toy else f"--model {path} starts pretrained")
+        values = " ".join(f"--{f.name} {getattr(cfg, f.name):g}" for f in unset)
+        print(f"defaults for a {kind} model ({why}): {values}; a flag given wins")
+    return kind
 
 
 def extend(cls, flags: dict):

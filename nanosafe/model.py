@@ -110,6 +110,24 @@ def read_state(path: str) -> dict:
     return json.load(open(p)) if os.path.exists(p) else {}
 
 
+def trained_from_scratch(path) -> bool:
+    """Is the policy at `path` the toy world's kind, trained from scratch by train_sft.py (or a
+    later stage of one), rather than a pretrained checkpoint? No path: train_sft.py's fresh toy
+    model; a folder that does not exist yet: the toy pipeline's default (out/sft), which the
+    stage then asks for. Follows each nanosafe stage's --model back to its SFT."""
+    for _ in range(16):  # sft <- rm/cm or ppo_lag <- a later round: a few links at most
+        if path is None or not os.path.isdir(path):
+            return True
+        state = read_state(path)
+        if not state:  # no nanosafe.json: a checkpoint from elsewhere, pretrained
+            return False
+        parent = (state.get("args") or {}).get("model")
+        if state.get("stage") == "sft":
+            return parent is None
+        path = parent
+    return False
+
+
 def resolve_template(requested, *folders) -> str:
     """The prompt template a stage uses: --template if given, else the one its input checkpoints
     recorded, else 'safe_rlhf'. Inputs that disagree, or a --template that contradicts them, are

@@ -468,19 +468,19 @@ class Config(config.Stage):
     top_p: float = arg(1.0, "rollout nucleus mass (official: 1.0)", group="rollout", check="(0,1]")
     # the policy update
     ppo_epochs: int = arg(2, "passes over each rollout batch (official update_iters: 1)",
-                          group="PPO", check=">=1")
+                          group="PPO", check=">=1", pretrained=1)
     minibatch_size: int = arg(32, "rollouts per optimizer step per process; divides "
                               "--rollout_batch_size", group="PPO", check=">=1")
     micro_batch_size: int = arg(32, "rollouts per forward/backward; divides --minibatch_size",
                                 group="PPO", check=">=1")
     actor_lr: float = arg(3e-4, "actor learning rate (official: 1e-5 cosine for 7B)",
-                          group="PPO", check=">=0")
+                          group="PPO", check=">=0", pretrained=1e-5)
     weight_decay: float = arg(0.0, "actor AdamW weight decay (official: 0.01)",
-                              group="PPO", check=">=0")
+                              group="PPO", check=">=0", pretrained=0.01)
     grad_clip: float = arg(1.0, "clip each model's gradient norm (official: 1.0)",
                            group="PPO", check=">0")
     kl_coef: float = arg(0.1, "β: per-token KL penalty against the reference (official: 0.01)",
-                         group="PPO", check=">=0")
+                         group="PPO", check=">=0", pretrained=0.01)
     clip_range_ratio: float = arg(0.2, "PPO ratio clip ε (official: 0.2)", group="PPO", check=">0")
     # the multiplier
     lambda_init: float = arg(1.0, "initial λ (official: 1.0)", group="multiplier", check=">0")

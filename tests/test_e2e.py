@@ -1156,6 +1156,8 @@ def test_help_lists_every_flag(script):
             assert f"--no_{f.name}" not in p.stdout, (script, f.name)
             key = next((k for k in entries if k.split()[0] == f"--{f.name}"), None)
             assert key is not None, (script, f.name, list(entries))
+        if f.metadata.get("pretrained") is not None:  # the toy and the pretrained default
+            default = config._ByModel(default, f.metadata["pretrained"])
         assert entries[key].endswith(f"(default: {default})"), (script, f.name, entries[key])
     assert len(entries) == len(fields) + 1, sorted(entries)  # and -h: no flag outside the Config
     # no abbreviations: --max_step is not --max_steps (sample.py has no --max_steps: --max_new)

@@ -113,3 +113,33 @@ def test_bf16_sft_trains_the_fp32_master_weights(recipe):
         before[k].numel() for k in blocks
     )
     assert changed > 0.99, changed
+
+
+def test_a_real_checkpoint_without_flags_trains_at_the_official_values(recipe, tmp_path):
+    """No learning-rate, β or epoch flag: --model is pretrained, so PPO-Lag takes the official
+    values, says so at start, and the answers stay non-empty over a few iterations (the toy
+    defaults, actor lr 3e-4, emptied every answer after one iteration: issue 31)."""
+    out, data_dir = recipe["out"], recipe["out"].parent / "data"
+    run = tmp_path / "ppo_lag"
+    p = subprocess.run(
+        [sys.executable, "train_ppo_lag.py", "--model", str(recipe["model"]),
+         "--reward_model", str(out / "rm"), "--cost_models", str(out / "cm"),
+         "--thresholds", "0.0", "--train_data", str(data_dir / "prompts.jsonl"),
+         "--template", "chat", "--dtype", "bfloat16", "--out_dir", str(run),
+         "--max_steps", "4", "--rollout_batch_size", "4", "--minibatch_size", "2",
+         "--micro_batch_size", "2", "--max_new_tokens", "16", "--threads", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"defaults for a pretrained model (--model {recipe['model']} starts pretrained)" in (
+        p.stdout
+    )
+    args = json.load(open(run / "nanosafe.json"))["args"]
+    official = {"actor_lr": 1e-5, "critic_lr": 5e-6, "kl_coef": 0.01, "weight_decay": 0.01,
+                "critic_weight_decay": 0.0, "ppo_epochs": 1}  # fmt: skip
+    assert {k: args[k] for k in official} == official
+    lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    lines = [r for r in lines if "empty_frac" in r]
+    assert len(lines) == 4, lines
+    assert all(r["empty_frac"] == 0.0 for r in lines), [r["empty_frac"] for r in lines]
+    assert lines[-1]["response_length"] >= 0.5 * lines[0]["response_length"]
