@@ -856,11 +856,13 @@ def sign(args):
 
 
 def divisor(args):
-    """Why PPO-Lag at 1% became less helpful on the rate scale (docs/findings.md): the same
-    controller on the raw scale, every gain and λ bound divided to match (λ_raw = λ/(ū − s̄) on
-    the same trajectory: kp, ki, kd by (ū − s̄)², λ_init and λ_max by ū − s̄), so that the
-    Lagrangian r − λ·c is the same and only the 1 + λ dividing the actor's advantage differs:
-    1 + 5.3 on the rate scale, 1 + 0.57 on the raw one. Against the budget experiment's runs."""
+    """The rate scale against the raw one at 1% (docs/findings.md): the same controller on the
+    raw scale, every gain and λ bound divided to match (λ_raw = λ/(ū − s̄) on the same trajectory:
+    kp, ki, kd by (ū − s̄)², λ_init and λ_max by ū − s̄), so that the Lagrangian r − λ·c is the
+    same. Before the rate scale weighed λ by 1/(ū − s̄) in the actor's divisor, only that divisor
+    differed (1 + 5.3 against 1 + 0.57) and this measured its cost; since, the actor takes the
+    same step for the same critic values, and this checks the two on whole runs. Against the
+    budget experiment's runs; "1 + λ_raw" is the actor's divisor either way."""
     base = [lag_1pct_dir(args, s) for s in args.seeds]
     k = rate_scale(base[0])  # the raw run's gains: seed 0's scale
     from nanosafe.config import parse
@@ -886,12 +888,13 @@ def divisor(args):
         lam = [late(r, "lambda_0") for r in runs]
         rows[name]["lambda_last50"] = mean_se(lam)
         rows[name]["lambda_raw_last50"] = mean_se([x / sc for x, sc in zip(lam, scales)])
-        rows[name]["divisor_last50"] = mean_se([1 + x for x in lam])
+        rows[name]["divisor_last50"] = mean_se([1 + x / sc for x, sc in zip(lam, scales)])
         rows[name]["n"] = len(runs)
     lines = [f"{args.steps} iterations; mean ± SE over seeds {args.seeds}; 1% asked; λ over the "
              f"last {LAST} iterations (raw units: divided by ū − s̄ = {k:.3f})", "",
              "| cost scale | seeds | helpfulness | benign | harmful | unsafe, all | unsafe, "
-             "harmful | λ | λ, raw units | 1 + λ |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "harmful | λ | λ, raw units | 1 + λ_raw |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['n']} | {fmt(r['gold_helpfulness'])} | "
                      f"{fmt(r['gold_helpfulness_benign'])} | "
