@@ -127,7 +127,8 @@ def test_a_real_checkpoint_without_flags_trains_at_the_official_values(recipe, t
          "--thresholds", "0.0", "--train_data", str(data_dir / "prompts.jsonl"),
          "--template", "chat", "--dtype", "bfloat16", "--out_dir", str(run),
          "--max_steps", "4", "--rollout_batch_size", "4", "--minibatch_size", "2",
-         "--micro_batch_size", "2", "--max_new_tokens", "16", "--threads", "2"],
+         "--micro_batch_size", "2", "--max_new_tokens", "16", "--threads", "2",
+         "--max_prompt_length", "64", "--truncate_prompts"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
