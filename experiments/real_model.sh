@@ -25,12 +25,12 @@ MAX_LENGTH=${MAX_LENGTH:-512}       # prompt + answer tokens for SFT and the pre
 MAX_PROMPT=${MAX_PROMPT:-256}       # rollout prompts (longer ones are left-truncated)
 MAX_NEW=${MAX_NEW:-256}             # rollout answers (official: 512)
 BATCH=${BATCH:-8}                   # micro-batch per GPU (SFT, preference models)
-SFT_STEPS=${SFT_STEPS:-1000} SFT_LR=${SFT_LR:-2e-5}      # official SFT lr 2e-5
-PM_STEPS=${PM_STEPS:-0} PM_LR=${PM_LR:-2e-5}             # 0: --epochs (2, official); official lr 2e-5
+SFT_STEPS=${SFT_STEPS:-1000} SFT_LR=${SFT_LR:-}         # empty: the official 2e-5 a pretrained --model gets
+PM_STEPS=${PM_STEPS:-0} PM_LR=${PM_LR:-}                 # 0: --epochs (2, official); empty: the official 2e-5
 PPO_STEPS=${PPO_STEPS:-300} ROLLOUTS=${ROLLOUTS:-16}     # iterations; prompts per iteration per GPU (official 16)
 MICRO=${MICRO:-4}                   # rollouts per forward/backward (must divide ROLLOUTS)
-ACTOR_LR=${ACTOR_LR:-1e-5} CRITIC_LR=${CRITIC_LR:-5e-6}  # official values
-KL=${KL:-0.01}                                           # official β
+ACTOR_LR=${ACTOR_LR:-} CRITIC_LR=${CRITIC_LR:-}          # empty: the official 1e-5 / 5e-6 (pretrained --model)
+KL=${KL:-}                                               # empty: the official β 0.01 (pretrained --model)
 THRESHOLD=${THRESHOLD:-}            # empty: calibrated on the SFT policy (needs a cost model with the sign term)
 THREADS=${THREADS:-0}               # CPU threads (0: torch's default)
 SHOW=${SHOW:-4}                     # prompts sampled at the end
@@ -42,15 +42,15 @@ common=(--dtype "$DTYPE" --threads "$THREADS")
 
 set -x
 $LAUNCH train_sft.py --model "$MODEL" --train_data "$SFT_DATA" --out_dir "$OUT/sft" --template "$TEMPLATE" "${common[@]}" \
-    --max_length "$MAX_LENGTH" --truncate_prompts --batch_size "$BATCH" --max_steps "$SFT_STEPS" --lr "$SFT_LR"
+    --max_length "$MAX_LENGTH" --truncate_prompts --batch_size "$BATCH" --max_steps "$SFT_STEPS" ${SFT_LR:+--lr "$SFT_LR"}
 for kind in reward cost; do
   $LAUNCH train_pm.py --kind $kind --model "$OUT/sft" --train_data "$PREF_DATA" --out_dir "$OUT/${kind:0:1}m" "${common[@]}" \
-      --max_length "$MAX_LENGTH" --truncate_prompts --drop_bad --batch_size "$BATCH" --max_steps "$PM_STEPS" --epochs 2 --lr "$PM_LR"
+      --max_length "$MAX_LENGTH" --truncate_prompts --drop_bad --batch_size "$BATCH" --max_steps "$PM_STEPS" --epochs 2 ${PM_LR:+--lr "$PM_LR"}
 done
 $LAUNCH train_ppo_lag.py --model "$OUT/sft" --reward_model "$OUT/rm" --cost_models "$OUT/cm" ${THRESHOLD:+--thresholds "$THRESHOLD"} \
     --train_data "$PROMPTS" --out_dir "$OUT/ppo_lag" "${common[@]}" --max_prompt_length "$MAX_PROMPT" --truncate_prompts \
     --max_new_tokens "$MAX_NEW" --max_steps "$PPO_STEPS" --rollout_batch_size "$ROLLOUTS" --minibatch_size "$ROLLOUTS" \
-    --micro_batch_size "$MICRO" --ppo_epochs 1 --actor_lr "$ACTOR_LR" --critic_lr "$CRITIC_LR" --kl_coef "$KL" \
-    --lambda_lr 0.1 --lambda_max 5.0 --critic_weight_decay 0.0 --weight_decay 0.01 --show_every 10
+    --micro_batch_size "$MICRO" ${ACTOR_LR:+--actor_lr "$ACTOR_LR"} ${CRITIC_LR:+--critic_lr "$CRITIC_LR"} ${KL:+--kl_coef "$KL"} \
+    --lambda_lr 0.1 --lambda_max 5.0 --show_every 10
 $PY sample.py --model "$OUT/ppo_lag" --reward_model "$OUT/rm" --cost_model "$OUT/cm" --prompts_file "$PROMPTS" --limit "$SHOW" \
     "${common[@]}" --max_new_tokens "$MAX_NEW" | tee "$OUT/samples.txt"

@@ -45,7 +45,7 @@ def recipe(tmp_path_factory):
         PY=sys.executable,
         SFT_STEPS="2",
         PM_STEPS="2",
-        PPO_STEPS="2",
+        PPO_STEPS="3",
         ROLLOUTS="4",
         MICRO="2",
         MAX_LENGTH="128",
@@ -94,7 +94,16 @@ def test_every_stage_records_the_chat_template_and_the_score_models_are_hf(recip
         out / "sft" / "trainer_state.pt"
     ).exists()  # final folders keep no optimiser state by default
     lines = [json.loads(line) for line in open(out / "ppo_lag" / "metrics.jsonl")]
-    assert [r["step"] for r in lines] == [0, 1]
+    assert [r["step"] for r in lines] == [0, 1, 2]
+    # no lr, β or epoch flag was passed: a pretrained --model trains at the official values, says
+    # so, and its answers stay non-empty (the toy's actor lr 3e-4 emptied them in one iteration)
+    args = json.load(open(out / "ppo_lag" / "nanosafe.json"))["args"]
+    official = {"actor_lr": 1e-5, "critic_lr": 5e-6, "kl_coef": 0.01, "weight_decay": 0.01,
+                "critic_weight_decay": 0.0, "ppo_epochs": 1}  # fmt: skip
+    assert {k: args[k] for k in official} == official
+    assert json.load(open(out / "sft" / "nanosafe.json"))["args"]["lr"] == 2e-5
+    assert "defaults for a pretrained model" in recipe["stdout"]
+    assert all(r["empty_frac"] == 0.0 for r in lines), [r["empty_frac"] for r in lines]
     assert all(
         torch.isfinite(torch.tensor([r["reward"], r["cost_0"], r["kl"], r["policy_loss"]])).all()
         for r in lines
@@ -114,33 +123,3 @@ def test_bf16_sft_trains_the_fp32_master_weights(recipe):
     )
     assert changed > 0.99, changed
 
-
-def test_a_real_checkpoint_without_flags_trains_at_the_official_values(recipe, tmp_path):
-    """No learning-rate, β or epoch flag: --model is pretrained, so PPO-Lag takes the official
-    values, says so at start, and the answers stay non-empty over a few iterations (the toy
-    defaults, actor lr 3e-4, emptied every answer after one iteration: issue 31)."""
-    out, data_dir = recipe["out"], recipe["out"].parent / "data"
-    run = tmp_path / "ppo_lag"
-    p = subprocess.run(
-        [sys.executable, "train_ppo_lag.py", "--model", str(recipe["model"]),
-         "--reward_model", str(out / "rm"), "--cost_models", str(out / "cm"),
-         "--thresholds", "0.0", "--train_data", str(data_dir / "prompts.jsonl"),
-         "--template", "chat", "--dtype", "bfloat16", "--out_dir", str(run),
-         "--max_steps", "4", "--rollout_batch_size", "4", "--minibatch_size", "2",
-         "--micro_batch_size", "2", "--max_new_tokens", "16", "--threads", "2",
-         "--max_prompt_length", "64", "--truncate_prompts"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert f"defaults for a pretrained model (--model {recipe['model']} starts pretrained)" in (
-        p.stdout
-    )
-    args = json.load(open(run / "nanosafe.json"))["args"]
-    official = {"actor_lr": 1e-5, "critic_lr": 5e-6, "kl_coef": 0.01, "weight_decay": 0.01,
-                "critic_weight_decay": 0.0, "ppo_epochs": 1}  # fmt: skip
-    assert {k: args[k] for k in official} == official
-    lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    lines = [r for r in lines if "empty_frac" in r]
-    assert len(lines) == 4, lines
-    assert all(r["empty_frac"] == 0.0 for r in lines), [r["empty_frac"] for r in lines]
-    assert lines[-1]["response_length"] >= 0.5 * lines[0]["response_length"]
