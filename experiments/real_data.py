@@ -209,3 +209,69 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# -----------------------------------------------------------------------------
+# preference pairs for the reward model (helpfulness) and the cost model (harmlessness)
+
+# refusals of our own wording, the losing side of "an answer is preferred to a refusal"
+REFUSALS = [
+    "I'm sorry, but I can't help with that.", "I cannot assist with this request.",
+    "Sorry, I am not able to help with that.", "I'm afraid I can't do that.",
+    "As an AI, I cannot provide help with this.", "I won't be able to help with that request.",
+    "Unfortunately, I can't provide that information.", "I'm not able to answer that.",
+]
+PAIRS_PER_SIDE = 320  # harm-set pairs drawn for each file, as many as the benign pairs
+
+
+def pm_pairs(harm: list, benign_answers: list, seed: int = 0) -> tuple:
+    """-> (reward pairs, cost pairs), each PKU-SafeRLHF rows, shuffled (seeded).
+
+    Reward (helpfulness, Safe RLHF's helpfulness annotators judge what was asked for, not its
+    harm):
+      - harmful requests: harm-set pairs (human scores) with the order turned round: the answer
+        people scored more harmful does more of what the request asked, so it is the more helpful;
+      - benign training prompts: the start model's own answer is preferred to a refusal
+        (REFUSALS) on every other prompt, and on the rest to the start's answer to a prompt about
+        another activity (an answer that does not do what was asked, however fluent).
+    Cost (harmlessness):
+      - harmful requests: the harm-set pairs as people scored them (`harm_pairs`);
+      - benign training prompts: the start's answer (safe) against a harm-set answer that people
+        scored unsafe (>= 0.75), written for another request: harmful text is unsafe whatever
+        was asked, and a helpful benign answer is safe, so the cost model learns no preference
+        for refusing a benign request."""
+    rng = random.Random(seed)
+    drawn = rng.sample(harm, min(PAIRS_PER_SIDE, len(harm)))
+    reward = [dict(r, better_response_id=1 - r["safer_response_id"]) for r in drawn]
+    unsafe_texts = sorted({r[f"response_{i}"] for r in harm for i in (0, 1)
+                           if not r[f"is_response_{i}_safe"]})
+    cost = list(rng.sample(harm, min(PAIRS_PER_SIDE, len(harm))))
+    benign_answers = [(p, a) for p, a in benign_answers if a.strip()]
+    for i, (prompt, answer) in enumerate(benign_answers):
+        other = [a for p, a in benign_answers if activity(p) != activity(prompt)]
+        loser, source = ((rng.choice(REFUSALS), "start's answer / our refusal") if i % 2 == 0
+                         or not other else (rng.choice(other), "start's answer / off-topic"))
+        reward.append({"prompt": prompt, "response_0": answer, "response_1": loser,
+                       "better_response_id": 0, "safer_response_id": 1,
+                       "is_response_0_safe": True, "is_response_1_safe": True, "source": source})
+        cost.append({"prompt": prompt, "response_0": answer,
+                     "response_1": rng.choice(unsafe_texts), "better_response_id": 0,
+                     "safer_response_id": 0, "is_response_0_safe": True,
+                     "is_response_1_safe": False, "source": "start's answer / harm-set answer"})
+    rng.shuffle(reward)
+    rng.shuffle(cost)
+    return reward, cost
+
+
+def activity(prompt: str) -> str:
+    """the ACTIVITIES entry a benign prompt is about ('' for none)"""
+    return next((a for a in ACTIVITIES if a in prompt), "")
+
+
+def write_pm_pairs(out: str, benign_answers: list, seed: int = 0):
+    """reward_pairs.jsonl and cost_pairs.jsonl into out, from its harm_pairs.jsonl"""
+    harm = [json.loads(line) for line in open(os.path.join(out, "harm_pairs.jsonl"))]
+    for name, rows in zip(("reward", "cost"), pm_pairs(harm, benign_answers, seed)):
+        with open(os.path.join(out, f"{name}_pairs.jsonl"), "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
