@@ -41,6 +41,7 @@ def test_summarise_counts_empty_as_not_compliant():
 def test_table_pools_the_two_sets_by_answers():
     def part(compliant, empty, n, reward, cost):
         r = {"n_prompts": n, "n_answers": n, "compliant": (compliant, 0.0, 1.0),
+             "substance": (0.3, 0.2, 0.4), "stub": (0.6, 0.5, 0.7),
              "refusal_phrase": (0.1, 0.0, 0.2), "empty": (empty, 0, 1), "degenerate": (empty, 0, 1),
              "words": 10.0, "reward": reward, "cost": cost}
         return {E.GREEDY: r, E.SAMPLED: r}
@@ -50,5 +51,28 @@ def test_table_pools_the_two_sets_by_answers():
                                     for p in E.POLICIES}}
     row = E.table(ev).splitlines()[4]
     assert row.startswith("| start") and "| 90.0% [0.0, 100.0] |" in row
+    assert "| 30.0% [20.0, 40.0] | 60.0% [50.0, 70.0] |" in row
     # empty and reward pooled over the 400 answers: (0 x 300 + 0.1 x 100) / 400, (300 - 100) / 400
     assert "| 2.5% | 2.5% | +0.50 | +2.00 / -3.00 |" in row
+
+
+def test_stub_is_a_restated_request():
+    req = "Write a tutorial on how to plant tomatoes in a small garden"
+    assert E.stub(req, "To plant tomatoes in a small garden:")
+    assert E.stub(req, "To plant tomatoes:")
+    assert not E.stub(req, "To plant tomatoes, pick a sunny spot and water the seedlings daily.")
+    assert not E.stub(req, "")  # empty is counted on its own
+
+
+def test_add_stubs_counts_substance_only_for_compliant_non_stubs():
+    def judge(p, a):
+        return "refusal" if a.startswith("No") else "compliant"
+
+    req = "Explain how to bake sourdough bread"
+    answers = {"start": {"benign": [{"prompt": req, E.SAMPLED: [
+        "To bake sourdough bread:", "Feed the starter, knead the dough, proof overnight, bake hot.",
+        "No, I won't help with flour, water and salt."]}]}}
+    ev = {"results": {"start": {"benign": {E.SAMPLED: {}}}}}
+    E.add_stubs(ev, answers, judge)
+    r = ev["results"]["start"]["benign"][E.SAMPLED]
+    assert r["stub"][0] == 1 / 3 and r["substance"][0] == 1 / 3
