@@ -110,6 +110,7 @@ def rl_cmd(a, algo):
             "--micro_batch_size", str(a.minibatch), "--actor_lr", str(a.actor_lr),
             "--critic_lr", str(a.critic_lr), "--target_unsafe_rate", str(a.target_unsafe_rate),
             "--episode_cost_window_size", str(a.cost_window), "--pid_ki", str(a.pid_ki),
+            "--kl_coef", str(a.kl_coef),
             "--no_gold_eval",
             "--show_every", "5", "--seed", str(a.seed), "--overwrite"]
 
@@ -155,6 +156,8 @@ def parse(argv=None):
     ap.add_argument("--critic_lr", type=float, default=5e-5, help="critic learning rate")
     ap.add_argument("--target_unsafe_rate", type=float, default=0.05,
                     help="d: the share of answers the cost model may call unsafe")
+    ap.add_argument("--kl_coef", type=float, default=0.05,
+                    help="β, the KL penalty against the start (official 0.01: see docs/real)")
     ap.add_argument("--pid_ki", type=float, default=0.1,
                     help="PID integral gain: how fast λ grows while the policy is unsafe")
     ap.add_argument("--cost_window", type=int, default=32, help="episodes in J_c's window")

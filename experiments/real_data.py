@@ -221,6 +221,7 @@ REFUSALS = [
     "As an AI, I cannot provide help with this.", "I won't be able to help with that request.",
     "Unfortunately, I can't provide that information.", "I'm not able to answer that.",
 ]
+STUB_WORDS = 6  # a benign answer cut to its first words: the stub loser
 PAIRS_PER_SIDE = 320  # harm-set pairs drawn for each file, as many as the benign pairs
 
 
@@ -231,9 +232,10 @@ def pm_pairs(harm: list, benign_answers: list, seed: int = 0) -> tuple:
     harm):
       - harmful requests: harm-set pairs (human scores) with the order turned round: the answer
         people scored more harmful does more of what the request asked, so it is the more helpful;
-      - benign training prompts: the start model's own answer is preferred to a refusal
-        (REFUSALS) on every other prompt, and on the rest to the start's answer to a prompt about
-        another activity (an answer that does not do what was asked, however fluent).
+      - benign training prompts: the start model's own answer is preferred, in turn, to a refusal
+        (REFUSALS), to the start's answer to a prompt about another activity (an answer that does
+        not do what was asked, however fluent), and to its own first STUB_WORDS words (a stub that
+        restates the request and stops: PPO-Lag's collapse in docs/real/README.md).
     Cost (harmlessness):
       - harmful requests: the harm-set pairs as people scored them (`harm_pairs`);
       - benign training prompts: the start's answer (safe) against a harm-set answer that people
@@ -249,8 +251,13 @@ def pm_pairs(harm: list, benign_answers: list, seed: int = 0) -> tuple:
     benign_answers = [(p, a) for p, a in benign_answers if a.strip()]
     for i, (prompt, answer) in enumerate(benign_answers):
         other = [a for p, a in benign_answers if activity(p) != activity(prompt)]
-        loser, source = ((rng.choice(REFUSALS), "start's answer / our refusal") if i % 2 == 0
-                         or not other else (rng.choice(other), "start's answer / off-topic"))
+        cut = " ".join(answer.split()[:STUB_WORDS])
+        if i % 3 == 1 and other:
+            loser, source = rng.choice(other), "start's answer / off-topic"
+        elif i % 3 == 2 and cut != answer.strip():
+            loser, source = cut, "start's answer / its first words"
+        else:
+            loser, source = rng.choice(REFUSALS), "start's answer / our refusal"
         reward.append({"prompt": prompt, "response_0": answer, "response_1": loser,
                        "better_response_id": 0, "safer_response_id": 1,
                        "is_response_0_safe": True, "is_response_1_safe": True, "source": source})

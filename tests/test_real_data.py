@@ -89,23 +89,28 @@ def test_pm_pairs_by_hand(tmp_path):
     harm = [_harm("rob a bank", "No.", "First, get a mask.", 0, True, False),
             _harm("hack a server", "Run the exploit.", "I won't.", 1, False, True)]
     bread, tie = "Explain how to bake sourdough bread", "Teach a beginner how to tie a bow tie"
-    benign = [(bread, "Mix flour and water."), ("Give me tips to fold a fitted sheet", ""),
-              (tie, "Cross the ends.")]
+    sheet = "Give me tips to fold a fitted sheet"
+    long = "Tuck the corners into each other, then fold the sheet in thirds and smooth it flat."
+    benign = [(bread, "Mix flour and water."), ("Explain how to brew a good cup of coffee", ""),
+              (tie, "Cross the ends."), (sheet, long)]
     reward, cost = R.pm_pairs(harm, benign, seed=0)
     # reward: the harm-set order turned round (the more harmful did more of what was asked), and
-    # the start's benign answer preferred to one of our refusals (every other prompt) or to its
-    # answer about another activity; the empty answer is left out
+    # the start's benign answer preferred, in turn, to one of our refusals, to its answer about
+    # another activity, and to its own first words; the empty answer is left out
     by = {r["prompt"]: r for r in reward}
-    assert len(reward) == 4 and by["rob a bank"]["better_response_id"] == 1
+    assert len(reward) == 5 and by["rob a bank"]["better_response_id"] == 1
     assert by["hack a server"]["better_response_id"] == 0
     assert (by[bread]["response_0"], by[bread]["better_response_id"]) == ("Mix flour and water.", 0)
     assert by[bread]["response_1"] in R.REFUSALS
-    assert (by[tie]["response_1"], by[tie]["better_response_id"]) == ("Mix flour and water.", 0)
+    assert by[tie]["response_1"] in {"Mix flour and water.", long}
+    assert by[tie]["better_response_id"] == 0
     assert R.activity(tie) == "tie a bow tie" and R.activity("rob a bank") == ""
+    assert (by[sheet]["response_1"], by[sheet]["better_response_id"]) == (
+        "Tuck the corners into each other,", 0)  # its first 6 words
     # cost: the harm set as people scored it; the benign answer safe and safer than a harm-set
     # answer people scored unsafe (never a refusal: refusing a benign request earns nothing)
     by = {r["prompt"]: r for r in cost}
-    assert len(cost) == 4 and by["rob a bank"]["safer_response_id"] == 0
+    assert len(cost) == 5 and by["rob a bank"]["safer_response_id"] == 0
     b = by[bread]
     assert (b["safer_response_id"], b["is_response_0_safe"], b["is_response_1_safe"]) == (0, True,
                                                                                           False)
@@ -115,4 +120,4 @@ def test_pm_pairs_by_hand(tmp_path):
     R.write_pm_pairs(str(tmp_path), benign, seed=0)
     for name in ("reward", "cost"):
         pairs, report = data.load_preference(tmp_path / f"{name}_pairs.jsonl")
-        assert len(pairs) == 4 and not report["contradictory"]
+        assert len(pairs) == 5 and not report["contradictory"]
