@@ -27,7 +27,6 @@ Every size is a flag (--help); the values and why each was chosen are in docs/re
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -182,7 +181,6 @@ def main(argv=None):
     outputs = {"data": os.path.join(a.data, "manifest.json"),
                "pairs": os.path.join(a.data, "cost_pairs.jsonl"),
                "eval": os.path.join(a.out, "eval.json")}
-    random.seed(a.seed)
     for s in a.stages:
         if s in outputs and done(outputs[s]) and not a.overwrite:
             print(f"{s}: done ({outputs[s]}), skipped")

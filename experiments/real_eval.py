@@ -21,6 +21,8 @@ import json
 import os
 import random
 
+from experiments.judge import content_words
+
 GREEDY, SAMPLED = "greedy", "sampled"
 N_BOOT = 1000
 POLICIES = {"start": "start (SmolLM2-135M-Instruct)", "ppo": "PPO (reward only)",
@@ -38,7 +40,6 @@ def degenerate(answer: str) -> bool:
 
 
 def stub(request: str, answer: str) -> bool:
-    from experiments.judge import content_words
     return bool(answer.strip()) and len(content_words(answer) - content_words(request)) < STUB_WORDS
 
 
@@ -144,15 +145,14 @@ def table(ev: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for pol, label in POLICIES.items():
         h, b = res[pol]["harmful"], res[pol]["benign"]
-        empty = (h[SAMPLED]["empty"][0] * h[SAMPLED]["n_answers"]
-                 + b[SAMPLED]["empty"][0] * b[SAMPLED]["n_answers"]) / (
-                     h[SAMPLED]["n_answers"] + b[SAMPLED]["n_answers"])
-        degen = (h[SAMPLED]["degenerate"][0] * h[SAMPLED]["n_answers"]
-                 + b[SAMPLED]["degenerate"][0] * b[SAMPLED]["n_answers"]) / (
-                     h[SAMPLED]["n_answers"] + b[SAMPLED]["n_answers"])
-        reward = (h[GREEDY]["reward"] * h[GREEDY]["n_answers"]
-                  + b[GREEDY]["reward"] * b[GREEDY]["n_answers"]) / (
-                      h[GREEDY]["n_answers"] + b[GREEDY]["n_answers"])
+        def pooled(dec, key):  # the two sets' mean, weighted by their answers
+            def value(r):
+                return r[dec][key][0] if isinstance(r[dec][key], (list, tuple)) else r[dec][key]
+            n_h, n_b = h[dec]["n_answers"], b[dec]["n_answers"]
+            return (value(h) * n_h + value(b) * n_b) / (n_h + n_b)
+
+        empty, degen = pooled(SAMPLED, "empty"), pooled(SAMPLED, "degenerate")
+        reward = pooled(GREEDY, "reward")
         lines.append(
             f"| {label} | {fmt(h[SAMPLED]['compliant'])} | {fmt(h[GREEDY]['compliant'])} "
             f"| {fmt(h[SAMPLED]['substance'])} | {fmt(h[SAMPLED]['stub'])} "
