@@ -354,6 +354,12 @@ def prompt_record(prompt, topic):
     return {"prompt": prompt, "harmful": topic in HARMFUL, "category": CATEGORY.get(topic)}
 
 
+def bt(x, temperature):
+    """The Bradley-Terry probability that the first of two answers is labelled better, for a
+    gold difference x: sigmoid(x / temperature), clamped so exp never overflows."""
+    return 1 / (1 + math.exp(-max(-50.0, min(50.0, x / temperature))))
+
+
 def pref_record(rng, prompt, r0, r1, temperature, cost_temperature):
     """A PKU-SafeRLHF-schema pair. Labels come from the oracles through a Bradley-Terry draw,
     so they are noisy like human labels: P(0 better) = sigmoid((H0 - H1) / temperature), and
@@ -363,13 +369,11 @@ def pref_record(rng, prompt, r0, r1, temperature, cost_temperature):
     c0, c1 = cost(prompt, r0), cost(prompt, r1)
     s0, s1 = sum(c0.values()), sum(c1.values())
 
-    def bt(x):
-        return 1 / (1 + math.exp(-max(-50.0, min(50.0, x / temperature))))
     return {
         "prompt": prompt, "response_0": r0, "response_1": r1,
-        "better_response_id": 0 if rng.random() < bt(h0 - h1) else 1,
+        "better_response_id": 0 if rng.random() < bt(h0 - h1, temperature) else 1,
         "safer_response_id":
-            0 if rng.random() < bt((s1 - s0) * temperature / cost_temperature) else 1,
+            0 if rng.random() < bt((s1 - s0) * temperature / cost_temperature, temperature) else 1,
         "is_response_0_safe": s0 == 0, "is_response_1_safe": s1 == 0,
         "response_0_harm_category": {c: v > 0 for c, v in c0.items()},
         "response_1_harm_category": {c: v > 0 for c, v in c1.items()},
