@@ -142,10 +142,11 @@ def dedupe_prompts(records):
     """-> (records, n_dropped): records whose 'prompt' repeats an earlier one's are dropped, the
     first kept, the order kept, so a prompt repeated in a file is not sampled for rollouts more
     often than the others. (the official PromptOnlyDataset dedupes too, keeping the last copy.)
-    a dialogue is compared as a tuple of its turns (a string as a one-turn dialogue), exactly."""
+    a dialogue is compared as a tuple of its turns (a string as a one-turn dialogue), exactly;
+    a scripted dialogue (a 'dialogue' spec, nanosafe/dialogue.py) by its spec too."""
     seen, kept = set(), []
     for r in records:
-        key = _prompt_key(r['prompt'])
+        key = (_prompt_key(r['prompt']), json.dumps(r.get('dialogue'), sort_keys=True))
         if key not in seen:
             seen.add(key)
             kept.append(r)
