@@ -5,7 +5,8 @@ Stage 3 of Safe RLHF: PPO-Lagrangian. Maximise reward subject to E[cost] <= d:
 
 One iteration (a "step"), top to bottom in main() below:
   1. rollout   sample answers to a batch of prompts with our generation loop
-  2. scores    R = reward model, C_k = constraint k, at each answer's last token (its EOS)
+  2. scores    R = reward model, C_k = constraint k, at each answer's last token (its EOS);
+               a dialogue: at each assistant turn's last token (nanosafe/dialogue.py)
   3. KL        per token: reward stream -β·KL + R at the end, cost streams +β·KL + C_k at the end
                (a cost model on the rate scale: both over its unit u_k = ū - s̄, as C_k is)
   4. GAE       advantages and returns per stream, from the reward critic and the cost critics
@@ -40,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanosafe import config, constraints, dist, fsdp, lagrange, monitor, ppo, rl, train
 from nanosafe.config import arg
 from nanosafe.model import load_trainer_state
-from nanosafe.rl import action_logprobs, action_values, column
+from nanosafe.rl import action_logprobs, action_values, column, rows
 
 
 @dataclass
@@ -93,13 +94,14 @@ def update(cfg, rt, amp, models, opts, ro, old_logp, adv, old_values, ret, heads
             for i, mi in enumerate(mb.split(cfg.micro_batch_size)):
                 with fsdp.no_sync([ddp_actor, *ddp_critics.values()], rt.ddp and i < n_micro - 1):
                     with amp():
-                        new_logp, ent = action_logprobs(ddp_actor, seq[mi], attn[mi], P, True)
+                        new_logp, ent = action_logprobs(ddp_actor, seq[mi], attn[mi],
+                                                        rows(P, mi), True)
                     pl, st = ppo.policy_loss(new_logp, old_logp[mi], A[mi], mask[mi],
                                              cfg.clip_range_ratio)
                     loss = pl
                     for name, critic in ddp_critics.items():
                         with amp():
-                            v = action_values(critic, seq[mi], attn[mi], P)
+                            v = action_values(critic, seq[mi], attn[mi], rows(P, mi))
                         vl = sum(ppo.value_loss(column(v, col), column(old_values[name][mi], col),
                                                 ret[s][mi], mask[mi], cfg.clip_range_value)
                                  for s, col in predicts[name])
@@ -201,7 +203,7 @@ def main(cfg):
         with torch.no_grad(), amp():
             ref_logp = reference(ro.seq, ro.attn, ro.P)
             R = reward(ro)
-            C = constraints.costs(cons, ro)  # one [B] per stream
+            C = constraints.costs(cons, ro)  # one [B] per stream (a dialogue: [B, turns])
             old_values = rl.critic_values(critics, ro)  # eval mode, as the official code
         mon.lap("scores")
         if mon.bad(R, *C, old_logp, ref_logp):
@@ -215,7 +217,7 @@ def main(cfg):
         end_reward = R - cfg.shaping_coef * sum(C) if cfg.algo == "reward_shaping" else R
         units = constraints.stream_units(cons) if lagrangian else []
         rewards, costs = ppo.kl_rewards(end_reward, C if lagrangian else [], old_logp, ref_logp,
-                                        mask, cfg.kl_coef, cfg.clip_range_score, units)
+                                        mask, cfg.kl_coef, cfg.clip_range_score, units, ro.ends)
 
         # 4. GAE per stream, on its critic's values
         adv, ret = {}, {}

@@ -37,6 +37,7 @@ class Constraint:
     critic_from: str | None = None
     layer: int | None = None
     uncalibratable: str | None = None  # why "cost > 0 is unsafe" fails, if it does: pass d then
+    form: str = "any"  # over a dialogue: what d bounds (over_turns)
 
     @classmethod
     def from_flags(cls, cfg, dtype, labeller) -> list:
@@ -102,7 +103,8 @@ class CostModel(Constraint):
         return out
 
     def cost(self, ro):
-        return self.model(ro.seq, ro.attn)[1]
+        from nanosafe.rl import end_scores  # rl.py builds on this module
+        return end_scores(self.model, ro)
 
     def modules(self):
         return [self.model]
@@ -162,6 +164,31 @@ class GoldCost(Constraint):
 # -----------------------------------------------------------------------------
 
 
+# -----------------------------------------------------------------------------
+# over a dialogue: a cost per assistant turn, and what the budget d is on
+
+FORM_FLAGS = {"dialogue_constraint": (str, arg(
+    "any", "dialogues: what d bounds. any: the share of dialogues that are ever unsafe, "
+    "E[max_t c_t]; sum: the share of turns that are unsafe, E[Σ_t c_t] / turns",
+    ["any", "sum"], group="constraints"))}
+
+
+def over_turns(x, form):
+    """Per-turn costs [B, N] (on the rate scale: ~1 an unsafe turn, ~0 a safe one) -> what each
+    turn adds to its dialogue's cost [B, N]. The sum over turns is the episode cost the
+    multiplier's window sees and the return the cost critic learns; PPO places each turn's part
+    at that turn's last token, so GAE charges a turn for the cost it and later turns incur.
+      sum  c_t / N: the episode cost is the mean per-turn cost, so d is a share of turns
+      any  max(c_1..c_t) - max(c_1..c_t-1): the episode cost is the worst turn's, so d is a
+           share of dialogues; a turn is charged as it first raises the worst"""
+    if form == "sum":
+        return x / x.shape[1]
+    if form == "any":
+        worst = x.cummax(dim=1).values
+        return torch.cat([worst[:, :1], worst[:, 1:] - worst[:, :-1]], dim=1)
+    raise ValueError(f"unknown dialogue constraint form {form!r}")
+
+
 def kinds() -> list:
     """Every kind of constraint the RL scripts know, in the order their streams are numbered."""
     from nanosafe.probe import ProbeConstraint  # probe.py builds on Constraint above
@@ -169,14 +196,17 @@ def kinds() -> list:
 
 
 def flags() -> dict:
-    """Every constraint's flags, for config.extend."""
-    return {n: f for k in kinds() for n, f in k.flags.items()}
+    """Every constraint's flags, and the dialogue form's, for config.extend."""
+    return {n: f for k in kinds() for n, f in k.flags.items()} | FORM_FLAGS
 
 
 def build(cfg, dtype=torch.float32, labeller=None) -> list:
     """The flags -> the constraints. labeller(prompts, answers) -> [bool unsafe] labels the
     policy's answers for constraints that learn from them (the toy world's oracle), or None."""
-    return [c for k in kinds() for c in k.from_flags(cfg, dtype, labeller)]
+    out = [c for k in kinds() for c in k.from_flags(cfg, dtype, labeller)]
+    for c in out:
+        c.form = cfg.dialogue_constraint
+    return out
 
 
 def check_given(cfg):
@@ -228,11 +258,20 @@ def from_rate(c_rate, scale):
     return s + c_rate * (u - s)
 
 
-def costs(constraints, ro) -> list:
-    """Every stream's cost of each answer, on its scale: a list of [B] tensors, streams in order."""
+def costs(constraints, ro, per_turn=False) -> list:
+    """Every stream's cost of each answer, on its scale: a list of [B] tensors, streams in order.
+    A dialogue: [B, N] per stream, each turn's part of the dialogue's cost (over_turns; their
+    sum is its episode cost), or with per_turn the costs of the turns themselves. A per-answer
+    cost [B] (a rule reading the whole dialogue) lands on its last turn."""
     out = []
+    dialogue = getattr(ro, "ends", None) is not None  # a rollout of dialogues
     for c in constraints:
         x = c.cost(ro)
-        xs = [x] if x.dim() == 1 else list(x.unbind(-1))
-        out += [to_rate(x, sc) for x, sc in zip(xs, c.scales or [None] * len(xs))]
+        xs = [x] if x.dim() == (2 if dialogue else 1) or x.dim() == 1 else list(x.unbind(-1))
+        xs = [to_rate(x, sc) for x, sc in zip(xs, c.scales or [None] * len(xs))]
+        if dialogue and not per_turn:
+            N = ro.ends.shape[1]
+            xs = [over_turns(x, c.form) if x.dim() == 2
+                  else torch.cat([x.new_zeros(x.shape[0], N - 1), x[:, None]], 1) for x in xs]
+        out += xs
     return out

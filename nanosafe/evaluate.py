@@ -99,6 +99,51 @@ def gold_evaluate(model, tok, prompts, n_samples=1, **kw) -> dict:
 
 
 @torch.no_grad()
+def gold_evaluate_dialogues(model, tok, records, n_samples=1, max_new_tokens=32, batch_size=64,
+                            seed=0, device="cpu", template="safe_rlhf") -> dict:
+    """The toy world's verdict on dialogues (records with a 'dialogue' spec, nanosafe/dialogue.py)
+    sampled turn by turn at temperature 1, as training rolls them out. The DESIGN.md keys, over
+    dialogues (unsafe: ever unsafe; helpfulness: the mean over turns), and per kind
+    (dialogue.gold_summary): the unsafe rate by turn, the share ever unsafe, the first unsafe
+    turn, helpfulness by turn."""
+    from nanosafe import dialogue
+    from nanosafe.rl import sample_dialogues  # rl.py builds on this module
+    items = data.PromptDataset([dict(r, _template=template) for r in records], tok, 10**9,
+                               template=template).items
+    items = [it for it in items for _ in range(n_samples)]
+    g = torch.Generator(device=device).manual_seed(seed)
+    judged = []
+    for i in range(0, len(items), batch_size):
+        ro, _ = sample_dialogues(model, items[i:i + batch_size], tok, g, device,
+                                 max_new_tokens=max_new_tokens)
+        judged += [dialogue.summary(sp, t) for sp, t in zip(ro.specs, ro.turns)]
+    optimum = [dialogue.summary(it["dialogue"], dialogue.optimal_answers(it["dialogue"]))
+               for it in items]
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    def pick(rs, harmful):
+        return [r for r in rs if (r["kind"] != "benign") == harmful]
+
+    def helpful(rs):
+        return mean([mean(r["helpfulness"]) for r in rs])
+
+    def unsafe(rs):
+        return mean([r["ever_unsafe"] for r in rs])
+    return {
+        "gold_helpfulness_benign": helpful(pick(judged, False)),
+        "gold_helpfulness_harmful": helpful(pick(judged, True)),
+        "gold_helpfulness": helpful(judged),
+        "gold_unsafe_rate_harmful": unsafe(pick(judged, True)),
+        "gold_unsafe_rate_benign": unsafe(pick(judged, False)),
+        "gold_unsafe_rate": unsafe(judged),
+        "gold_optimum_helpfulness": helpful(optimum),
+        "dialogues": dialogue.gold_summary(judged),
+    }
+
+
+@torch.no_grad()
 def score(score_model, tok, prompts, answers, batch_size=64, device="cpu",
           template="safe_rlhf") -> torch.Tensor:
     """End scores of a reward or cost model on (prompt, answer) pairs -> [N] float tensor."""

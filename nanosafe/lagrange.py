@@ -90,9 +90,11 @@ class Lagrange:
 
 def dual_step(lambdas, windows, costs, rows=None) -> list:
     """One step of every multiplier: stream k's window takes costs[k][rows] (this actor step's
-    episodes; None: all of them), then λ_k steps on the window's mean. -> [J_k]"""
+    episodes; None: all of them), then λ_k steps on the window's mean. -> [J_k]
+    A dialogue's costs come per turn [B, N]: its episode cost is their sum."""
     J = []
     for lam, window, c in zip(lambdas, windows, costs):
+        c = c.sum(-1) if c.dim() == 2 else c
         window.extend((c if rows is None else c[rows]).detach().cpu())
         J.append(window.mean())
         lam.update(J[-1])

@@ -104,11 +104,15 @@ class CollapseWatch:
 def show_rollouts(step, ro, R, C, n=2):
     """A few of this iteration's answers with their scores: no extra generation."""
     for i in range(min(n, ro.seq.shape[0])):
-        prompt = ro.tok.decode(ro.seq[i, :ro.P], skip_special_tokens=True)
-        answer = ro.tok.decode(ro.seq[i, ro.P:][ro.mask[i]], skip_special_tokens=True)
+        if ro.turns is not None:  # a dialogue: its first request, the answers turn by turn
+            prompt, answer = ro.prompts[i], " | ".join(ro.turns[i])
+        else:
+            prompt = ro.tok.decode(ro.seq[i, :ro.P], skip_special_tokens=True)
+            answer = ro.tok.decode(ro.seq[i, ro.P:][ro.mask[i]], skip_special_tokens=True)
         prompt, answer = (x.strip().replace("\n", " ") for x in (prompt, answer))
-        scores = "".join(f" {name} {c[i]:+.2f}" for name, c in C.items())
-        tqdm.write(f"  [{step}] {prompt[-80:]!r} -> {answer[:160]!r} | reward {R[i]:+.2f}{scores}")
+        scores = "".join(f" {name} {c[i].sum():+.2f}" for name, c in C.items())  # a dialogue's sum
+        tqdm.write(f"  [{step}] {prompt[-80:]!r} -> {answer[:160]!r} | reward "
+                   f"{R[i].sum():+.2f}{scores}")
 
 
 def rollout_verdicts(ro, C, names, zeros):
@@ -138,10 +142,13 @@ def iteration_record(ro, R, C, old_logp, ref_logp, lambdas, thresholds, stats, s
     n_tokens = ro.mask.sum(-1).float()
     kl = torch.where(ro.mask, old_logp - ref_logp, 0.0).sum(-1)
     mean = dist.all_reduce_mean
-    eos = (ro.seq[:, ro.P:] == ro.tok.eos_token_id).any(-1).float().mean()
+    eos = (ro.tokens() == ro.tok.eos_token_id).any(-1).float().mean()
+
+    def episode(x):  # a dialogue's scores come per turn [B, N]
+        return x.sum(-1) if x.dim() == 2 else x
     return {
-        "reward": mean(R.mean()).item(),
-        **{f"cost_{k}": mean(c.mean()).item() for k, c in enumerate(C)},
+        "reward": mean(episode(R).mean()).item(),
+        **{f"cost_{k}": mean(episode(c).mean()).item() for k, c in enumerate(C)},
         **{f"lambda_{k}": v for k, v in enumerate(lambdas)},
         **{f"threshold_{k}": d for k, d in enumerate(thresholds)},
         "kl": mean(kl.mean()).item(),

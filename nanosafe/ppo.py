@@ -112,17 +112,22 @@ def grpo_lag_advantage(end_reward, end_costs, lambdas, group_size, std="group"):
 # -----------------------------------------------------------------------------
 # per-token rewards: end score + KL penalty against the reference policy
 
-def _score_stream(end_score, per_token, mask, clip):
-    # add each row's end score at its last real action, clamp, zero the masked positions
+def _score_stream(end_score, per_token, mask, clip, ends=None):
+    # add each row's end score at its last real action (a dialogue's [B, N] scores: turn n's at
+    # action ends[:, n]), clamp, zero the masked positions
     mask = mask.bool()
     T = mask.size(1)
-    end = T - 1 - mask.flip(-1).int().argmax(-1)  # argmax gives the first max: the last True
-    out = per_token.scatter_add(-1, end.unsqueeze(-1), end_score.to(per_token.dtype).unsqueeze(-1))
+    if ends is None:
+        end = T - 1 - mask.flip(-1).int().argmax(-1)  # argmax gives the first max: the last True
+        end, end_score = end.unsqueeze(-1), end_score.unsqueeze(-1)
+    else:
+        end = ends
+    out = per_token.scatter_add(-1, end, end_score.to(per_token.dtype))
     return torch.where(mask, out.clamp(-clip, clip), 0.0)  # official clip_range_score 50
 
 
 def kl_rewards(end_reward, end_costs, logprobs, ref_logprobs, mask, kl_coef, clip=50.0,
-               cost_units=None):
+               cost_units=None, ends=None):
     """r_t = −β·KL_t (+R at the end), c_kt = +β·KL_t/u_k (+C_k at the end), KL_t = logπ − logπ_ref.
     -> (rewards [B, T], [costs [B, T] per stream]); no cost streams: plain PPO's one stream.
 
@@ -134,11 +139,13 @@ def kl_rewards(end_reward, end_costs, logprobs, ref_logprobs, mask, kl_coef, cli
     which is what the paper's "evenly split" describes; the actor felt ½·β·KL then.)
     u_k (constraints.stream_units, default 1): a cost on the rate scale is the raw one over u_k,
     and so is its KL share; with combined_advantage's 1 + λ/u the actor carries −β·KL again.
+    A dialogue: scores [B, N] per assistant turn, turn n's added at action ends[:, n] [B, N].
     """
     units = cost_units or [1.0] * len(end_costs)
     penalty = -kl_coef * (logprobs - ref_logprobs)
-    rewards = _score_stream(end_reward, penalty, mask, clip)
-    return rewards, [_score_stream(c, -penalty / u, mask, clip) for c, u in zip(end_costs, units)]
+    rewards = _score_stream(end_reward, penalty, mask, clip, ends)
+    return rewards, [_score_stream(c, -penalty / u, mask, clip, ends)
+                     for c, u in zip(end_costs, units)]
 
 
 def kl_k3(logprobs, ref_logprobs):

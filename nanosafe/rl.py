@@ -4,7 +4,10 @@ over it, the calibration of the thresholds, and the setup around the loop (model
 checkpoints, resume). The iteration itself is in the scripts, top to bottom.
 
 Shapes: seq [B, P + T] is the left-padded prompt then the answer (EOS, then pads); an action
-is an answer token, so log-probs, values, rewards and masks are [B, T].
+is an answer token, so log-probs, values, rewards and masks are [B, T]. A dialogue (prompts with
+a 'dialogue' spec, nanosafe/dialogue.py) is one left-padded sequence of all its turns; its
+actions are the assistant's tokens, wherever they sit (ro.pos [B, T]), so [B, T] still holds and
+GAE runs over the whole dialogue: the user's tokens are never actions.
 """
 
 import json
@@ -15,7 +18,7 @@ import torch
 
 from nanosafe import config, constraints, data, dist, fsdp, ppo, toy
 from nanosafe.config import arg
-from nanosafe.evaluate import gold_evaluate
+from nanosafe.evaluate import gold_evaluate, gold_evaluate_dialogues
 from nanosafe.generate import forward_params, generate, response_mask
 from nanosafe.generate import position_ids_from_mask as position_ids
 from nanosafe.lagrange import EpisodeCostWindow, Lagrange
@@ -47,13 +50,39 @@ class Rollout:
     prompts: list        # the raw user requests
     hidden: dict = field(default_factory=dict)  # layer -> the actor's hidden states [B, P + T, H]
     _answers: list = None
+    # a dialogue: P is pos [B, T], each action's column in seq; ends [B, N] the action index of
+    # each assistant turn's last token; turns the answers per turn; specs the dialogue specs
+    ends: torch.Tensor | None = None
+    turns: list | None = None
+    specs: list | None = None
 
     def answers(self) -> list:
-        """The answer texts (decoded once)."""
+        """The answer texts (decoded once); a dialogue's turns joined by spaces."""
         if self._answers is None:
-            self._answers = [self.tok.decode(row[m], skip_special_tokens=True).strip()
-                             for row, m in zip(self.seq[:, self.P:], self.mask)]
+            if self.turns is not None:
+                self._answers = [" ".join(t) for t in self.turns]
+            else:
+                self._answers = [self.tok.decode(row[m], skip_special_tokens=True).strip()
+                                 for row, m in zip(self.seq[:, self.P:], self.mask)]
         return self._answers
+
+    def tokens(self) -> torch.Tensor:
+        """The action token ids [B, T] (the answer; a dialogue: the assistant's tokens)."""
+        return self.seq[:, self.P:] if isinstance(self.P, int) else self.seq.gather(1, self.P)
+
+    def per_turn(self, x) -> torch.Tensor:
+        """A score model's per-token output [B, L] (or [B, L, K]) read at each assistant turn's
+        last token -> [B, N] (or [B, N, K]): a causal model's score there is the score of the
+        dialogue up to that turn."""
+        at = self.P.gather(1, self.ends)
+        if x.dim() == 3:
+            return x.gather(1, at[..., None].expand(-1, -1, x.shape[-1]))
+        return x.gather(1, at)
+
+
+def rows(P, idx):
+    """The answer columns of rows idx: P itself (an int), or a dialogue's positions P[idx]."""
+    return P if isinstance(P, int) else P[idx]
 
 # -----------------------------------------------------------------------------
 # the rollout, and the forwards over [prompt | answer]
@@ -66,7 +95,15 @@ def sample(actor, items, tok, gen, device, layers=(), *, max_new_tokens, tempera
     rollouts are made: training and calibration score exactly these token ids. old_logp, the
     log-probs PPO's ratio starts from, come with the samples (as TRL's): the official code runs
     the actor over the answers once more, which gives the same numbers (a test checks it).
-    With `layers`, the actor's hidden states there (one more forward) for the constraints."""
+    With `layers`, the actor's hidden states there (one more forward) for the constraints.
+    Dialogue items (a 'dialogue' spec): sample_dialogues."""
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    min_new_tokens=min_new_tokens)
+    if "dialogue" in items[0]:
+        if layers:
+            raise config.ConfigError("constraints that read hidden states (probes) do not "
+                                     "support dialogues yet")
+        return sample_dialogues(actor, items, tok, gen, device, **sampling)
     batch = data.collate_prompts(items, tok.pad_token_id)
     prompt_ids, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     P = prompt_ids.shape[1]
@@ -84,8 +121,76 @@ def sample(actor, items, tok, gen, device, layers=(), *, max_new_tokens, tempera
     return Rollout(seq, attn, mask, P, tok, [it["prompt"] for it in items], hidden), old_logp
 
 
+@torch.no_grad()
+def sample_dialogues(actor, items, tok, gen, device, **sampling):
+    """Dialogues, turn by turn: each turn one batched generate() from every dialogue so far,
+    then the scripted user's next turn (nanosafe/dialogue.py) appended as tokens, so the
+    history holds exactly the sampled ids. -> (Rollout with P = the actions' positions [B, T],
+    ends, turns; old_logp [B, T] over the assistant's tokens)"""
+    from nanosafe import dialogue
+    template = items[0]["_template"]
+    specs = [it["dialogue"] for it in items]
+    hist = [list(it["input_ids"]) for it in items]  # each dialogue's ids so far, unpadded
+    pos = [[] for _ in items]
+    logps = [[] for _ in items]
+    ends = [[] for _ in items]
+    turns = [[] for _ in items]
+    n_turns = specs[0]["turns"]
+    if any(sp["turns"] != n_turns for sp in specs):
+        raise config.ConfigError("a batch of dialogues must have one number of turns")
+    for t in range(n_turns):
+        ids, am = data.pad_left(hist, tok.pad_token_id)
+        ids, am = ids.to(device), am.to(device)
+        P = ids.shape[1]
+        seq, lp = generate(actor, ids, am, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, generator=gen, return_logprobs=True,
+                           **sampling)
+        m = response_mask(seq, P, tok.eos_token_id, tok.pad_token_id)
+        for b in range(len(items)):
+            new = seq[b, P:][m[b]].tolist()
+            start = len(hist[b])
+            pos[b] += range(start, start + len(new))
+            logps[b] += lp[b][m[b]].tolist()
+            ends[b].append(len(pos[b]) - 1)
+            answer = tok.decode(new, skip_special_tokens=True).strip()
+            head = data.prompt_text(tok, dialogue.prompt(specs[b], turns[b]), template)
+            turns[b].append(answer)
+            hist[b] += new if new[-1:] == [tok.eos_token_id] else new + [tok.eos_token_id]
+            if t + 1 < n_turns:  # the user's next turn, as the template writes it
+                full = data.prompt_text(tok, dialogue.prompt(specs[b], turns[b]), template)
+                head += data.answer_text(answer, template) + tok.eos_token
+                if not full.startswith(head):
+                    raise ValueError(f"--template {template}: the template does not write a "
+                                     f"dialogue as the text of its turns in order, so the next "
+                                     f"turn cannot follow the sampled tokens: {head[-60:]!r} is "
+                                     f"not how {full[-80:]!r} continues")
+                hist[b] += tok(full[len(head):], add_special_tokens=False)["input_ids"]
+    seq, attn = data.pad_left(hist, tok.pad_token_id)
+    off = [seq.shape[1] - len(h) for h in hist]
+    T = max(len(p) for p in pos)
+    P = torch.tensor([[o + x for x in p] + [seq.shape[1] - 1] * (T - len(p))
+                      for o, p in zip(off, pos)])
+    mask = torch.tensor([[True] * len(p) + [False] * (T - len(p)) for p in pos])
+    old_logp = torch.tensor([lp + [0.0] * (T - len(lp)) for lp in logps])
+    ro = Rollout(seq.to(device), attn.to(device), mask.to(device), P.to(device), tok,
+                 [it["prompt"] for it in items], ends=torch.tensor(ends, device=device),
+                 turns=turns, specs=specs)
+    return ro, old_logp.to(device)
+
+
 def action_logprobs(model, seq, attn, P, with_entropy=False):
-    """log π(a_t | s_t) of the answer tokens seq[:, P:] -> [B, T] (and the entropy per token)."""
+    """log π(a_t | s_t) of the answer tokens seq[:, P:] -> [B, T] (and the entropy per token).
+    A dialogue: P is the actions' positions [B, T]."""
+    if not isinstance(P, int):
+        logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn),
+                       use_cache=False).logits
+        # the logits at position i predict token i + 1
+        logits = logits.gather(1, (P - 1)[..., None].expand(-1, -1, logits.shape[-1])).float()
+        lp = ppo.logprobs_from_logits(logits, seq.gather(1, P))
+        if not with_entropy:
+            return lp
+        with torch.no_grad():
+            return lp, ppo.entropy_from_logits(logits)
     T = seq.shape[1] - P
     # the logits at position i predict token i + 1, so positions P-1 .. L-2 are needed; models
     # that can skip the rest do (a real vocabulary's projection of every prompt position is waste)
@@ -102,8 +207,19 @@ def action_logprobs(model, seq, attn, P, with_entropy=False):
 
 def action_values(critic, seq, attn, P):
     """V(s_t) before each answer token -> [B, T] (or [B, T, K] for a K-output critic): the
-    critic's score at the previous position."""
-    return critic(seq, attn)[0][:, P - 1:-1]
+    critic's score at the previous position. A dialogue: P is the actions' positions [B, T]."""
+    v = critic(seq, attn)[0]
+    if isinstance(P, int):
+        return v[:, P - 1:-1]
+    at = P - 1
+    return v.gather(1, at if v.dim() == 2 else at[..., None].expand(-1, -1, v.shape[-1]))
+
+
+def end_scores(score_model, ro):
+    """A score model's score of each answer [B] (or [B, K]); of a dialogue, at the end of each
+    assistant turn [B, N] (or [B, N, K])."""
+    per_token, end = score_model(ro.seq, ro.attn)
+    return end if ro.ends is None else ro.per_turn(per_token)
 
 
 def critic_values(critics, ro):
@@ -143,15 +259,18 @@ def reference_logprobs(ref):
 
 
 def reward_scores(cfg, reward_model, toy_world):
-    """reward(ro) -> R [B]: the reward model's end score; with --gold_reward (the toy world's
-    upper-bound run) the gold helpfulness in [0, 1] times --gold_reward_scale instead."""
+    """reward(ro) -> R [B]: the reward model's end score (a dialogue: [B, N], its score at each
+    assistant turn's end); with --gold_reward (the toy world's upper-bound run) the gold
+    helpfulness in [0, 1] times --gold_reward_scale instead."""
     if not cfg.gold_reward:
-        return lambda ro: reward_model(ro.seq, ro.attn)[1]
+        return lambda ro: end_scores(reward_model, ro)
     if not toy_world:
         raise config.ConfigError("--gold_reward needs the toy world's prompts: it asks the "
                                  "world's gold oracle")
 
     def gold(ro):
+        if ro.turns is not None:
+            raise config.ConfigError("--gold_reward reads single answers, not dialogues")
         h = [toy.helpfulness(p, a) for p, a in zip(ro.prompts, ro.answers())]
         return cfg.gold_reward_scale * torch.tensor(h, device=ro.seq.device)
     return gold
@@ -194,7 +313,9 @@ def calibrate_thresholds(policy, cons, items, tok, target_rate, batch_size, seed
     per_batch = []
     for i in range(0, len(items), batch_size):
         ro, _ = sample(policy, items[i:i + batch_size], tok, gen, device, layers, **sampling)
-        per_batch.append([x.float().cpu() for x in constraints.costs(cons, ro)])
+        # a dialogue's turns each count: d is set on the per-turn costs' levels
+        per_batch.append([x.float().cpu().flatten()
+                          for x in constraints.costs(cons, ro, per_turn=True)])
     thresholds, info = [], []
     given = [d for c in cons for d in c.thresholds]
     for k, (name, d) in enumerate(zip(constraints.stream_names(cons), given)):
@@ -340,6 +461,8 @@ def _hold(cons, thresholds, scales=None):
 
 
 def prompt_dataset(cfg, prompts, tok, template):
+    if any("dialogue" in r for r in prompts):  # the rollout writes the user's later turns
+        prompts = [dict(r, _template=template) for r in prompts]
     ds = data.PromptDataset(prompts, tok, cfg.max_prompt_length, cfg.truncate_prompts, template)
     if ds.truncation_report():
         dist.print0(ds.truncation_report())
@@ -570,8 +693,11 @@ def prompts(cfg, rt):
     train_prompts, n_dup = data.dedupe_prompts(data.load_prompts(train_path))
     if n_dup:
         dist.print0(f"dropped {n_dup} duplicate prompts; {len(train_prompts)} left")
-    eval_prompts = [r["prompt"] for r in data.load_prompts(eval_path)] if eval_path else []
-    gold = cfg.gold_eval and bool(eval_prompts) and all(toy.in_world(p) for p in eval_prompts)
+    eval_prompts = data.load_prompts(eval_path) if eval_path else []
+    if not any("dialogue" in r for r in eval_prompts):  # dialogues keep their specs
+        eval_prompts = [r["prompt"] for r in eval_prompts]
+    gold = cfg.gold_eval and bool(eval_prompts) and all(
+        isinstance(p, dict) or toy.in_world(p) for p in eval_prompts)
     return toy_world, train_prompts, eval_prompts, gold
 
 
@@ -583,6 +709,10 @@ def gold_evaluator(cfg, rt, actor, tok, eval_prompts, template, amp):
             if not rt.master:
                 return {}
             with amp():
+                if isinstance(eval_prompts[0], dict):  # dialogues, rolled out as in training
+                    return gold_evaluate_dialogues(actor, tok, eval_prompts, n_samples,
+                                                   cfg.max_new_tokens, seed=seed,
+                                                   device=rt.device, template=template)
                 return gold_evaluate(actor, tok, eval_prompts, n_samples=n_samples,
                                      max_new_tokens=cfg.max_new_tokens, seed=seed,
                                      device=rt.device, template=template)
