@@ -114,7 +114,7 @@ def trained_from_scratch(path) -> bool:
     """Is the policy at `path` the toy world's kind, trained from scratch by train_sft.py (or a
     later stage of one), rather than a pretrained checkpoint? No path: train_sft.py's fresh toy
     model; a folder that does not exist yet: the toy pipeline's default (out/sft), which the
-    stage then asks for. Follows each nanosafe stage's --model back to its SFT."""
+    stage then asks for. Follows each nanosafe stage's --model back to the first SFT's start."""
     for _ in range(16):  # sft <- rm/cm or ppo_lag <- a later round: a few links at most
         if path is None or not os.path.isdir(path):
             return True
@@ -122,9 +122,9 @@ def trained_from_scratch(path) -> bool:
         if not state:  # no nanosafe.json: a checkpoint from elsewhere, pretrained
             return False
         parent = (state.get("args") or {}).get("model")
-        if state.get("stage") == "sft":
-            return parent is None
-        path = parent
+        if state.get("stage") == "sft" and parent is None:
+            return True
+        path = parent  # an SFT from a checkpoint (e.g. a toy SFT fine-tuned on dialogues) too
     return False
 
 

@@ -37,6 +37,10 @@ def test_trained_from_scratch_follows_each_stage_back_to_its_sft(chain, tmp_path
     assert trained_from_scratch(str(tmp_path / "not_yet"))  # the toy pipeline's out/sft to come
     assert trained_from_scratch(toy_sft) and trained_from_scratch(toy_ppo)
     assert not any(trained_from_scratch(p) for p in (hf, real_sft, real_ppo))
+    # an SFT fine-tuned from another SFT (the dialogue experiment's) is of its start's kind
+    assert trained_from_scratch(folder(tmp_path / "sft2", stage="sft", args={"model": toy_sft}))
+    assert not trained_from_scratch(folder(tmp_path / "sft3", stage="sft",
+                                           args={"model": real_sft}))
 
 
 def test_defaults_follow_the_model_and_a_given_flag_wins(chain, capsys):
