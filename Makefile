@@ -4,13 +4,15 @@
 # make compare: after the demo, the README's table: PPO-Lag, PPO, reward shaping (ν = 1, 5) and PPO-Lag on the gold
 #               oracles, 3 seeds each, mean ± standard error (15 runs, ~60 min on 2 CPU cores)
 # make experiments: after the demo, the paper's experiments at toy scale (docs/experiments.md; ~5 h on 2 CPU cores)
+# make dialogue: after the demo, PPO-Lag on 3-turn dialogues (any / sum constraints) and PPO, 3 seeds, and the single-turn
+#               policy's drift (docs/dialogue/; ~30 min on 2 CPU cores)
 # make real:    PPO-Lag and PPO on a real chat model (SmolLM2-135M-Instruct) with real prompts and labels, judged on
 #               held-out prompts by a judge that takes no part in training (docs/real/; ~32 min on 2 CPU cores)
 # make test:    install what is missing, run the tests (CPU only, ~8 min on 2 cores; peft for the LoRA tests)
 PY ?= python3
 SHELL := /bin/bash
 
-.PHONY: smoke demo compare experiments real test install install-plot clean
+.PHONY: smoke demo compare experiments dialogue real test install install-plot clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
@@ -50,6 +52,10 @@ compare: install install-plot
 experiments: install install-plot
 	@test -d out/cm || $(MAKE) demo
 	for e in tune budget compare offline agreement divisor sweep sign grpo rounds; do $(PY) -m experiments.run $$e || exit 1; done
+
+dialogue: install install-plot
+	@test -d out/cm || $(MAKE) demo
+	time $(PY) -m experiments.dialogue
 
 real: install install-plot
 	time $(PY) -m experiments.real

@@ -94,6 +94,9 @@ def main(cfg):
     # ---- prompts, models (no critics), constraints, thresholds and multipliers
     train.check_out_dir(out_dir, cfg)
     toy_world, train_prompts, eval_prompts, gold = rl.prompts(cfg, rt)
+    if any("dialogue" in r for r in train_prompts):
+        raise config.ConfigError("--train_data holds dialogues ('dialogue' specs): "
+                                 "train_ppo_lag.py trains on them; GRPO-Lag takes single prompts")
     labeller = rl.toy_labeller if toy_world else None
     actor, ref, reward_model, cons, _, tok, template = rl.load_models(
         cfg, rt, out_dir, dtype, lambda: constraints.build(cfg, dtype, labeller), "none")

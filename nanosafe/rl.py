@@ -6,8 +6,8 @@ checkpoints, resume). The iteration itself is in the scripts, top to bottom.
 Shapes: seq [B, P + T] is the left-padded prompt then the answer (EOS, then pads); an action
 is an answer token, so log-probs, values, rewards and masks are [B, T]. A dialogue (prompts with
 a 'dialogue' spec, nanosafe/dialogue.py) is one left-padded sequence of all its turns; its
-actions are the assistant's tokens, wherever they sit (ro.pos [B, T]), so [B, T] still holds and
-GAE runs over the whole dialogue: the user's tokens are never actions.
+actions are the assistant's tokens wherever they sit (ro.P holds their columns, [B, T]), so
+[B, T] holds and GAE runs over the whole dialogue: the user's tokens are never actions.
 """
 
 import json

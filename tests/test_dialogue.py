@@ -126,6 +126,26 @@ def test_dialogue_rollout_is_the_template_text_with_the_sampled_answers(rollout)
     torch.testing.assert_close(torch.where(ro.mask, lp, 0.0), old_logp, atol=1e-5, rtol=0)
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<eos>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_dialogue_rollout_under_a_chat_template(tok, tiny_policy):
+    # --template chat: the tokenizer's own template writes the user's turns between the answers
+    tok.chat_template = CHATML
+    s = spec("escalating")
+    rec = {"prompt": dialogue.script(s, [])[0]["text"], "dialogue": s, "_template": "chat"}
+    items = data.PromptDataset([rec], tok, 64, template="chat").items
+    ro, old_logp = rl.sample(tiny_policy, items, tok, torch.Generator().manual_seed(1), "cpu",
+                             max_new_tokens=5)
+    text = data.prompt_text(tok, dialogue.prompt(s, ro.turns[0][:-1]), "chat") + ro.turns[0][-1]
+    want = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ro.seq[0][ro.attn[0].bool()].tolist() == want
+    assert "<|im_start|>user" in text and text.count("<|im_start|>assistant") == 3
+    lp = rl.action_logprobs(tiny_policy, ro.seq, ro.attn, ro.P)
+    torch.testing.assert_close(torch.where(ro.mask, lp, 0.0), old_logp, atol=1e-5, rtol=0)
+
+
 class FixedLogits(torch.nn.Module):
     """A 'model' whose logits are a parameter: the gradient says which positions a loss reads."""
 
