@@ -122,9 +122,12 @@ def trained_from_scratch(path) -> bool:
         if not state:  # no nanosafe.json: a checkpoint from elsewhere, pretrained
             return False
         parent = (state.get("args") or {}).get("model")
-        if state.get("stage") == "sft" and parent is None:
-            return True
-        path = parent  # an SFT from a checkpoint (e.g. a toy SFT fine-tuned on dialogues) too
+        if state.get("stage") == "sft":
+            if parent is None:
+                return True
+            if not read_state(parent):  # started from a checkpoint from elsewhere (or not here)
+                return False
+        path = parent  # an SFT from a nanosafe SFT (the dialogue experiment's) is of its kind
     return False
 
 
