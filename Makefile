@@ -5,7 +5,7 @@
 #               oracles, 3 seeds each, mean ± standard error (15 runs, ~60 min on 2 CPU cores)
 # make experiments: after the demo, the paper's experiments at toy scale (docs/experiments.md; ~5 h on 2 CPU cores)
 # make dialogue: after the demo, PPO-Lag on 3-turn dialogues (any / sum constraints) and PPO, 3 seeds, and the single-turn
-#               policy's drift (docs/dialogue/; ~30 min on 2 CPU cores)
+#               policy's drift (docs/dialogue/; ~34 min on 2 CPU cores)
 # make real:    PPO-Lag and PPO on a real chat model (SmolLM2-135M-Instruct) with real prompts and labels, judged on
 #               held-out prompts by a judge that takes no part in training (docs/real/; ~32 min on 2 CPU cores)
 # make test:    install what is missing, run the tests (CPU only, ~8 min on 2 cores; peft for the LoRA tests)
