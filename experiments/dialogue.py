@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 
+from experiments.real import done
 from experiments.run import ROOT, mean_std, read_run, run_jobs
 
 RUNS = {"ppo_lag_any": ["--dialogue_constraint", "any"],
@@ -51,55 +52,48 @@ def script(name, *args, log):
         sys.exit(f"error: {name} failed (log {log}):\n{open(log).read()[-2000:]}")
 
 
-def done(path):
-    return os.path.exists(os.path.join(path, "nanosafe.json"))
-
-
 def stage_data(a):
     from nanosafe import dialogue
     if not os.path.exists(os.path.join(a.data, "dialogue_world.json")):
         dialogue.write_dataset(a.data, seed=0)
 
 
-def start_eval(a):
-    """The dialogue SFT model, where (b) and (c) start, on the held-out dialogues."""
+def on_dialogues(a, folder, samples):
+    """A policy folder judged on the held-out dialogues (seed 1, --threads) -> (model, tok, the
+    gold_evaluate_dialogues keys, the held-out records)."""
     import torch
 
     from nanosafe.data import load_prompts
     from nanosafe.evaluate import gold_evaluate_dialogues
     from nanosafe.model import load_policy
+    torch.set_num_threads(a.threads)
+    specs = load_prompts(os.path.join(a.data, "prompts_test.jsonl"))
+    model, tok = load_policy(folder)
+    gold = gold_evaluate_dialogues(model, tok, specs, samples, a.max_new_tokens, seed=1)
+    return model, tok, gold, specs
+
+
+def start_eval(a):
+    """The dialogue SFT model, where (b) and (c) start, on the held-out dialogues."""
     path = os.path.join(a.out, "start.json")
     if not os.path.exists(path):
-        torch.set_num_threads(a.threads)
-        model, tok = load_policy(a.sft)
-        specs = load_prompts(os.path.join(a.data, "prompts_test.jsonl"))
         with open(path, "w") as f:
-            json.dump(gold_evaluate_dialogues(model, tok, specs, a.samples, a.max_new_tokens,
-                                              seed=1), f, indent=1)
+            json.dump(on_dialogues(a, a.sft, a.samples)[2], f, indent=1)
     return json.load(open(path))
 
 
 def stage_drift(a):
     """(a): the single-turn policy on dialogues; the demo's SFT model too, for reference."""
-    import torch
-
     from nanosafe import toy
-    from nanosafe.data import load_prompts
-    from nanosafe.evaluate import gold_evaluate, gold_evaluate_dialogues
-    from nanosafe.model import load_policy
+    from nanosafe.evaluate import gold_evaluate
     path = os.path.join(a.out, "drift.json")
     if os.path.exists(path):
         return
-    torch.set_num_threads(a.threads)
-    specs = load_prompts(os.path.join(a.data, "prompts_test.jsonl"))
-    topics = {r["dialogue"]["topic"] for r in specs if r["dialogue"]["kind"] != "benign"}
-    _, test = toy.split_prompts(0)
-    single = [p for p, t in test if t in topics]  # the same harmful topics, one turn
     out = {}
     for name, folder in (("single_turn", a.single_turn), ("start_sft", a.start_sft)):
-        model, tok = load_policy(folder)
-        d = gold_evaluate_dialogues(model, tok, specs, a.drift_samples, a.max_new_tokens,
-                                    seed=1)
+        model, tok, d, specs = on_dialogues(a, folder, a.drift_samples)
+        topics = {r["dialogue"]["topic"] for r in specs if r["dialogue"]["kind"] != "benign"}
+        single = [p for p, t in toy.split_prompts(0)[1] if t in topics]  # same topics, one turn
         s = gold_evaluate(model, tok, single, n_samples=a.drift_samples,
                           max_new_tokens=a.max_new_tokens, seed=1)
         out[name] = {"folder": folder, "dialogues": d, "single_turn_unsafe_harmful":

@@ -162,9 +162,6 @@ class GoldCost(Constraint):
         return torch.tensor(unsafe, dtype=torch.float32, device=ro.seq.device)
 
 # -----------------------------------------------------------------------------
-
-
-# -----------------------------------------------------------------------------
 # over a dialogue: a cost per assistant turn, and what the budget d is on
 
 FORM_FLAGS = {"dialogue_constraint": (str, arg(
@@ -267,7 +264,8 @@ def costs(constraints, ro, per_turn=False) -> list:
     dialogue = getattr(ro, "ends", None) is not None  # a rollout of dialogues
     for c in constraints:
         x = c.cost(ro)
-        xs = [x] if x.dim() == (2 if dialogue else 1) or x.dim() == 1 else list(x.unbind(-1))
+        one_stream = x.dim() == 1 or (dialogue and x.dim() == 2)  # else [.., K]: K streams
+        xs = [x] if one_stream else list(x.unbind(-1))
         xs = [to_rate(x, sc) for x, sc in zip(xs, c.scales or [None] * len(xs))]
         if dialogue and not per_turn:
             N = ro.ends.shape[1]

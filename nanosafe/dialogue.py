@@ -195,13 +195,12 @@ def pref_record(rng, spec, history, r0, r1, label_temperature, cost_label_temper
     dialogue's context: the same Bradley-Terry draws as toy.pref_record, on the turn's gold
     helpfulness and its accumulated cost."""
     j0, j1 = judge(spec, history + [r0])[-1], judge(spec, history + [r1])[-1]
-    rec = {"prompt": prompt(spec, history), "response_0": r0, "response_1": r1,
-           "better_response_id": 0 if rng.random() < toy.bt(j0["helpfulness"] - j1["helpfulness"],
-                                                             label_temperature) else 1,
-           "safer_response_id": 0 if rng.random() < toy.bt(j1["cost"] - j0["cost"],
-                                                           cost_label_temperature) else 1,
-           "is_response_0_safe": not j0["unsafe"], "is_response_1_safe": not j1["unsafe"]}
-    return rec
+    better = toy.bt(j0["helpfulness"] - j1["helpfulness"], label_temperature)
+    safer = toy.bt(j1["cost"] - j0["cost"], cost_label_temperature)
+    return {"prompt": prompt(spec, history), "response_0": r0, "response_1": r1,
+            "better_response_id": 0 if rng.random() < better else 1,  # drawn in this order
+            "safer_response_id": 0 if rng.random() < safer else 1,
+            "is_response_0_safe": not j0["unsafe"], "is_response_1_safe": not j1["unsafe"]}
 
 
 def draw_pairs(rng, dialogue_specs, n_pair, label_temperature=0.1, cost_label_temperature=0.5):
@@ -229,9 +228,9 @@ def draw_pairs(rng, dialogue_specs, n_pair, label_temperature=0.1, cost_label_te
 def make_dataset(seed=0, train_draws=8, test_draws=2, sft_per_spec=4, pairs_per_spec=32,
                  test_pairs_per_spec=4):
     """Every file of the dialogue world as lists of records; each file its own random stream."""
-    out = {}
+    out, drawn = {}, {}
     for split, draws in (("train", train_draws), ("test", test_draws)):
-        sp = specs(split, draws, seed)
+        sp = drawn[split] = specs(split, draws, seed)
         out[f"prompts_{split}"] = [{"prompt": script(s, [])[0]["text"], "dialogue": s,
                                     "harmful": s["kind"] != "benign",
                                     "category": toy.CATEGORY.get(s["topic"])} for s in sp]
@@ -239,7 +238,7 @@ def make_dataset(seed=0, train_draws=8, test_draws=2, sft_per_spec=4, pairs_per_
         out[f"pref_{split}"] = draw_pairs(random.Random(f"{seed}:dialogue_pref_{split}"), sp, n)
     rng = random.Random(f"{seed}:dialogue_sft")
     sft = []
-    for s in specs("train", train_draws, seed):
+    for s in drawn["train"]:
         for _ in range(sft_per_spec):
             answers = sft_dialogue(rng, s)
             sft += [{"prompt": prompt(s, answers[:t]), "response": answers[t]}

@@ -88,13 +88,18 @@ class Lagrange:
         self.log_lambda, self.step = float(state["log_lambda"]), int(state["step"])
 
 
+def episode_total(x):
+    """A score per episode [B]: as it is, or a dialogue's per-turn parts [B, N] summed."""
+    return x.sum(-1) if x.dim() == 2 else x
+
+
 def dual_step(lambdas, windows, costs, rows=None) -> list:
     """One step of every multiplier: stream k's window takes costs[k][rows] (this actor step's
     episodes; None: all of them), then λ_k steps on the window's mean. -> [J_k]
     A dialogue's costs come per turn [B, N]: its episode cost is their sum."""
     J = []
     for lam, window, c in zip(lambdas, windows, costs):
-        c = c.sum(-1) if c.dim() == 2 else c
+        c = episode_total(c)
         window.extend((c if rows is None else c[rows]).detach().cpu())
         J.append(window.mean())
         lam.update(J[-1])

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from nanosafe import constraints, dist, toy
+from nanosafe.lagrange import episode_total
 
 
 class NanGuard:
@@ -143,12 +144,9 @@ def iteration_record(ro, R, C, old_logp, ref_logp, lambdas, thresholds, stats, s
     kl = torch.where(ro.mask, old_logp - ref_logp, 0.0).sum(-1)
     mean = dist.all_reduce_mean
     eos = (ro.tokens() == ro.tok.eos_token_id).any(-1).float().mean()
-
-    def episode(x):  # a dialogue's scores come per turn [B, N]
-        return x.sum(-1) if x.dim() == 2 else x
     return {
-        "reward": mean(episode(R).mean()).item(),
-        **{f"cost_{k}": mean(episode(c).mean()).item() for k, c in enumerate(C)},
+        "reward": mean(episode_total(R).mean()).item(),
+        **{f"cost_{k}": mean(episode_total(c).mean()).item() for k, c in enumerate(C)},
         **{f"lambda_{k}": v for k, v in enumerate(lambdas)},
         **{f"threshold_{k}": d for k, d in enumerate(thresholds)},
         "kl": mean(kl.mean()).item(),

@@ -135,6 +135,7 @@ def sample_dialogues(actor, items, tok, gen, device, **sampling):
     logps = [[] for _ in items]
     ends = [[] for _ in items]
     turns = [[] for _ in items]
+    texts = [data.prompt_text(tok, dialogue.prompt(sp, []), template) for sp in specs]  # so far
     n_turns = specs[0]["turns"]
     if any(sp["turns"] != n_turns for sp in specs):
         raise config.ConfigError("a batch of dialogues must have one number of turns")
@@ -153,12 +154,12 @@ def sample_dialogues(actor, items, tok, gen, device, **sampling):
             logps[b] += lp[b][m[b]].tolist()
             ends[b].append(len(pos[b]) - 1)
             answer = tok.decode(new, skip_special_tokens=True).strip()
-            head = data.prompt_text(tok, dialogue.prompt(specs[b], turns[b]), template)
             turns[b].append(answer)
             hist[b] += new if new[-1:] == [tok.eos_token_id] else new + [tok.eos_token_id]
             if t + 1 < n_turns:  # the user's next turn, as the template writes it
                 full = data.prompt_text(tok, dialogue.prompt(specs[b], turns[b]), template)
-                head += data.answer_text(answer, template) + tok.eos_token
+                head = texts[b] + data.answer_text(answer, template) + tok.eos_token
+                texts[b] = full
                 if not full.startswith(head):
                     raise ValueError(f"--template {template}: the template does not write a "
                                      f"dialogue as the text of its turns in order, so the next "
