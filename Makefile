@@ -8,7 +8,7 @@
 #               policy's drift (docs/dialogue/; ~34 min on 2 CPU cores)
 # make real:    PPO-Lag and PPO on a real chat model (SmolLM2-135M-Instruct) with real prompts and labels, judged on
 #               held-out prompts by a judge that takes no part in training (docs/real/; ~32 min on 2 CPU cores)
-# make test:    install what is missing, run the tests (CPU only, ~8 min on 2 cores; peft for the LoRA tests)
+# make test:    install what is missing, run the tests (CPU only, ~9 min on 2 cores; peft for the LoRA tests)
 PY ?= python3
 SHELL := /bin/bash
 
